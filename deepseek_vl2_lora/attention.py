@@ -1,0 +1,215 @@
+"""Attention for the DeepSeek-V2 decoder: MLA (small/full) and Llama-style MHA (tiny), three backends.
+
+MLA runs in the non-absorbed form: K and V are decompressed through `kv_b_proj` (the module is called, so an
+adapter on it is used), Q/K are `[nope | rope]` with width `qk_nope + qk_rope` (192) and V has `v_head_dim`
+(128). That is the same function as the official absorbed eager path (tests check it) and is the cheaper form
+for training.
+
+Backends (names as in the official `ATTENTION_CLASSES`, plus sdpa):
+- eager: plain matmul + fp32 softmax, the readable reference;
+- sdpa: `F.scaled_dot_product_attention`, PyTorch picks the kernel;
+- flash_attention_2: the `flash-attn` package when installed, else SDPA restricted to its flash/cuDNN kernels
+  (cuDNN takes MLA's 192/128 natively; flash needs V padded to 192). CUDA only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LanguageConfig
+from .norm import RMSNorm
+from .rope import RotaryEmbedding, apply_rope, yarn_get_mscale
+
+BACKENDS = ("eager", "sdpa", "flash_attention_2")
+ATTENTION_NAMES = tuple(f"{p}_{b}" for p in ("mla", "mha") for b in BACKENDS)
+
+
+def resolve_attn_implementation(name: str, use_mla: bool) -> tuple[str, str]:
+    """`eager` / `sdpa` / `flash_attention_2`, or the prefixed official names -> (prefix, backend)."""
+    prefix = "mla" if use_mla else "mha"
+    valid = BACKENDS + ATTENTION_NAMES
+    if name not in valid:
+        raise ValueError(f"unknown attn_implementation {name!r}; valid names: {', '.join(valid)}")
+    if name in BACKENDS:
+        return prefix, name
+    given, backend = name.split("_", 1)
+    if given != prefix:
+        kind = "an MLA (use_mla: true)" if use_mla else "an MHA (use_mla: false, like VL2-Tiny)"
+        raise ValueError(
+            f"attn_implementation {name!r} does not fit {kind} checkpoint; use {prefix}_{backend} or {backend}"
+        )
+    return prefix, backend
+
+
+# --------------------------------------------------------------------------------------------- masks
+def build_attention_mask(attention_mask: torch.Tensor | None, q_len: int, k_len: int) -> torch.Tensor | None:
+    """Boolean mask [B, 1, Q, K] (True = attend) or None when plain causal attention is exact.
+
+    None is returned when there is no padding, or only right padding with no cache: a real token then only
+    sees earlier real tokens under the causal rule, so the mask changes nothing for real tokens (pad
+    positions' outputs are never used). Every query may attend to its own key, so a left-pad row is never
+    fully masked (that would give NaN).
+    """
+    if attention_mask is not None:
+        attention_mask = attention_mask.bool()
+    no_padding = attention_mask is None or bool(attention_mask.all())
+    if q_len == k_len and (no_padding or bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())):
+        return None
+    if q_len == 1 and no_padding:
+        return None
+    device = attention_mask.device if attention_mask is not None else None
+    q_pos = torch.arange(k_len - q_len, k_len, device=device)
+    k_pos = torch.arange(k_len, device=device)
+    allowed = k_pos[None, :] <= q_pos[:, None]  # [Q, K]
+    if attention_mask is None:
+        return allowed[None, None]
+    keys = attention_mask[:, None, None, :k_len]  # [B, 1, 1, K]
+    self_key = k_pos[None, :] == q_pos[:, None]
+    return allowed[None, None] & (keys | self_key[None, None])
+
+
+# ------------------------------------------------------------------------------------------ backends
+def eager_attention(q, k, v, mask, scale):
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    q_len, k_len = q.shape[-2], k.shape[-2]
+    if mask is None and q_len > 1:
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    return torch.matmul(probs, v)
+
+
+def sdpa_attention(q, k, v, mask, scale):
+    causal = mask is None and q.shape[-2] > 1
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+
+
+_HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
+_warned_flash_mask = False
+
+
+def flash_attention(q, k, v, mask, scale):
+    global _warned_flash_mask
+    if not q.is_cuda:
+        raise RuntimeError(
+            "flash_attention_2 needs a CUDA GPU (flash-attn or SDPA flash/cuDNN kernels); "
+            "use attn_implementation=sdpa or eager on this machine"
+        )
+    if mask is not None:
+        # Flash kernels take no arbitrary mask; left padding or a padded cache needs one. Fall back to SDPA.
+        if not _warned_flash_mask:
+            warnings.warn("flash_attention_2: padding mask present, using SDPA with the mask", stacklevel=2)
+            _warned_flash_mask = True
+        return sdpa_attention(q, k, v, mask, scale)
+    causal = q.shape[-2] > 1
+    dv = v.shape[-1]
+    if _HAS_FLASH_ATTN:
+        from flash_attn import flash_attn_func
+
+        vp = F.pad(v, (0, q.shape[-1] - dv)) if dv != q.shape[-1] else v
+        out = flash_attn_func(
+            q.transpose(1, 2), k.transpose(1, 2), vp.transpose(1, 2), softmax_scale=scale, causal=causal
+        )
+        return out.transpose(1, 2)[..., :dv]
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    try:  # cuDNN handles d_qk=192, d_v=128 on Hopper without padding
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    except RuntimeError:
+        if dv == q.shape[-1]:
+            raise
+    vp = F.pad(v, (0, q.shape[-1] - dv))
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        return F.scaled_dot_product_attention(q, k, vp, is_causal=causal, scale=scale)[..., :dv]
+
+
+ATTENTION_FUNCTIONS = {"eager": eager_attention, "sdpa": sdpa_attention, "flash_attention_2": flash_attention}
+
+
+# ------------------------------------------------------------------------------------------- modules
+class MLAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2), non-absorbed; parameter names as in the checkpoint."""
+
+    def __init__(self, cfg: LanguageConfig, backend: str):
+        super().__init__()
+        d, h = cfg.hidden_size, cfg.num_attention_heads
+        self.num_heads, self.backend = h, backend
+        self.nope, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_lora_rank = cfg.kv_lora_rank
+        q_dim = h * cfg.q_head_dim
+        self.q_lora_rank = cfg.q_lora_rank
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, q_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, q_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(h * cfg.v_head_dim, d, bias=cfg.attention_bias)
+        self.rotary = RotaryEmbedding(
+            cfg.qk_rope_head_dim, cfg.rope_theta, cfg.max_position_embeddings, cfg.rope_scaling
+        )
+        self.softmax_scale = cfg.q_head_dim**-0.5
+        if cfg.rope_scaling and cfg.rope_scaling.get("mscale_all_dim", 0):
+            m = yarn_get_mscale(cfg.rope_scaling["factor"], cfg.rope_scaling["mscale_all_dim"])
+            self.softmax_scale *= m * m
+
+    def forward(self, x, position_ids, mask, past_kv=None):
+        b, s, _ = x.shape
+        h = self.num_heads
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(b, s, h, self.nope + self.rope_dim).transpose(1, 2)
+        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(self.kv_a_layernorm(c_kv)).view(b, s, h, self.nope + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        cos, sin = self.rotary(position_ids, x.dtype)
+        q_pe = apply_rope(q_pe, cos, sin, interleaved=True)
+        k_pe = apply_rope(k_pe.view(b, s, 1, self.rope_dim).transpose(1, 2), cos, sin, interleaved=True)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        k = torch.cat([k_nope, k_pe.expand(b, h, s, self.rope_dim)], dim=-1)
+        if past_kv is not None:
+            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
+        out = ATTENTION_FUNCTIONS[self.backend](q, k, v.contiguous(), mask, self.softmax_scale)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, h * self.v_dim)), (k, v)
+
+
+class MHAttention(nn.Module):
+    """Llama-style attention (VL2-Tiny): q/k/v/o, NeoX rotate-half RoPE over the whole head."""
+
+    def __init__(self, cfg: LanguageConfig, backend: str):
+        super().__init__()
+        d, h = cfg.hidden_size, cfg.num_attention_heads
+        self.num_heads, self.backend = h, backend
+        self.num_kv_heads = cfg.num_key_value_heads or h
+        self.head_dim = cfg.mha_head_dim
+        self.q_proj = nn.Linear(d, h * self.head_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(h * self.head_dim, d, bias=cfg.attention_bias)
+        self.rotary = RotaryEmbedding(self.head_dim, cfg.rope_theta, cfg.max_position_embeddings, cfg.rope_scaling)
+        self.softmax_scale = self.head_dim**-0.5
+
+    def forward(self, x, position_ids, mask, past_kv=None):
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = self.rotary(position_ids, x.dtype)
+        q, k = apply_rope(q, cos, sin, interleaved=False), apply_rope(k, cos, sin, interleaved=False)
+        if past_kv is not None:
+            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
+        rep = self.num_heads // self.num_kv_heads
+        kk = k.repeat_interleave(rep, dim=1) if rep > 1 else k
+        vv = v.repeat_interleave(rep, dim=1) if rep > 1 else v
+        out = ATTENTION_FUNCTIONS[self.backend](q, kk, vv, mask, self.softmax_scale)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)), (k, v)

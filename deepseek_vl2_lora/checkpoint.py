@@ -1,0 +1,211 @@
+"""Loading and saving checkpoints in the official Hugging Face layout (safetensors, optionally sharded).
+
+Our module tree uses the checkpoint's names everywhere except the routed experts, which we keep stacked:
+`...mlp.experts.gate_proj [E, I, D]` here <-> `...mlp.experts.{e}.gate_proj.weight [I, D]` on disk.
+`to_official` / `from_official` are the only places that know about that difference.
+
+Loading is strict: a missing or unexpected key, or a shape that differs, is an error that names them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import VL2Config
+
+CONFIG_NAME = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
+_STACKED = re.compile(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
+_PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict -> official key names (stacked experts split per expert)."""
+    out = {}
+    for key, value in state.items():
+        m = _STACKED.match(key)
+        if m:
+            for e in range(value.shape[0]):
+                out[f"{m.group(1)}.{e}.{m.group(2)}.weight"] = value[e]
+        else:
+            out[key] = value
+    return out
+
+
+def official_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """The keys and shapes the official checkpoint of this architecture has."""
+    shapes = {}
+    for key, value in model.state_dict().items():
+        m = _STACKED.match(key)
+        if m:
+            for e in range(value.shape[0]):
+                shapes[f"{m.group(1)}.{e}.{m.group(2)}.weight"] = tuple(value.shape[1:])
+        else:
+            shapes[key] = tuple(value.shape)
+    return shapes
+
+
+def from_official(tensors: dict[str, torch.Tensor], n_experts_by_prefix: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Official tensors -> our state dict (per-expert weights stacked). Consumes `tensors` to bound memory."""
+    groups: dict[tuple[str, str], dict[int, torch.Tensor]] = defaultdict(dict)
+    out = {}
+    for key in list(tensors):
+        m = _PER_EXPERT.match(key)
+        if m:
+            groups[(m.group(1), m.group(3))][int(m.group(2))] = tensors.pop(key)
+        else:
+            out[key] = tensors.pop(key)
+    for (prefix, proj), by_e in groups.items():
+        n = n_experts_by_prefix[prefix]
+        out[f"{prefix}.{proj}"] = torch.stack([by_e[e] for e in range(n)])
+        by_e.clear()
+    return out
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
+        files = sorted({path / f for f in weight_map.values()})
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise FileNotFoundError(f"{index} lists shards that do not exist: {missing}")
+        return files
+    if (path / SINGLE_FILE).exists():
+        return [path / SINGLE_FILE]
+    raise FileNotFoundError(
+        f"{path}: no {SINGLE_FILE} or {INDEX_FILE}; a DeepSeek-VL2 checkpoint directory holds config.json and "
+        "safetensors weights (single file or sharded with an index)"
+    )
+
+
+def _read_tensors(files: list[Path], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():
+                if key in tensors:
+                    raise ValueError(f"{f}: key {key} appears in more than one shard")
+                t = fh.get_tensor(key)
+                tensors[key] = t.to(dtype) if t.is_floating_point() else t
+    return tensors
+
+
+def _list(keys, limit=20) -> str:
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def check_keys(path: Path, expected: dict[str, tuple], found: dict[str, torch.Tensor]) -> None:
+    missing = expected.keys() - found.keys()
+    unexpected = found.keys() - expected.keys()
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {_list(unexpected)}")
+    bad = [
+        f"{k}: checkpoint {tuple(found[k].shape)} vs model {expected[k]}"
+        for k in sorted(expected.keys() & found.keys())
+        if tuple(found[k].shape) != expected[k]
+    ]
+    if bad:
+        problems.append(f"shape mismatches ({len(bad)}): " + "; ".join(bad[:20]))
+    if problems:
+        hint = ""
+        if any("embed_tokens" in b or "lm_head" in b for b in bad):
+            hint = " (hint: language_config.vocab_size must equal the rows of embed_tokens.weight)"
+        raise ValueError(f"{path}: checkpoint does not match its config.json: " + " | ".join(problems) + hint)
+
+
+def load_pretrained(cls, path: Path, torch_dtype, attn_implementation, experts_kernel, device):
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a directory; pass a local DeepSeek-VL2 checkpoint directory")
+    config = VL2Config.from_file(path / CONFIG_NAME)
+    files = _weight_files(path)
+    with torch.device("meta"):  # no time or memory spent on an init that the weights replace
+        model = cls(config, attn_implementation=attn_implementation, experts_kernel=experts_kernel)
+    expected = official_shapes(model)
+    tensors = _read_tensors(files, torch_dtype)
+    check_keys(path, expected, tensors)
+    n_experts = {name.rsplit(".", 1)[0]: p.shape[0] for name, p in model.state_dict().items() if _STACKED.match(name)}
+    state = from_official(tensors, n_experts)
+    model.load_state_dict(state, strict=True, assign=True)
+    _materialize_buffers(model)
+    model = model.to(device) if device is not None else model
+    return model.eval()
+
+
+def _materialize_buffers(model: torch.nn.Module) -> None:
+    """Non-persistent buffers (RoPE inv_freq) were built on meta; rebuild them on the CPU."""
+    for module in model.modules():
+        if hasattr(module, "inv_freq") and module.inv_freq.is_meta:
+            module.reset_inv_freq()
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"tensors left unloaded after from_pretrained: {_list(left)}")
+
+
+def save_pretrained(model, path: Path, max_shard_bytes: int | None = None) -> None:
+    """Write config.json + safetensors in the official layout, atomically (temp dir, then rename)."""
+    state = {k: v.detach().contiguous().cpu() for k, v in to_official(model.state_dict()).items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        (tmp / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+        write_safetensors(state, tmp, max_shard_bytes)
+        replace_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_safetensors(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int | None) -> None:
+    meta = {"format": "pt"}
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    if not max_shard_bytes or total <= max_shard_bytes:
+        save_file(state, str(out / SINGLE_FILE), metadata=meta)
+        return
+    shards, current, size = [], {}, 0
+    for key in sorted(state):
+        nbytes = state[key].numel() * state[key].element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = state[key]
+        size += nbytes
+    shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / name), metadata=meta)
+        weight_map.update(dict.fromkeys(shard, name))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished temp dir into place; an existing target is swapped out, then removed."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)

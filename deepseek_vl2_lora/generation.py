@@ -1,0 +1,69 @@
+"""Greedy or sampled decoding with a KV cache, for left-padded batches (the collator's generation mode)."""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    images=None,
+    images_seq_mask=None,
+    images_spatial_crop=None,
+    max_new_tokens: int = 16,
+    eos_token_id: int | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+    stream=None,
+) -> torch.Tensor:
+    """Returns the new tokens [B, n ≤ max_new_tokens]; finished rows are padded with `eos_token_id`.
+
+    `stream`, if given, is called with each step's tokens [B] as they are produced.
+    """
+    if bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("generate needs left padding (the last column of attention_mask must be all ones)")
+    embeds = model.prepare_inputs_embeds(input_ids, images, images_seq_mask, images_spatial_crop)
+    mask = attention_mask.long()
+    past, new_tokens = None, []
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    step_embeds, seq_embeds = embeds, embeds
+    for _ in range(max_new_tokens):
+        out = model(
+            inputs_embeds=step_embeds if use_cache else seq_embeds,
+            attention_mask=mask,
+            past_key_values=past,
+            use_cache=use_cache,
+        )
+        logits = out.logits[:, -1]
+        token = _pick(logits, do_sample, temperature, top_p, generator)
+        if eos_token_id is not None:
+            token = torch.where(done, torch.full_like(token, eos_token_id), token)
+            done |= token == eos_token_id
+        new_tokens.append(token)
+        if stream is not None:
+            stream(token)
+        if eos_token_id is not None and bool(done.all()):
+            break
+        step_embeds = model.language.get_input_embeddings()(token)[:, None]
+        seq_embeds = torch.cat([seq_embeds, step_embeds], dim=1)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        past = out.past_key_values
+    return torch.stack(new_tokens, dim=1)
+
+
+def _pick(logits, do_sample, temperature, top_p, generator):
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / max(temperature, 1e-5), dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

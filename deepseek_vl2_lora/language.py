@@ -1,0 +1,88 @@
+"""The DeepSeek-V2 language model: decoder layers (MLA or MHA attention, dense or MoE FFN), norm, lm_head.
+
+Module names follow the checkpoint: `language.model.layers.{i}.{input_layernorm, self_attn, post_attention_layernorm,
+mlp}`, `language.model.{embed_tokens, norm}`, `language.lm_head`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import MHAttention, MLAttention, build_attention_mask
+from .config import LanguageConfig
+from .moe import MLP, MoE
+from .norm import RMSNorm
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LanguageConfig, layer_idx: int, prefix: str, backend: str, experts_kernel: str):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        attn_cls = MLAttention if prefix == "mla" else MHAttention
+        self.self_attn = attn_cls(cfg, backend)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.is_moe_layer(layer_idx):
+            self.mlp = MoE(cfg, experts_kernel)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
+
+    def forward(self, x, position_ids, mask, past_kv=None):
+        attn_out, kv = self.self_attn(self.input_layernorm(x), position_ids, mask, past_kv)
+        x = x + attn_out
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoE):
+            ffn, aux = self.mlp(h)
+        else:
+            ffn, aux = self.mlp(h), None
+        return x + ffn, kv, aux
+
+
+class DeepseekV2Model(nn.Module):
+    def __init__(self, cfg: LanguageConfig, prefix: str, backend: str, experts_kernel: str):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, prefix, backend, experts_kernel) for i in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gradient_checkpointing = False
+
+    def forward(self, inputs_embeds, attention_mask=None, position_ids=None, past_key_values=None):
+        """-> (hidden [B, S, D], new past_key_values (list of per-layer (k, v)), summed aux loss or None)."""
+        b, s, _ = inputs_embeds.shape
+        past_len = 0 if not past_key_values else past_key_values[0][0].shape[2]
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask, b, s, past_len, inputs_embeds.device)
+        mask = build_attention_mask(attention_mask, s, past_len + s)
+        x, new_cache, aux_total = inputs_embeds, [], None
+        for i, layer in enumerate(self.layers):
+            past = past_key_values[i] if past_key_values else None
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x, kv, aux = checkpoint(layer, x, position_ids, mask, past, use_reentrant=False)
+            else:
+                x, kv, aux = layer(x, position_ids, mask, past)
+            new_cache.append(kv)
+            if aux is not None:
+                aux_total = aux if aux_total is None else aux_total + aux
+        return self.norm(x), new_cache, aux_total
+
+
+def default_position_ids(attention_mask, b: int, s: int, past_len: int, device) -> torch.Tensor:
+    """Positions count real tokens only (left padding shifts them); arange when there is no mask."""
+    if attention_mask is None:
+        return torch.arange(past_len, past_len + s, device=device).expand(b, s)
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp(min=0)[:, past_len : past_len + s]
+
+
+class DeepseekV2ForCausalLM(nn.Module):
+    def __init__(self, cfg: LanguageConfig, prefix: str, backend: str, experts_kernel: str = "auto"):
+        super().__init__()
+        self.config = cfg
+        self.model = DeepseekV2Model(cfg, prefix, backend, experts_kernel)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens

@@ -1,0 +1,160 @@
+"""DeepSeek-VL2: SigLIP tiles -> projector -> 2D tile layout scattered into the token embeddings -> DeepSeek-V2 LM.
+
+The forward takes the official processor's batch fields by the same names:
+`input_ids [B, T]`, `attention_mask [B, T]`, `images [B, max_tiles, 3, H, W]`, `images_seq_mask [B, T]`,
+`images_spatial_crop [B, max_images, 2]` (= [num_width_tiles, num_height_tiles], zero rows are padding),
+`labels [B, T]` (-100 = not supervised; shifted inside), `position_ids [B, T]` (optional).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import resolve_attn_implementation
+from .config import VL2Config
+from .language import DeepseekV2ForCausalLM
+from .vision import MlpProjector, build_vision_tower
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class VL2Output:
+    logits: torch.Tensor | None
+    loss: torch.Tensor | None = None  # mean token cross-entropy over labels != -100 (LM loss only)
+    aux_loss: torch.Tensor | None = None  # MoE load-balancing loss summed over layers (already × alpha)
+    past_key_values: list | None = None
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean CE of token t+1 given tokens ≤ t over supervised positions; 0 (not NaN) when none is supervised."""
+    logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    labels = labels[:, 1:].reshape(-1)
+    total = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
+class DeepseekVL2ForCausalLM(nn.Module):
+    def __init__(self, config: VL2Config, attn_implementation: str = "eager", experts_kernel: str = "auto"):
+        super().__init__()
+        self.config = config
+        lm = config.language
+        prefix, backend = resolve_attn_implementation(attn_implementation, lm.use_mla)
+        self.attn_implementation = f"{prefix}_{backend}"
+        self.vision = build_vision_tower(config.vision)
+        self.projector = MlpProjector(config.projector)
+        n = config.projector.n_embed
+        self.image_newline = nn.Parameter(torch.randn(n) / math.sqrt(n))
+        self.view_seperator = nn.Parameter(torch.randn(n) / math.sqrt(n))  # (sic) the checkpoint's spelling
+        self.language = DeepseekV2ForCausalLM(lm, prefix, backend, experts_kernel)
+
+    # ------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls, path, torch_dtype=torch.float32, attn_implementation="eager", experts_kernel="auto", device=None
+    ):
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(cls, Path(path), torch_dtype, attn_implementation, experts_kernel, device)
+
+    def save_pretrained(self, path, max_shard_bytes: int | None = None) -> None:
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, Path(path), max_shard_bytes)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.language.lm_head.weight.device
+
+    # ------------------------------------------------------------------------------------- images
+    def encode_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
+        """[T, 3, H, W] -> [T, tokens_per_tile, D]. A frozen tower runs without building an autograd graph."""
+        vision_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision.parameters())
+        with torch.set_grad_enabled(vision_grad):
+            feats = self.vision.forward_features(tiles.to(self.vision.patch_embed.proj.weight.dtype))
+        projector_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.projector.parameters())
+        with torch.set_grad_enabled(projector_grad):
+            return self.projector(feats)
+
+    def _layout_image(self, tiles: torch.Tensor, tw: int, th: int) -> torch.Tensor:
+        """Global view then `tw*th` local tiles -> the token sequence of one image (official 2D layout)."""
+        side = math.isqrt(tiles.shape[1])
+        d = tiles.shape[-1]
+        nl = self.image_newline.to(tiles.dtype)
+        glob = tiles[0].view(side, side, d)
+        glob = torch.cat([glob, nl.expand(side, 1, d)], dim=1).reshape(-1, d)
+        local = tiles[1:].view(th, tw, side, side, d).permute(0, 2, 1, 3, 4).reshape(th * side, tw * side, d)
+        local = torch.cat([local, nl.expand(th * side, 1, d)], dim=1).reshape(-1, d)
+        sep = self.view_seperator.to(tiles.dtype)[None]
+        if self.config.global_view_pos == "head":
+            return torch.cat([glob, sep, local])
+        return torch.cat([local, sep, glob])
+
+    def prepare_inputs_embeds(self, input_ids, images=None, images_seq_mask=None, images_spatial_crop=None):
+        embeds = self.language.get_input_embeddings()(input_ids)
+        if images is None or images_spatial_crop is None or not bool(images_spatial_crop.any()):
+            return embeds
+        if images_seq_mask is None:
+            raise ValueError("images given without images_seq_mask")
+        crops = images_spatial_crop.tolist()
+        per_sample, tiles = [], []
+        for b, rows in enumerate(crops):
+            shapes = []
+            for tw, th in rows:
+                if tw == 0 or th == 0:  # zero rows pad the image list
+                    break
+                shapes.append((tw, th))
+            n_tiles = sum(1 + tw * th for tw, th in shapes)
+            if n_tiles > images.shape[1]:
+                raise ValueError(
+                    f"sample {b}: images_spatial_crop needs {n_tiles} tiles but images has {images.shape[1]}"
+                )
+            per_sample.append(shapes)
+            tiles.append(images[b, :n_tiles])
+        feats = self.encode_tiles(torch.cat(tiles)).to(embeds.dtype)
+        pieces, t = [], 0
+        expected = images_seq_mask.sum(dim=1).tolist()
+        for b, shapes in enumerate(per_sample):
+            n_feats = 0
+            for tw, th in shapes:
+                pieces.append(self._layout_image(feats[t : t + 1 + tw * th], tw, th))
+                n_feats += pieces[-1].shape[0]
+                t += 1 + tw * th
+            if n_feats != expected[b]:
+                raise ValueError(
+                    f"sample {b}: images_seq_mask marks {expected[b]} image positions but its images "
+                    f"{shapes} give {n_feats} features"
+                )
+        # masked_scatter fills positions in row-major order, i.e. sample by sample: pieces are in that order.
+        return embeds.masked_scatter(images_seq_mask.unsqueeze(-1).to(embeds.device), torch.cat(pieces))
+
+    # ------------------------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        images=None,
+        images_seq_mask=None,
+        images_spatial_crop=None,
+        labels=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache: bool = False,
+    ) -> VL2Output:
+        if inputs_embeds is None:
+            inputs_embeds = self.prepare_inputs_embeds(input_ids, images, images_seq_mask, images_spatial_crop)
+        hidden, cache, aux = self.language.model(inputs_embeds, attention_mask, position_ids, past_key_values)
+        logits = self.language.lm_head(hidden)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return VL2Output(logits=logits.float(), loss=loss, aux_loss=aux, past_key_values=cache if use_cache else None)

@@ -1,0 +1,185 @@
+"""DeepSeek-V2 feed-forward blocks: the dense SwiGLU MLP and the MoE (router, routed experts, shared experts).
+
+Differences from the official code, on purpose:
+- one forward for train and eval: the official eval path runs under `no_grad` and `noaux_tc` asserts in
+  training; here every router variant trains and gradients reach experts and router in both modes;
+- the aux loss is returned (per layer, already scaled by `aux_loss_alpha`) instead of being injected into the
+  backward pass unseen, so it can be reported next to the LM loss and added to it by the training loop;
+- routed experts are stacked tensors `[E, out, in]` (the checkpoint's per-expert keys are stacked on load and
+  split on save), so they can run as a grouped GEMM; the per-expert loop stays as the reference kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LanguageConfig
+
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
+EXPERT_KERNELS = ("loop", "grouped", "auto")
+
+
+def _activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"hidden_act {name!r} not supported; expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(act(gate(x)) * up(x)), no biases (dense layers and shared experts)."""
+
+    def __init__(self, hidden: int, intermediate: int, act: str = "silu"):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.act = _activation(act)
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """The MoE gate (`mlp.gate`): fp32 scores, top-k selection, weight normalisation, aux loss."""
+
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        e = cfg.n_routed_experts
+        self.n_experts, self.top_k = e, cfg.num_experts_per_tok
+        self.method, self.scoring = cfg.topk_method, cfg.scoring_func
+        self.n_group, self.topk_group = cfg.n_group or 1, cfg.topk_group or 1
+        self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.alpha, self.seq_aux = cfg.aux_loss_alpha, cfg.seq_aux
+        self.weight = nn.Parameter(torch.empty(e, cfg.hidden_size))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+        if self.method == "noaux_tc":
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(e))
+
+    def _group_mask(self, group_scores: torch.Tensor) -> torch.Tensor:
+        keep = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
+        mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+        return mask.repeat_interleave(self.n_experts // self.n_group, dim=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """x [B, S, D] -> topk_idx [N, k], topk_weight [N, k] (fp32), aux_loss (scalar, training only)."""
+        b, s, d = x.shape
+        logits = F.linear(x.reshape(-1, d).float(), self.weight.float())
+        scores = logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
+        n = scores.shape[0]
+        if self.method == "greedy":
+            weight, idx = scores.topk(self.top_k, dim=-1, sorted=False)
+        elif self.method == "group_limited_greedy":
+            group_best = scores.view(n, self.n_group, -1).max(dim=-1).values
+            masked = scores.masked_fill(~self._group_mask(group_best), 0.0)
+            weight, idx = masked.topk(self.top_k, dim=-1, sorted=False)
+        else:  # noaux_tc: choose on biased scores, weigh with unbiased ones
+            biased = scores + self.e_score_correction_bias.float()[None]
+            group_top2 = biased.view(n, self.n_group, -1).topk(2, dim=-1).values.sum(dim=-1)
+            masked = biased.masked_fill(~self._group_mask(group_top2), 0.0)
+            idx = masked.topk(self.top_k, dim=-1, sorted=False).indices
+            weight = scores.gather(1, idx)
+        if self.top_k > 1 and self.norm_topk_prob:
+            weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
+        weight = weight * self.scaling
+        aux = self._aux_loss(scores, idx, b, s) if self.training and self.alpha > 0 else None
+        return idx, weight, aux
+
+    def _aux_loss(self, scores, idx, b, s):
+        e, k = self.n_experts, self.top_k
+        if self.seq_aux:
+            counts = torch.zeros(b, e, device=scores.device).scatter_add_(
+                1, idx.view(b, -1), torch.ones(b, s * k, device=scores.device)
+            )
+            ce = counts / (s * k / e)
+            return (ce * scores.view(b, s, e).mean(dim=1)).sum(dim=1).mean() * self.alpha
+        fi = F.one_hot(idx.view(-1), num_classes=e).float().mean(0) * e
+        return (scores.mean(0) * fi).sum() * self.alpha
+
+
+def grouped_mm_supported(x: torch.Tensor) -> bool:
+    """Where `torch._grouped_mm` has a real kernel: bf16 on Hopper/Blackwell; fp32 on CPU (aten fallback)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.is_cuda:
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return x.device.type == "cpu" and x.dtype == torch.float32
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts as stacked weights: gate_proj/up_proj [E, I, D], down_proj [E, D, I]."""
+
+    def __init__(self, n_experts: int, hidden: int, intermediate: int, act: str = "silu", kernel: str = "auto"):
+        super().__init__()
+        if kernel not in EXPERT_KERNELS:
+            raise ValueError(f"experts kernel {kernel!r}; expected one of {EXPERT_KERNELS}")
+        self.n_experts, self.kernel = n_experts, kernel
+        self.gate_proj = nn.Parameter(torch.empty(n_experts, intermediate, hidden))
+        self.up_proj = nn.Parameter(torch.empty(n_experts, intermediate, hidden))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, intermediate))
+        for w in (self.gate_proj, self.up_proj, self.down_proj):
+            nn.init.normal_(w, std=0.02)
+        self.act = _activation(act)
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x [N, D], idx/weight [N, k] -> sum_k weight * expert_idx(x), computed like the official combine."""
+        kernel = self.kernel
+        if kernel == "auto":
+            kernel = "grouped" if x.is_cuda and grouped_mm_supported(x) else "loop"
+        y = self._grouped(x, idx) if kernel == "grouped" else self._loop(x, idx)
+        n, k = idx.shape
+        # Official combine: fp32 routing weights times expert outputs, summed over k, cast back.
+        return (y.view(n, k, -1) * weight.unsqueeze(-1)).sum(dim=1).to(x.dtype)
+
+    def _expert(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        g = F.linear(h, self.gate_proj[e])
+        u = F.linear(h, self.up_proj[e])
+        return F.linear(self.act(g) * u, self.down_proj[e])
+
+    def _loop(self, x, idx):
+        """Reference kernel: one masked matmul chain per expert, as the official training branch does."""
+        flat = idx.reshape(-1)
+        xs = x.repeat_interleave(idx.shape[1], dim=0)
+        y = xs.new_zeros(xs.shape)
+        for e in range(self.n_experts):
+            sel = flat == e
+            y[sel] = self._expert(e, xs[sel]).to(y.dtype)
+        return y
+
+    def _grouped(self, x, idx):
+        """Sort token copies by expert, three grouped GEMMs, unsort. No host sync."""
+        k = idx.shape[1]
+        flat = idx.reshape(-1)
+        order = flat.argsort(stable=True)
+        offs = torch.bincount(flat, minlength=self.n_experts).cumsum(0).to(torch.int32)
+        xs = x[order // k]
+        dt = xs.dtype
+        g = torch._grouped_mm(xs, self.gate_proj.to(dt).transpose(-2, -1), offs=offs)
+        u = torch._grouped_mm(xs, self.up_proj.to(dt).transpose(-2, -1), offs=offs)
+        out = torch._grouped_mm(self.act(g) * u, self.down_proj.to(dt).transpose(-2, -1), offs=offs)
+        y = torch.empty_like(out)
+        y[order] = out
+        return y
+
+
+class MoE(nn.Module):
+    """Router + routed experts + optional shared experts (`mlp.gate`, `mlp.experts`, `mlp.shared_experts`)."""
+
+    def __init__(self, cfg: LanguageConfig, experts_kernel: str = "auto"):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = RoutedExperts(
+            cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.hidden_act, experts_kernel
+        )
+        self.shared_experts = None
+        if cfg.n_shared_experts is not None:
+            inter = cfg.moe_intermediate_size * cfg.n_shared_experts
+            self.shared_experts = MLP(cfg.hidden_size, inter, cfg.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        idx, weight, aux = self.gate(x)
+        y = self.experts(x.reshape(-1, x.shape[-1]), idx, weight).view_as(x)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y, aux

@@ -1,0 +1,54 @@
+"""Small builders shared by the model tests (no I/O: models are built from the tiny family configs)."""
+
+import torch
+
+from deepseek_vl2_lora.config import VL2Config
+from deepseek_vl2_lora.model import DeepseekVL2ForCausalLM
+from deepseek_vl2_lora.tiny import _init_random, family_config
+
+FAMILIES = ("tiny-mha", "small-mla", "full-noaux")
+
+
+def build_model(family: str, vocab: int = 300, seed: int = 0, **kwargs) -> DeepseekVL2ForCausalLM:
+    cfg = VL2Config.from_dict(family_config(family, vocab))
+    torch.manual_seed(seed)
+    model = DeepseekVL2ForCausalLM(cfg, **kwargs)
+    _init_random(model, seed)
+    return model
+
+
+def tokens_per_image(cfg: VL2Config, tw: int, th: int) -> int:
+    side = -(-(cfg.vision.image_size // cfg.vision.patch_size) // cfg.projector.downsample_ratio)
+    return side * (side + 1) + 1 + (side * th) * (side * tw + 1)
+
+
+def make_batch(cfg: VL2Config, vocab: int = 300, seed: int = 0, pad: str = "right") -> dict:
+    """Sample 0: text, a 2×1 image, text, a 1×2 image, text. Sample 1: text only, 6 tokens shorter (padded)."""
+    g = torch.Generator().manual_seed(seed)
+    s = cfg.vision.image_size
+    n1, n2 = tokens_per_image(cfg, 2, 1), tokens_per_image(cfg, 1, 2)
+    t = 3 + n1 + 4 + n2 + 5
+    ids = torch.randint(3, vocab, (2, t), generator=g)
+    seq_mask = torch.zeros(2, t, dtype=torch.bool)
+    seq_mask[0, 3 : 3 + n1] = True
+    seq_mask[0, 3 + n1 + 4 : 3 + n1 + 4 + n2] = True
+    attn = torch.ones(2, t, dtype=torch.long)
+    attn[1, t - 6 :] = 0
+    seq_mask[1] = False
+    if pad == "left":
+        attn[1] = attn[1].flip(0)
+        ids[1] = ids[1].roll(6)
+    images = torch.zeros(2, 6, 3, s, s)
+    images[0] = torch.randn(6, 3, s, s, generator=g)
+    crop = torch.tensor([[[2, 1], [1, 2]], [[0, 0], [0, 0]]])
+    labels = ids.clone()
+    labels[seq_mask | (attn == 0)] = -100
+    labels[:, :2] = -100
+    return {
+        "input_ids": ids,
+        "attention_mask": attn,
+        "images": images,
+        "images_seq_mask": seq_mask,
+        "images_spatial_crop": crop,
+        "labels": labels,
+    }
