@@ -8,7 +8,6 @@ and loaded because the checkpoint carries it, so a save writes it back, but it i
 from __future__ import annotations
 
 import math
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -17,29 +16,8 @@ from torch import nn
 from .config import ProjectorConfig, VisionConfig
 
 
-def _import_timm_vit():
-    """timm imports torchvision at import time. PyPI's Linux torchvision wheels are CUDA builds; next to a CPU
-    torch their compiled ops cannot load, and torchvision 0.28 then fails on import registering fakes for
-    `nms`/`qnms`. We never use those ops: declare their schemas so the pure-Python parts import."""
-    try:
-        import torchvision  # noqa: F401
-    except RuntimeError as e:
-        if "torchvision::" not in str(e):
-            raise
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-        lib = torch.library.Library("torchvision", "FRAGMENT")
-        for op in ("nms", "qnms"):
-            lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _import_timm_vit._keepalive = lib  # a Library unregisters its ops when collected
-        import torchvision  # noqa: F401
-    from timm.models.vision_transformer import VisionTransformer
-
-    return VisionTransformer
-
-
 def build_vision_tower(cfg: VisionConfig) -> nn.Module:
-    VisionTransformer = _import_timm_vit()
+    from timm.models.vision_transformer import VisionTransformer
 
     if cfg.class_token:
         raise ValueError("vision_config.class_token=true is not a DeepSeek-VL2 SigLIP tower")

@@ -1,6 +1,9 @@
 import pytest
 import torch
 
+# Tiny models on a shared 2-core machine: one intra-op thread is several times faster than oversubscribing.
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
