@@ -162,8 +162,9 @@ def _materialize_buffers(model: torch.nn.Module) -> None:
         raise RuntimeError(f"tensors left unloaded after from_pretrained: {_list(left)}")
 
 
-def save_pretrained(model, path: Path, max_shard_bytes: int | None = None) -> None:
-    """Write config.json + safetensors in the official layout, atomically (temp dir, then rename)."""
+def save_pretrained(model, path: Path, max_shard_bytes: int | None = None, extra_files=()) -> None:
+    """Write config.json + safetensors in the official layout (plus `extra_files`, e.g. the tokenizer),
+    atomically (temp dir, then rename)."""
     state = {k: v.detach().contiguous().cpu() for k, v in to_official(model.state_dict()).items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -171,6 +172,8 @@ def save_pretrained(model, path: Path, max_shard_bytes: int | None = None) -> No
     try:
         (tmp / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
         write_safetensors(state, tmp, max_shard_bytes)
+        for f in extra_files:
+            shutil.copy2(f, tmp / Path(f).name)
         replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

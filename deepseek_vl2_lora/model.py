@@ -63,10 +63,10 @@ class DeepseekVL2ForCausalLM(nn.Module):
 
         return load_pretrained(cls, Path(path), torch_dtype, attn_implementation, experts_kernel, device)
 
-    def save_pretrained(self, path, max_shard_bytes: int | None = None) -> None:
+    def save_pretrained(self, path, max_shard_bytes: int | None = None, extra_files=()) -> None:
         from .checkpoint import save_pretrained
 
-        save_pretrained(self, Path(path), max_shard_bytes)
+        save_pretrained(self, Path(path), max_shard_bytes, extra_files)
 
     @property
     def dtype(self) -> torch.dtype:

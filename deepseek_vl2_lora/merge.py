@@ -1,0 +1,43 @@
+"""Merge a trained-state directory into its base checkpoint: a full checkpoint in the official layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CONFIG_NAME, INDEX_FILE
+from .model import DeepseekVL2ForCausalLM
+from .policy import load_trained_state, merge_lora
+
+
+def merge_checkpoint(base: str | Path, trained: str | Path, out: str | Path, torch_dtype=None) -> Path:
+    """LoRA folded in, trained tensors in place, config.json unchanged; tokenizer and processor files copied.
+
+    Merging happens in float32; the result is saved in `torch_dtype` (default: the base weights' dtype)."""
+    base, out = Path(base), Path(out)
+    model = DeepseekVL2ForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
+    load_trained_state(model, trained)
+    merge_lora(model)
+    dtype = torch_dtype or _stored_dtype(base)
+    model.to(dtype)
+    extra = [
+        f
+        for f in sorted(base.iterdir())
+        if f.is_file() and f.name != CONFIG_NAME and f.name != INDEX_FILE and not f.name.endswith(".safetensors")
+    ]
+    model.save_pretrained(out, extra_files=extra)
+    return out
+
+
+def _stored_dtype(path: Path) -> torch.dtype:
+    from safetensors import safe_open
+
+    first = next(iter(sorted(path.glob("*.safetensors"))))
+    with safe_open(str(first), framework="pt") as fh:
+        for key in fh.keys():
+            t = fh.get_slice(key)
+            dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(t.get_dtype())
+            if dtype is not None:
+                return dtype
+    return torch.float32
