@@ -25,6 +25,7 @@ import torch
 
 from .checkpoint import replace_dir
 from .config import VL2Config
+from .processor import candidate_resolutions
 
 _VISION = {
     "model_type": "vision",
@@ -120,14 +121,6 @@ def family_config(family: str, vocab_size: int) -> dict:
         "language_config": {**spec["language"], "vocab_size": vocab_size},
         "torch_dtype": "float32",
     }
-
-
-def candidate_resolutions(tile: int, max_tiles: int = 9) -> list[list[int]]:
-    """All (tile·m, tile·n) with m·n ≤ max_tiles in the released configs' order: by area, then by the shorter
-    side, the portrait (w < h) before the landscape one."""
-    pairs = [(m, n) for m in range(1, max_tiles + 1) for n in range(1, max_tiles + 1) if m * n <= max_tiles]
-    pairs.sort(key=lambda p: (p[0] * p[1], min(p), p[0] > p[1]))
-    return [[tile * m, tile * n] for m, n in pairs]
 
 
 def _init_random(model: torch.nn.Module, seed: int) -> None:

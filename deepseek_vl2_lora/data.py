@@ -1,0 +1,367 @@
+"""SFT and eval datasets: JSONL "messages" records and LLaVA-style JSON, validated eagerly.
+
+Two file layouts are read:
+
+* ``*.jsonl``: one record per line. Blank lines are ignored; positions are reported as ``file:LINE``
+  (1-based).
+* ``*.json``: a JSON list of records. Positions are reported as ``file[INDEX]`` (0-based).
+
+Each record is either
+
+* ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...],
+  "images": ["rel/path.png", ...]}`` with one ``<image>`` placeholder in the user turns per image, in
+  order; or
+* LLaVA-style ``{"image": "x.png" | ["a.png", ...],
+  "conversations": [{"from": "human"|"gpt", "value": str}]}`` (``"system"``, ``"user"`` and ``"assistant"``
+  are accepted as ``from`` values too). Following LLaVA, a sample with images but no ``<image>`` anywhere gets
+  ``"<image>\\n"`` per image prepended to its first human turn; if placeholders are present their count must
+  match the images.
+
+Image paths are relative to the data file's directory, or to ``image_root`` when given. Other keys of a record
+are kept as ``meta`` (the demo data stores its question type there).
+
+Every record is checked when the dataset is built: the JSON parses, the schema and roles are valid, each image
+opens and decodes (after ``ImageOps.exif_transpose``), the placeholder count matches, there is an assistant
+turn, and the token length fits ``max_length`` under the ``overlong`` policy. A bad record either raises a
+`SampleError` naming ``file:line`` and the reason (``on_bad_sample="error"``) or is skipped and counted by
+reason in the dataset's `DataReport` (``"skip"``). The ``overlong`` policy decides for over-long samples
+(``"error"`` raises, ``"skip"`` skips and counts, ``"truncate"`` cuts the tail); when truncation is impossible
+(it would cut an image, or leave no answer token) ``on_bad_sample`` decides. Pixels are not kept: images are
+reopened in ``__getitem__``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageOps
+
+from .processor import IMAGE_TOKEN, DeepseekVL2Processor, SampleError
+
+ON_BAD_SAMPLE = ("error", "skip")
+LLAVA_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+OVERLONG_REASONS = ("overlong",)  # decided by the `overlong` policy; all other reasons by `on_bad_sample`
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Report
+
+
+@dataclass
+class DataReport:
+    """What validation found in one data file: kept records and skipped ones by reason."""
+
+    source: str
+    total: int = 0
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> first few error messages
+
+    max_examples = 3
+
+    def skip(self, error: SampleError) -> None:
+        self.skipped[error.reason] += 1
+        shown = self.examples.setdefault(error.reason, [])
+        if len(shown) < self.max_examples:
+            shown.append(str(error))
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "total": self.total,
+            "kept": self.kept,
+            "skipped": dict(sorted(self.skipped.items())),
+            "examples": {k: list(v) for k, v in sorted(self.examples.items())},
+        }
+
+    def __str__(self) -> str:
+        lines = [f"{self.source}: {self.total} records, {self.kept} kept, {self.num_skipped} skipped"]
+        for reason, count in sorted(self.skipped.items()):
+            lines.append(f"  {reason}: {count}")
+            lines += [f"    e.g. {msg}" for msg in self.examples.get(reason, [])]
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading records
+
+
+def read_records(path: Path) -> list[tuple[str, Any]]:
+    """[(location, record-or-SampleError)] in file order; a .json file that fails to parse is fatal."""
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path)
+    if path.suffix == ".json":
+        return _read_json_list(path)
+    raise SampleError("bad_file", "data file must end in .jsonl or .json", str(path))
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as e:
+        raise SampleError("bad_file", "data file not found", str(path)) from e
+    except OSError as e:
+        raise SampleError("bad_file", f"cannot read data file ({e})", str(path)) from e
+
+
+def _parse_json(raw: bytes) -> Any:
+    return json.loads(raw.decode("utf-8"))
+
+
+_JSON_ERRORS = (json.JSONDecodeError, UnicodeDecodeError, RecursionError)
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
+    # Lines are decoded one by one so that a bad byte sequence only spoils its own line.
+    out = []
+    for lineno, line in enumerate(_read_bytes(path).split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        loc = f"{path}:{lineno}"
+        try:
+            out.append((loc, _parse_json(line)))
+        except _JSON_ERRORS as e:
+            out.append((loc, SampleError("malformed_json", f"invalid JSON ({e})", loc)))
+    return out
+
+
+def _read_json_list(path: Path) -> list[tuple[str, Any]]:
+    try:
+        data = _parse_json(_read_bytes(path))
+    except _JSON_ERRORS as e:
+        raise SampleError("malformed_json", f"invalid JSON ({e})", str(path)) from e
+    if not isinstance(data, list):
+        raise SampleError("bad_schema", "a .json data file must hold a list of records", str(path))
+    return [(f"{path}[{i}]", record) for i, record in enumerate(data)]
+
+
+def _string_list(value: Any, what: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise SampleError("bad_schema", f"{what} must be a list of non-empty path strings")
+    return value
+
+
+def convert_llava(record: dict) -> tuple[list[dict], list[str]]:
+    """LLaVA `conversations` -> (messages, image paths); see the module docstring for the placeholder rule."""
+    images = _string_list(record.get("image"), "'image'")
+    turns = record["conversations"]
+    if not isinstance(turns, list):
+        raise SampleError("bad_schema", "'conversations' must be a list")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            msg = f"conversation turn {i} must be an object with 'from' and 'value'"
+            raise SampleError("bad_schema", msg)
+        role = turn["from"]
+        if not isinstance(role, str) or role not in LLAVA_ROLES:
+            raise SampleError("unknown_role", f"conversation turn {i}: unknown 'from' value {role!r}")
+        messages.append({"role": LLAVA_ROLES[role], "content": turn["value"]})
+    text = "".join(m["content"] for m in messages if isinstance(m["content"], str))
+    if images and IMAGE_TOKEN not in text:
+        users = [m for m in messages if m["role"] == "user" and isinstance(m["content"], str)]
+        first_user = users[0] if users else None
+        if first_user is not None:
+            first_user["content"] = f"{IMAGE_TOKEN}\n" * len(images) + first_user["content"]
+    return messages, images
+
+
+def parse_record(record: Any) -> tuple[list[dict], list[str], dict]:
+    """A record in either format -> (messages, image paths, meta); raises SampleError."""
+    if not isinstance(record, dict):
+        raise SampleError("bad_schema", "a record must be a JSON object")
+    if "messages" in record:
+        messages, images = record["messages"], _string_list(record.get("images"), "'images'")
+        meta_skip = ("messages", "images")
+    elif "conversations" in record:
+        messages, images = convert_llava(record)
+        meta_skip = ("conversations", "image")
+    else:
+        raise SampleError("bad_schema", "a record needs 'messages' (or LLaVA 'conversations')")
+    meta = {k: v for k, v in record.items() if k not in meta_skip}
+    return messages, images, meta
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Images
+
+
+def load_image(path: Path) -> Image.Image:
+    """Open, apply the EXIF orientation and decode to RGB; failures become SampleErrors by kind."""
+    if not path.is_file():  # is_file() is False (not an exception) for unrepresentable paths too
+        raise SampleError("missing_image", f"image not found: {path}")
+    try:
+        if os.path.getsize(path) == 0:
+            raise SampleError("empty_image", f"image file is empty: {path}")
+    except OSError as e:
+        raise SampleError("missing_image", f"cannot access image {path} ({e})") from e
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            return im.convert("RGB")  # convert() decodes the whole image, so truncation shows up here
+    except SampleError:
+        raise
+    except Exception as e:  # PIL raises many types for bad files (OSError, SyntaxError, DecompressionBomb...)
+        raise SampleError("corrupt_image", f"cannot decode image {path} ({type(e).__name__}: {e})") from e
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Datasets
+
+
+@dataclass
+class Sample:
+    location: str
+    messages: list[dict]
+    image_paths: list[Path]
+    meta: dict
+
+
+class _ValidatedData:
+    """Reads a data file and keeps only the records that will encode; shared by SFT and eval datasets."""
+
+    generation = False
+
+    def __init__(
+        self,
+        path: str | Path,
+        processor: DeepseekVL2Processor,
+        on_bad_sample: str = "error",
+        max_length: int | None = None,
+        overlong: str = "error",
+        image_root: str | Path | None = None,
+    ):
+        if on_bad_sample not in ON_BAD_SAMPLE:
+            raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
+        if overlong not in ("error", "skip", "truncate"):
+            raise ValueError(f"overlong must be 'error', 'skip' or 'truncate', got {overlong!r}")
+        self.path = Path(path)
+        self.processor = processor
+        self.on_bad_sample = on_bad_sample
+        self.max_length = max_length
+        self.overlong = overlong
+        self.image_root = Path(image_root) if image_root is not None else self.path.parent
+        self.report = DataReport(str(self.path))
+        self.samples: list[Sample] = []
+        for location, record in read_records(self.path):
+            self.report.total += 1
+            try:
+                if isinstance(record, SampleError):
+                    raise record
+                self.samples.append(self._validate(location, record))
+                self.report.kept += 1
+            except SampleError as e:
+                self._handle(e.at(location))
+
+    def _handle(self, error: SampleError) -> None:
+        policy = self.on_bad_sample
+        if error.reason in OVERLONG_REASONS:
+            policy = "error" if self.overlong == "error" else "skip"
+        if policy == "error":
+            raise error
+        self.report.skip(error)
+
+    def _validate(self, location: str, record: Any) -> Sample:
+        messages, paths, meta = parse_record(record)
+        resolved = [self.image_root / p for p in paths]
+        sizes = [load_image(p).size for p in resolved]
+        self._check_sample(messages, sizes)
+        return Sample(location, messages, resolved, meta)
+
+    def _check_sample(self, messages: list[dict], sizes: list[tuple[int, int]]) -> None:
+        self.processor.check(messages, sizes, self.generation, self.max_length, self.overlong)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _encode(self, index: int) -> dict:
+        sample = self.samples[index]
+        try:
+            images = [load_image(p) for p in sample.image_paths]
+            return self.processor.encode(sample.messages, images, self.generation, self.max_length, self.overlong)
+        except SampleError as e:  # the file changed since validation: still say where
+            raise e.at(sample.location) from e
+
+
+class SFTDataset(_ValidatedData):
+    """Training samples: `dataset[i]` is `processor.encode(messages, images)` (labels on the answers)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        processor: DeepseekVL2Processor,
+        on_bad_sample: str = "error",
+        max_length: int | None = None,
+        overlong: str = "error",
+        image_root: str | Path | None = None,
+    ):
+        super().__init__(path, processor, on_bad_sample, max_length, overlong, image_root)
+
+    def __getitem__(self, index: int) -> dict:
+        return self._encode(index)
+
+
+class EvalDataset(_ValidatedData):
+    """Exact-match eval pairs: `dataset[i]` is (prompt encoding, reference answer).
+
+    The prompt is encoded with `generation=True`: the record's last message must be the assistant answer,
+    which is dropped from the ids and returned stripped as the reference. Prompts are never truncated; an
+    over-long prompt is handled by `on_bad_sample`.
+    """
+
+    generation = True
+
+    def __init__(
+        self,
+        path: str | Path,
+        processor: DeepseekVL2Processor,
+        on_bad_sample: str = "error",
+        max_length: int | None = None,
+        image_root: str | Path | None = None,
+    ):
+        super().__init__(path, processor, on_bad_sample, max_length, "skip", image_root)
+
+    def _handle(self, error: SampleError) -> None:
+        # Over-long prompts cannot be truncated, so they follow on_bad_sample like any other bad record.
+        if self.on_bad_sample == "error":
+            raise error
+        self.report.skip(error)
+
+    def _check_sample(self, messages: list[dict], sizes: list[tuple[int, int]]) -> None:
+        last = messages[-1] if isinstance(messages, list) and messages else None
+        if not (isinstance(last, dict) and last.get("role") in ("assistant", "<|Assistant|>")):
+            # Run the structural checks first so schema errors keep their own reason.
+            self.processor.plan(messages, sizes, generation=True)
+            msg = "an eval record must end with the reference assistant answer"
+            raise SampleError("no_assistant_turn", msg)
+        super()._check_sample(messages, sizes)
+
+    def answer(self, index: int) -> str:
+        return self.samples[index].messages[-1]["content"].strip()
+
+    def __getitem__(self, index: int) -> tuple[dict, str]:
+        return self._encode(index), self.answer(index)
+
+
+def collate_eval(pairs: list[tuple[dict, str]], collator) -> tuple[dict, list[str]]:
+    """Batch eval pairs with a (left-padding) Collator: (batch, reference answers)."""
+    encodings, answers = zip(*pairs)
+    return collator(list(encodings)), list(answers)
