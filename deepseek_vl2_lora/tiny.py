@@ -155,9 +155,10 @@ def make_tiny_checkpoint(out_dir: str | Path, family: str, seed: int = 0) -> Pat
     try:
         vocab_size = write_tokenizer(tmp)
         raw = family_config(family, vocab_size)
-        torch.manual_seed(seed)
-        model = DeepseekVL2ForCausalLM(VL2Config.from_dict(raw, source=f"tiny family {family}"))
-        _init_random(model, seed)
+        with torch.random.fork_rng():  # the caller's random stream stays as it was
+            torch.manual_seed(seed)
+            model = DeepseekVL2ForCausalLM(VL2Config.from_dict(raw, source=f"tiny family {family}"))
+            _init_random(model, seed)
         model.save_pretrained(tmp / "weights")
         for f in (tmp / "weights").iterdir():
             shutil.move(str(f), tmp / f.name)

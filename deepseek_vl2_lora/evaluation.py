@@ -1,0 +1,138 @@
+"""Evaluation: teacher-forced loss on the eval split and exact-match accuracy by greedy generation.
+
+Exact match: the model generates greedily from the prompt (everything up to the final `<|Assistant|>:`) until
+eos or `max_new_tokens`; the text before eos, decoded without special tokens, is compared with the reference
+answer after `strip().lower()` on both. Records carrying a `qtype` field (the demo set does) also get an
+accuracy per qtype.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from .generation import generate
+from .processor import Collator
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "images", "images_seq_mask", "images_spatial_crop", "position_ids")
+
+
+def normalize_answer(text: str) -> str:
+    return text.strip().lower()
+
+
+@dataclass
+class EvalResult:
+    loss: float | None = None  # mean CE per supervised token over the whole eval split
+    loss_tokens: int = 0
+    accuracy: float | None = None
+    num_samples: int = 0
+    by_type: dict[str, float] = field(default_factory=dict)
+    predictions: list[dict] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        out = {}
+        if self.loss is not None:
+            out["eval/loss"] = self.loss
+        if self.accuracy is not None:
+            out["eval/accuracy"] = self.accuracy
+            out["eval/samples"] = self.num_samples
+        for qtype, acc in sorted(self.by_type.items()):
+            out[f"eval/accuracy/{qtype}"] = acc
+        return out
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+@torch.no_grad()
+def eval_loss(model, dataset, indices, collator, batch_size, device, autocast=nullcontext) -> tuple[float, int]:
+    """Token-weighted mean LM loss over `dataset[indices]` (the aux loss is a training-only term)."""
+    total, tokens = 0.0, 0
+    for start in range(0, len(indices), batch_size):
+        batch = _to(collator([dataset[i] for i in indices[start : start + batch_size]]), device)
+        with autocast():
+            out = model(**{k: batch[k] for k in MODEL_INPUTS}, labels=batch["labels"])
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total += float(out.loss) * n
+        tokens += n
+    return total / max(tokens, 1), tokens
+
+
+@torch.no_grad()
+def exact_match(model, dataset, indices, processor, batch_size, max_new_tokens, device, autocast=nullcontext):
+    """(accuracy, accuracy per qtype, predictions) for EvalDataset `dataset[indices]`."""
+    collator = Collator(processor.pad_id, padding_side="left")
+    eos = processor.eos_id
+    predictions, hits, counts = [], defaultdict(int), defaultdict(int)
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start : start + batch_size]
+        pairs = [dataset[i] for i in chunk]
+        batch = _to(collator([enc for enc, _ in pairs]), device)
+        with autocast():
+            new = generate(
+                model,
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["images"],
+                batch["images_seq_mask"],
+                batch["images_spatial_crop"],
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos,
+            )
+        for i, (_, reference), row in zip(chunk, pairs, new.tolist()):
+            ids = row[: row.index(eos)] if eos in row else row
+            text = processor.tokenizer.decode(ids, skip_special_tokens=True)
+            correct = normalize_answer(text) == normalize_answer(reference)
+            qtype = dataset.samples[i].meta.get("qtype")
+            predictions.append(
+                {
+                    "location": dataset.samples[i].location,
+                    "prediction": text,
+                    "reference": reference,
+                    "correct": correct,
+                }
+            )
+            for key in ("", str(qtype)) if qtype is not None else ("",):
+                counts[key] += 1
+                hits[key] += int(correct)
+    accuracy = hits[""] / counts[""] if counts[""] else None
+    by_type = {k: hits[k] / counts[k] for k in counts if k}
+    return accuracy, by_type, predictions
+
+
+def evaluate(
+    model,
+    processor,
+    loss_set,
+    gen_set,
+    device,
+    batch_size: int,
+    max_new_tokens: int,
+    limit: int | None = None,
+    autocast=nullcontext,
+) -> EvalResult:
+    """Loss on `loss_set` (an SFTDataset of the eval file) and exact match on `gen_set` (its EvalDataset)."""
+    was_training = model.training
+    model.eval()
+    try:
+        result = EvalResult()
+        if loss_set is not None and len(loss_set):
+            indices = list(range(min(len(loss_set), limit or len(loss_set))))
+            collator = Collator(processor.pad_id, padding_side="right")
+            result.loss, result.loss_tokens = eval_loss(
+                model, loss_set, indices, collator, batch_size, device, autocast
+            )
+        if gen_set is not None and len(gen_set):
+            indices = list(range(min(len(gen_set), limit or len(gen_set))))
+            result.accuracy, result.by_type, result.predictions = exact_match(
+                model, gen_set, indices, processor, batch_size, max_new_tokens, device, autocast
+            )
+            result.num_samples = len(indices)
+        return result
+    finally:
+        model.train(was_training)

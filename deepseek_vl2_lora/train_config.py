@@ -1,0 +1,212 @@
+"""Typed schema of the training config (`configs/train.yaml` and its groups), registered in Hydra's ConfigStore.
+
+`configs/train.yaml` lists `base_train` first in its defaults, so every YAML group file and every command-line
+override is merged into these dataclasses: a misspelled key (`trainer.max_stpes=3`) or a wrongly typed value
+(`trainer.max_steps=abc`) fails when Hydra composes the config, with Hydra's own message, before anything runs.
+
+Value checks that a type cannot express (a known precision name, micro batch ≥ 1, ...) are in `check_config`,
+which the training function calls first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from .policy_config import PolicyConfig
+
+HUB = "https://huggingface.co/"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny_random"
+    # A checkpoint directory in the official layout (config.json, *.safetensors, processor_config.json,
+    # tokenizer files). Required for the real models; leave null with `tiny_family` set to generate a tiny
+    # random checkpoint (cached under $DEEPSEEK_VL2_LORA_CACHE or ~/.cache/deepseek_vl2_lora).
+    path: str | None = None
+    tiny_family: str | None = None  # tiny-mha | small-mla | full-noaux (deepseek_vl2_lora.tiny.FAMILIES)
+    tiny_seed: int = 0
+    hub_id: str | None = None  # where the real checkpoint lives, e.g. deepseek-ai/deepseek-vl2-small (messages)
+    attn_implementation: str = "eager"  # eager | sdpa | flash_attention_2 | mla_* | mha_*
+    experts_kernel: str = "auto"  # auto | loop | grouped
+    # Storage dtype of the loaded weights: auto = bfloat16 when training runs in bf16 autocast, else float32.
+    # Trainable parameters are always kept in float32 (master weights), whatever the storage dtype.
+    dtype: str = "auto"  # auto | float32 | bfloat16
+
+
+@dataclass
+class DataConfig:
+    name: str = "demo"
+    # Relative paths are tried against the working directory first, then against the repository root.
+    train_path: str = "data/demo/train.jsonl"
+    eval_path: str | None = "data/demo/eval.jsonl"  # exact-match eval split (last turn = reference); null: none
+    image_root: str | None = None  # default: each data file's directory
+    max_length: int | None = 4096
+    overlong: str = "error"  # error | skip | truncate (training samples)
+    on_bad_sample: str = "error"  # error | skip (counted in the data report)
+    train_limit: int | None = None  # use only the first N valid training records (debugging, overfitting)
+    eval_limit: int | None = None  # evaluate on the first N valid eval records
+    num_workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1e-4  # base learning rate; each policy group uses lr × its lr_scale
+    weight_decay: float = 0.0  # on matrices only (norms, biases and vectors never decay)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 0  # linear warmup from lr/warmup_steps to lr
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr × min_lr_ratio at trainer.max_steps
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still measured)
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100  # optimizer steps (a skipped non-finite step counts as a step)
+    micro_batch_size: int = 8
+    grad_accum: int = 1  # micro batches per optimizer step
+    precision: str = "auto"  # auto (bf16 autocast on CUDA with bf16 support, else fp32) | bf16 | fp32
+    device: str = "auto"  # auto | cpu | cuda (cuda:$LOCAL_RANK)
+    # torch intra-op threads when training on CPU; null: torch's default (all cores). On a shared machine one
+    # thread degrades gracefully where several oversubscribe the cores and can run many times slower.
+    cpu_threads: int | None = None
+    gradient_checkpointing: bool = False  # per decoder layer, LM only
+    log_every: int = 1  # metrics.jsonl / W&B every N steps
+    print_every: int = 50  # a console line every N steps (the progress bar shows every step)
+    progress_bar: bool = True
+    eval_every: int = 0  # steps between evaluations; 0: only before (if eval_before) and after training
+    eval_before: bool = True  # evaluate the untrained model first (skipped when resuming)
+    eval_batch_size: int = 32
+    eval_max_new_tokens: int = 8
+    save_every: int = 0  # steps between resumable checkpoints; 0: none
+    keep_last: int = 2  # resumable checkpoints kept (oldest deleted first)
+    save_trained: bool = True  # write the trained state (adapter + trained tensors) to <run dir>/trained
+    # null: start fresh. auto: latest checkpoint in this run dir (fresh start if there is none; set
+    # hydra.run.dir to the earlier run's directory). A path: a checkpoint dir or a run dir (its latest).
+    resume: str | None = None
+    max_consecutive_nonfinite: int = 5  # stop after this many non-finite steps in a row (0: never stop)
+    peak_flops: float | None = None  # device peak FLOP/s for MFU; null: from the built-in table (None on CPU)
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "jsonl"
+    jsonl: bool = True  # <run dir>/metrics.jsonl
+    wandb: bool = False
+    project: str = "deepseek_vl2_lora"
+    entity: str | None = None
+    group: str | None = None  # null: the experiment name
+    run_name: str | None = None  # null: <experiment name>-<run dir name>
+    job_type: str = "train"
+    mode: str = "offline"  # offline | online | disabled; the WANDB_MODE environment variable wins
+
+
+@dataclass
+class DistConfig:
+    name: str = "single"
+    kind: str = "single"  # single (one process, CPU or one GPU) | zero2 | zero3 (DeepSpeed)
+    deepspeed_config: str | None = None  # a DeepSpeed JSON for zero2/zero3; null: built from these fields
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+
+@dataclass
+class TrainConfig:
+    name: str = "default"  # experiment name: run dir, W&B group and run name
+    seed: int = 0
+    tags: list[str] = field(default_factory=list)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+def register_configs() -> None:
+    """Store the schema as `base_train` (idempotent; runs on import)."""
+    ConfigStore.instance().store(name="base_train", node=TrainConfig)
+
+
+register_configs()
+
+
+class ConfigError(ValueError):
+    """A config value that composes but cannot work; the message says what to change."""
+
+
+_CHOICES = {
+    "model.dtype": ("auto", "float32", "bfloat16"),
+    "model.experts_kernel": ("auto", "loop", "grouped"),
+    "data.overlong": ("error", "skip", "truncate"),
+    "data.on_bad_sample": ("error", "skip"),
+    "trainer.precision": ("auto", "bf16", "fp32"),
+    "dist.kind": ("single", "zero2", "zero3"),
+    "logger.mode": ("offline", "online", "disabled"),
+}
+_POSITIVE = ("trainer.max_steps", "trainer.micro_batch_size", "trainer.grad_accum", "trainer.eval_batch_size")
+_NON_NEGATIVE = (
+    "trainer.eval_every",
+    "trainer.save_every",
+    "trainer.keep_last",
+    "trainer.eval_max_new_tokens",
+    "trainer.max_consecutive_nonfinite",
+    "optim.warmup_steps",
+    "optim.grad_clip",
+    "optim.weight_decay",
+    "data.num_workers",
+)
+
+
+def _unknown_keys(node: DictConfig, reference: DictConfig, prefix: str = "") -> list[str]:
+    unknown = []
+    for key in node.keys():
+        if key not in reference:
+            unknown.append(f"{prefix}{key}")
+        elif isinstance(node[key], DictConfig) and isinstance(reference[key], DictConfig):
+            unknown += _unknown_keys(node[key], reference[key], f"{prefix}{key}.")
+    return unknown
+
+
+def as_train_config(cfg) -> DictConfig:
+    """A DictConfig checked against the schema (a composed Hydra config already is one; dicts get merged in).
+
+    Hydra lets `+group.new_key=...` add keys even to a structured node; those are rejected here."""
+    if not (isinstance(cfg, DictConfig) and OmegaConf.get_type(cfg) is TrainConfig):
+        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+    unknown = _unknown_keys(cfg, OmegaConf.structured(TrainConfig))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; see deepseek_vl2_lora/train_config.py")
+    return cfg
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Checks that types cannot express; raises ConfigError naming the key and the allowed values."""
+    problems = []
+    for key, allowed in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            problems.append(f"{key}={value!r}: expected one of {', '.join(allowed)}")
+    for key in _POSITIVE:
+        if OmegaConf.select(cfg, key) < 1:
+            problems.append(f"{key}={OmegaConf.select(cfg, key)}: must be ≥ 1")
+    for key in _NON_NEGATIVE:
+        if OmegaConf.select(cfg, key) < 0:
+            problems.append(f"{key}={OmegaConf.select(cfg, key)}: must be ≥ 0")
+    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
+        problems.append(f"optim.min_lr_ratio={cfg.optim.min_lr_ratio}: must be in [0, 1]")
+    if len(cfg.optim.betas) != 2:
+        problems.append(f"optim.betas={list(cfg.optim.betas)}: needs two values")
+    if cfg.model.path is not None and cfg.model.tiny_family is not None:
+        problems.append("set either model.path (a real checkpoint) or model.tiny_family (a tiny random one), not both")
+    if cfg.model.dtype == "bfloat16" and cfg.trainer.precision == "fp32":
+        problems.append("model.dtype=bfloat16 needs bf16 autocast: set trainer.precision=bf16 (or auto on CUDA)")
+    if cfg.trainer.cpu_threads is not None and cfg.trainer.cpu_threads < 1:
+        problems.append(f"trainer.cpu_threads={cfg.trainer.cpu_threads}: must be ≥ 1 (or null)")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

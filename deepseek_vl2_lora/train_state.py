@@ -1,0 +1,257 @@
+"""Resumable training checkpoints and the deterministic data order they restore.
+
+A checkpoint is a directory `<run dir>/checkpoints/step_XXXXXXXX/` holding only what the run cannot rebuild
+from its config and the base checkpoint:
+
+    trainable.safetensors   trainable tensors (policy-trained weights and LoRA adapters), by parameter name
+    optimizer.pt            optimizer + lr scheduler state (written by the engine)
+    rng.pt                  python, numpy, torch and CUDA generator states
+    state.json              loop state: step, data position (epoch, batch), sampler, counters, W&B run id
+
+It is written to a temporary directory and renamed into place (a killed run leaves either the whole
+checkpoint or none), then `checkpoints/latest` is replaced atomically; older checkpoints beyond
+`keep_last` are deleted afterwards. All files load with `torch.load(weights_only=True)` or as JSON.
+
+The training order is a function of (seed, epoch) only: epoch e visits `randperm(n)` drawn from a generator
+seeded with `seed * 1_000_003 + e`, cut into batches of `micro_batch_size` (the last partial batch is dropped).
+So the data position (epoch, batch) is the whole sampler state, and a resumed run sees exactly the batches the
+uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import replace_dir
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+TRAINABLE_FILE = "trainable.safetensors"
+RNG_FILE = "rng.pt"
+STATE_FILE = "state.json"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint to resume from is missing or does not fit this run."""
+
+
+# --------------------------------------------------------------------------------------------- data order
+def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_samples, generator=generator).tolist()
+
+
+def batches_per_epoch(num_samples: int, batch_size: int) -> int:
+    return num_samples // batch_size
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """The index batches of one epoch, from batch `start` on (a DataLoader `batch_sampler`)."""
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, epoch: int, start: int = 0):
+        self.num_samples, self.batch_size, self.seed, self.epoch, self.start = (
+            num_samples,
+            batch_size,
+            seed,
+            epoch,
+            start,
+        )
+
+    def __iter__(self):
+        order = epoch_order(self.num_samples, self.seed, self.epoch)
+        for b in range(self.start, batches_per_epoch(self.num_samples, self.batch_size)):
+            yield order[b * self.batch_size : (b + 1) * self.batch_size]
+
+    def __len__(self) -> int:
+        return batches_per_epoch(self.num_samples, self.batch_size) - self.start
+
+
+def batch_stream(
+    dataset, collate_fn, batch_size: int, seed: int, epoch: int, start: int, num_workers: int = 0, pin_memory=False
+):
+    """Yield (epoch, batch index, batch) forever, starting at data position (epoch, start)."""
+    while True:
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=EpochBatchSampler(len(dataset), batch_size, seed, epoch, start),
+            collate_fn=collate_fn,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            # Worker seeds come from this generator, not the global one, so creating a loader (each epoch, or
+            # on resume mid-epoch) never shifts the global RNG stream.
+            generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch),
+        )
+        for index, batch in enumerate(loader, start=start):
+            yield epoch, index, batch
+        epoch, start = epoch + 1, 0
+
+
+# --------------------------------------------------------------------------------------------- loop state
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done (skipped non-finite steps included)
+    epoch: int = 0  # data position of the next batch
+    batch: int = 0
+    num_samples: int = 0  # sampler: training set size and micro batch size the position refers to
+    batch_size: int = 0
+    seed: int = 0
+    tokens_seen: int = 0
+    samples_seen: int = 0
+    nonfinite_total: int = 0
+    nonfinite_streak: int = 0
+    last_step_finite: bool = True
+    wandb_id: str | None = None
+    eval_before: dict | None = None  # the untrained model's eval, to report the gain after a resume
+    extra: dict = field(default_factory=dict)
+
+    def advance(self, epoch: int, index: int) -> None:
+        """Record that batch `index` of `epoch` was consumed."""
+        self.epoch, self.batch = epoch, index + 1
+        if self.batch >= batches_per_epoch(self.num_samples, self.batch_size):
+            self.epoch, self.batch = epoch + 1, 0
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+# --------------------------------------------------------------------------------------------- save / load
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary directories are ignored)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def save_checkpoint(run_dir: Path, state: TrainState, trainable: dict[str, torch.Tensor], engine, keep_last: int):
+    """Write a checkpoint for `state.step` atomically, point `latest` at it, prune to `keep_last`."""
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(state.step)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint gets the usual permissions
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / TRAINABLE_FILE))
+        engine.save(tmp)
+        torch.save(rng_state(), tmp / RNG_FILE)
+        record = {**asdict(state), "saved_at": time.time()}
+        (tmp / STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        replace_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    latest_tmp = root / f".{LATEST}.tmp-{os.getpid()}"
+    latest_tmp.write_text(final.name + "\n")
+    os.replace(latest_tmp, root / LATEST)
+    if keep_last > 0:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def clean_temporary(run_dir: str | Path) -> None:
+    """Remove temporary directories left by a run killed while writing a checkpoint."""
+    root = Path(run_dir) / CHECKPOINTS
+    if root.is_dir():
+        for p in root.iterdir():
+            if not (p.name.startswith((".tmp-", f".{LATEST}.tmp-")) or ".old-" in p.name):
+                continue
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    root = Path(run_dir) / CHECKPOINTS
+    pointer = root / LATEST
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if (candidate / STATE_FILE).is_file():
+            return candidate
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
+    """`trainer.resume` -> the checkpoint directory to load, or None to start fresh."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    path = Path(resume)
+    if (path / STATE_FILE).is_file():
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise ResumeError(
+            f"trainer.resume={resume}: neither a checkpoint directory (with {STATE_FILE}) nor a run directory "
+            f"with checkpoints under {CHECKPOINTS}/"
+        )
+    return found
+
+
+def load_checkpoint(path: Path, engine, load_trainable) -> tuple[TrainState, dict]:
+    """Load trainable tensors (through `load_trainable(tensors, source)`) and the engine state; return the loop
+    state and the RNG states, which the caller restores last, right before the loop continues."""
+    path = Path(path)
+    raw = json.loads((path / STATE_FILE).read_text())
+    raw.pop("saved_at", None)
+    state = TrainState(**raw)
+    load_trainable(load_file(str(path / TRAINABLE_FILE)), str(path / TRAINABLE_FILE))
+    engine.load(path)
+    rng = torch.load(path / RNG_FILE, map_location="cpu", weights_only=True)
+    return state, rng

@@ -1,0 +1,448 @@
+"""The training loop: `train(cfg, run_dir)`; its body, `_train`, reads from top to bottom.
+
+    setup     model from a checkpoint dir (or a generated tiny one) -> freezing policy -> data -> engine
+              (AdamW with the policy's per-group learning rates, warmup + cosine) -> resume -> loggers
+    eval      the untrained model (loss and exact-match accuracy), unless resuming
+    loop      grad_accum micro batches: bf16 autocast on CUDA (fp32 on CPU), objective = LM loss + MoE aux
+              loss, backward; clip; a non-finite loss or grad norm skips the update (counted; N in a row
+              stop the run); log; eval every N steps; atomic checkpoint every N steps
+    finish    final eval, trained state (adapter + trained tensors) to <run dir>/trained, summary.json
+
+Run-dir layout: config_resolved.yaml, trainable_parameters.json, data_report.json, metrics.jsonl,
+eval/step_XXXXXXXX.jsonl (predictions), checkpoints/step_XXXXXXXX/ + checkpoints/latest, trained/,
+summary.json (plus .hydra/ and train.log from Hydra, wandb/ with logger=wandb).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from .data import EvalDataset, SFTDataset
+from .engine import DistEnv, EngineError, build_engine, lr_factor, resolve_device
+from .evaluation import MODEL_INPUTS, evaluate
+from .metrics import FlopModel, MetricsLogger, init_wandb, peak_flops, peak_memory_gb, wandb_log_policy
+from .model import DeepseekVL2ForCausalLM
+from .policy import (
+    PolicyError,
+    apply_policy,
+    load_trainable_state_dict,
+    optimizer_param_groups,
+    save_trained_state,
+    trainable_state_dict,
+)
+from .processor import Collator, DeepseekVL2Processor, ProcessorConfigError, SampleError
+from .tiny import ensure_tiny_checkpoint
+from .train_config import ConfigError, as_train_config, check_config
+from .train_state import (
+    ResumeError,
+    TrainState,
+    batch_stream,
+    batches_per_epoch,
+    clean_temporary,
+    find_resume_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
+
+log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on; the message says why and what to try."""
+
+
+class NonFiniteError(TrainingError):
+    pass
+
+
+# Errors whose message is the whole story: train.py prints them without a traceback.
+USER_ERRORS = (
+    ConfigError,
+    PolicyError,
+    EngineError,
+    ResumeError,
+    TrainingError,
+    SampleError,
+    ProcessorConfigError,
+)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    seconds: float
+    eval_before: dict | None
+    eval_after: dict | None
+    nonfinite_skipped: int
+    trained_dir: Path | None
+
+
+# ------------------------------------------------------------------------------------------------ setup helpers
+def resolve_model_dir(model_cfg) -> Path:
+    """The checkpoint directory: a generated tiny one, or `model.path` checked for a config.json."""
+    if model_cfg.tiny_family is not None:
+        return ensure_tiny_checkpoint(model_cfg.tiny_family, seed=model_cfg.tiny_seed)
+    hub = model_cfg.hub_id or "deepseek-ai/deepseek-vl2-tiny"
+    where = (
+        f"download {hub} from https://huggingface.co/{hub} on a machine with access "
+        f"(`huggingface-cli download {hub} --local-dir {hub.split('/')[-1]}`), copy the directory over and pass "
+        f"model.path=/path/to/{hub.split('/')[-1]}"
+    )
+    if model_cfg.path is None:
+        raise ConfigError(
+            f"model={model_cfg.name} needs its checkpoint: {where}. "
+            "(To try the pipeline without a download: model=tiny_random, the default.)"
+        )
+    path = Path(model_cfg.path).expanduser()
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"model.path={path}: no config.json there; expected a DeepSeek-VL2 checkpoint directory: {where}"
+        )
+    return path
+
+
+def resolve_data_file(path: str) -> Path:
+    """A data path as given (absolute, or relative to the working directory), else relative to the repo root."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    if (REPO_ROOT / p).exists():
+        return REPO_ROOT / p
+    raise ConfigError(f"data file {path} not found (looked in {Path.cwd()} and {REPO_ROOT})")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return precision
+
+
+def resolve_dtype(dtype: str, precision: str, device: torch.device) -> torch.dtype:
+    """Storage dtype of the loaded weights; bf16 weights need bf16 autocast around them."""
+    if dtype == "auto":
+        return torch.bfloat16 if precision == "bf16" and device.type == "cuda" else torch.float32
+    if dtype == "bfloat16" and precision != "bf16":
+        raise ConfigError(f"model.dtype=bfloat16 needs bf16 autocast, but training runs in {precision} on {device}")
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+def _all_finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def _describe_eval(result_metrics: dict) -> str:
+    parts = []
+    if "eval/loss" in result_metrics:
+        parts.append(f"loss {result_metrics['eval/loss']:.4f}")
+    if "eval/accuracy" in result_metrics:
+        parts.append(f"accuracy {result_metrics['eval/accuracy']:.3f} ({result_metrics['eval/samples']} samples)")
+        by_type = {k.rsplit("/", 1)[1]: v for k, v in result_metrics.items() if k.startswith("eval/accuracy/")}
+        if by_type:
+            parts.append("[" + ", ".join(f"{k} {v:.2f}" for k, v in by_type.items()) + "]")
+    return " ".join(parts) or "nothing to evaluate"
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+def train(cfg, run_dir: str | Path) -> TrainResult:
+    """Train as `cfg` (a composed TrainConfig) says, writing everything under `run_dir`."""
+    cfg = as_train_config(cfg)
+    check_config(cfg)
+    env = DistEnv.from_env()
+    device = resolve_device(cfg.trainer.device, env)
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and cfg.trainer.cpu_threads:
+        torch.set_num_threads(cfg.trainer.cpu_threads)
+    try:
+        return _train(cfg, Path(run_dir), env, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResult:
+    t_start = time.perf_counter()
+    tc, oc = cfg.trainer, cfg.optim
+    run_dir.mkdir(parents=True, exist_ok=True)
+    precision = resolve_precision(tc.precision, device)
+    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext
+
+    # -- model and freezing policy ------------------------------------------------------------------------
+    model_dir = resolve_model_dir(cfg.model)
+    model = DeepseekVL2ForCausalLM.from_pretrained(
+        model_dir,
+        torch_dtype=resolve_dtype(cfg.model.dtype, precision, device),
+        attn_implementation=cfg.model.attn_implementation,
+        experts_kernel=cfg.model.experts_kernel,
+        device=device,
+    )
+    seed_everything(cfg.seed)  # after loading: generating a tiny checkpoint on first use draws random numbers
+    report = apply_policy(model, cfg.policy)  # LoRA initialisation is the first consumer of the seeded RNG
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()  # trainable weights stay fp32 (master weights) under bf16 storage
+    model.language.model.gradient_checkpointing = tc.gradient_checkpointing
+    model.train()
+    log.info("model %s (%s) on %s, %s\n%s", cfg.model.name, model_dir, device, precision, report.table())
+
+    # -- data ---------------------------------------------------------------------------------------------
+    processor = DeepseekVL2Processor.from_pretrained(model_dir)
+    data_kw = dict(processor=processor, on_bad_sample=cfg.data.on_bad_sample, max_length=cfg.data.max_length)
+    image_root = resolve_data_file(cfg.data.image_root) if cfg.data.image_root else None
+    train_set = SFTDataset(
+        resolve_data_file(cfg.data.train_path), overlong=cfg.data.overlong, image_root=image_root, **data_kw
+    )
+    reports = {"train": train_set.report}
+    if cfg.data.train_limit is not None:
+        train_set = torch.utils.data.Subset(train_set, range(min(cfg.data.train_limit, len(train_set))))
+    loss_set = gen_set = None
+    if cfg.data.eval_path:
+        eval_file = resolve_data_file(cfg.data.eval_path)
+        loss_set = SFTDataset(eval_file, overlong="skip", image_root=image_root, **data_kw)
+        gen_set = EvalDataset(eval_file, image_root=image_root, **data_kw)
+        reports["eval"] = gen_set.report
+    for name, data_report in reports.items():
+        if data_report.num_skipped:
+            log.warning("%s data: %s", name, data_report)
+    if len(train_set) < tc.micro_batch_size:
+        raise ConfigError(
+            f"the training set has {len(train_set)} usable samples, fewer than trainer.micro_batch_size="
+            f"{tc.micro_batch_size}"
+        )
+    collator = Collator(processor.pad_id, padding_side="right")
+    run_eval = partial(
+        evaluate,
+        model,
+        processor,
+        loss_set,
+        gen_set,
+        device,
+        batch_size=tc.eval_batch_size,
+        max_new_tokens=tc.eval_max_new_tokens,
+        limit=cfg.data.eval_limit,
+        autocast=autocast,
+    )
+
+    # -- optimizer, schedule, engine ----------------------------------------------------------------------
+    param_groups = optimizer_param_groups(model, cfg.policy, lr=oc.lr, weight_decay=oc.weight_decay)
+    engine = build_engine(cfg.dist, model, param_groups, oc, tc.max_steps, env)
+
+    # -- resume -------------------------------------------------------------------------------------------
+    state = TrainState(num_samples=len(train_set), batch_size=tc.micro_batch_size, seed=cfg.seed)
+    clean_temporary(run_dir)
+    resume_from = find_resume_checkpoint(tc.resume, run_dir)
+    rng = None
+    if resume_from is not None:
+        state, rng = load_checkpoint(resume_from, engine, partial(load_trainable_state_dict, model))
+        fits = (state.num_samples, state.batch_size, state.seed) == (len(train_set), tc.micro_batch_size, cfg.seed)
+        if not fits:
+            raise ResumeError(
+                f"{resume_from}: its data position is for {state.num_samples} samples, micro batch "
+                f"{state.batch_size}, seed {state.seed}; this run has {len(train_set)}, {tc.micro_batch_size}, "
+                f"{cfg.seed}. Resume with the same data, trainer.micro_batch_size and seed."
+            )
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, state.step, state.epoch, state.batch)
+    elif tc.resume == "auto":
+        log.info("trainer.resume=auto: no checkpoint in %s, starting from scratch", run_dir)
+
+    # -- loggers --------------------------------------------------------------------------------------------
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    wandb_run = None
+    if env.is_main:
+        (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        report.write_json(run_dir / "trainable_parameters.json")
+        _write_json(run_dir / "data_report.json", {name: r.to_dict() for name, r in reports.items()})
+        if cfg.logger.wandb:
+            wandb_run = init_wandb(cfg.logger, cfg.name, cfg.tags, run_dir, resolved, state.wandb_id)
+            state.wandb_id = wandb_run.id
+            wandb_log_policy(wandb_run, report)
+    metrics = MetricsLogger(run_dir, jsonl=cfg.logger.jsonl and env.is_main, wandb_run=wandb_run)
+    if resume_from is not None:
+        dropped = metrics.truncate_after(state.step)
+        metrics.log(state.step, "event", {"event": "resume", "from": str(resume_from), "dropped_records": dropped})
+    flop_model = FlopModel.from_model(model)
+    peak = tc.peak_flops or peak_flops(device, precision)
+
+    def evaluate_and_log(tag: str) -> dict:
+        result = run_eval()
+        out = result.metrics()
+        metrics.log(state.step, "eval", {"eval/tag": tag, **out})
+        if env.is_main and result.predictions:
+            (run_dir / "eval").mkdir(exist_ok=True)
+            lines = "".join(json.dumps(p) + "\n" for p in result.predictions)
+            (run_dir / "eval" / f"step_{state.step:08d}.jsonl").write_text(lines)
+        log.info("eval (%s, step %d): %s", tag, state.step, _describe_eval(out))
+        return out
+
+    def save() -> Path | None:
+        """A resumable checkpoint, unless the state is not finite (then nothing is written)."""
+        trainable = trainable_state_dict(model)
+        if not state.last_step_finite or not _all_finite(trainable.values()):
+            log.warning("step %d: not saving a checkpoint from a non-finite state", state.step)
+            metrics.log(state.step, "event", {"event": "checkpoint_skipped_nonfinite"})
+            return None
+        path = save_checkpoint(run_dir, state, trainable, engine, tc.keep_last)
+        metrics.log(state.step, "event", {"event": "checkpoint", "path": str(path)})
+        return path
+
+    # -- eval before training -----------------------------------------------------------------------------
+    if resume_from is None and tc.eval_before and gen_set is not None:
+        state.eval_before = evaluate_and_log("before")
+
+    # -- loop -----------------------------------------------------------------------------------------------
+    if rng is not None:
+        set_rng_state(rng)  # last, so nothing in setup shifts the restored streams
+    stream = batch_stream(
+        train_set,
+        collator,
+        tc.micro_batch_size,
+        cfg.seed,
+        state.epoch,
+        state.batch,
+        num_workers=cfg.data.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    per_epoch = batches_per_epoch(len(train_set), tc.micro_batch_size)
+    bar = tqdm(total=tc.max_steps, initial=state.step, desc="train", disable=not (tc.progress_bar and env.is_main))
+    last_checkpoint = resume_from
+    with logging_redirect_tqdm():
+        while state.step < tc.max_steps:
+            t0 = time.perf_counter()
+            lm_losses, aux_losses, tokens, samples, flops = [], [], 0, 0, 0.0
+            for micro in range(tc.grad_accum):
+                epoch, index, batch = next(stream)
+                state.advance(epoch, index)
+                batch = _to_device(batch, device)
+                with autocast():
+                    out = model(**{k: batch[k] for k in MODEL_INPUTS}, labels=batch["labels"])
+                aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=device)
+                # Each micro batch's mean token loss, averaged over the micro batches of the step.
+                engine.backward((out.loss + aux) / tc.grad_accum, last_micro=micro == tc.grad_accum - 1)
+                lm_losses.append(out.loss.detach().float())
+                aux_losses.append(aux.detach().float())
+                tokens += int(batch["attention_mask"].sum())
+                samples += batch["input_ids"].shape[0]
+                flops += flop_model.batch_flops(batch)
+            lm_loss = float(torch.stack(lm_losses).mean())
+            aux_loss = float(torch.stack(aux_losses).mean())
+            grad_norm = engine.clip_grad_norm(oc.grad_clip)
+            lrs = engine.lrs()  # the learning rates this step uses
+            finite = math.isfinite(lm_loss) and math.isfinite(aux_loss) and math.isfinite(grad_norm)
+            if finite:
+                engine.step()
+                state.nonfinite_streak = 0
+            else:
+                engine.skip_step()
+                state.nonfinite_total += 1
+                state.nonfinite_streak += 1
+                log.warning(
+                    "step %d: non-finite (loss %s, aux %s, grad norm %s): update skipped (%d in a row)",
+                    state.step + 1,
+                    lm_loss,
+                    aux_loss,
+                    grad_norm,
+                    state.nonfinite_streak,
+                )
+            engine.zero_grad()
+            state.step += 1
+            state.last_step_finite = finite
+            state.tokens_seen += tokens
+            state.samples_seen += samples
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+
+            if state.step % tc.log_every == 0 or not finite or state.step == tc.max_steps:
+                record = {
+                    "train/loss": lm_loss,
+                    "train/aux_loss": aux_loss,
+                    "train/objective": lm_loss + aux_loss,
+                    "train/grad_norm": grad_norm,
+                    "train/lr": oc.lr * lr_factor(state.step - 1, tc.max_steps, oc.warmup_steps, oc.min_lr_ratio),
+                    **{f"train/lr/{name}": lr for name, lr in lrs.items()},
+                    "train/epoch": state.epoch + state.batch / per_epoch,
+                    "train/tokens": tokens,
+                    "train/samples": samples,
+                    "train/skipped": int(not finite),
+                    "train/nonfinite_total": state.nonfinite_total,
+                    "perf/step_time_s": dt,
+                    "perf/tokens_per_s": tokens / dt,
+                    "perf/samples_per_s": samples / dt,
+                    "perf/tflops_per_s": flops / dt / 1e12,
+                    "perf/mfu": flops / dt / peak if peak else None,
+                    **peak_memory_gb(device),
+                }
+                metrics.log(state.step, "train", record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{lm_loss:.4f}", lr=f"{lrs[next(iter(lrs))]:.2e}", refresh=False)
+            if state.step % tc.print_every == 0:
+                log.info(
+                    "step %d/%d loss %.4f aux %.4f grad norm %.3f tokens/s %.0f",
+                    state.step,
+                    tc.max_steps,
+                    lm_loss,
+                    aux_loss,
+                    grad_norm,
+                    tokens / dt,
+                )
+
+            if state.nonfinite_streak >= tc.max_consecutive_nonfinite > 0:
+                metrics.log(state.step, "event", {"event": "stopped_nonfinite", "streak": state.nonfinite_streak})
+                raise NonFiniteError(
+                    f"stopping at step {state.step}: {state.nonfinite_streak} consecutive steps had a non-finite "
+                    f"loss or gradient norm (last: loss {lm_loss}, aux loss {aux_loss}, grad norm {grad_norm}); "
+                    f"their updates were skipped, {state.nonfinite_total} skipped in all. Last checkpoint: "
+                    f"{last_checkpoint or 'none'}. Try a lower optim.lr, optim.grad_clip, trainer.precision=fp32, "
+                    "or check the data."
+                )
+            if tc.eval_every and state.step % tc.eval_every == 0 and state.step < tc.max_steps:
+                evaluate_and_log("periodic")
+            if tc.save_every and (state.step % tc.save_every == 0 or state.step == tc.max_steps):
+                last_checkpoint = save() or last_checkpoint
+    bar.close()
+
+    # -- finish ---------------------------------------------------------------------------------------------
+    eval_after = evaluate_and_log("after") if cfg.data.eval_path else None
+    trained_dir = None
+    if tc.save_trained and env.is_main:
+        trained_dir = save_trained_state(model, run_dir / "trained")
+    seconds = time.perf_counter() - t_start
+    result = TrainResult(
+        run_dir, state.step, seconds, state.eval_before, eval_after, state.nonfinite_total, trained_dir
+    )
+    if env.is_main:
+        _write_json(
+            run_dir / "summary.json", {k: str(v) if isinstance(v, Path) else v for k, v in vars(result).items()}
+        )
+    before = (state.eval_before or {}).get("eval/accuracy")
+    after = (eval_after or {}).get("eval/accuracy")
+    if after is not None:
+        gain = f"before training {before:.3f} -> " if before is not None else ""
+        log.info("eval accuracy: %safter %d steps %.3f", gain, state.step, after)
+    log.info("done in %.1f s; run dir %s", seconds, run_dir)
+    if wandb_run is not None:
+        wandb_run.summary.update({k: v for k, v in (eval_after or {}).items()})
+        wandb_run.finish()
+    return result

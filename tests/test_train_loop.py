@@ -1,0 +1,205 @@
+"""The training loop end to end on the tiny random model (in-process `train(cfg, run_dir)`)."""
+
+import json
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+from test_train_config import compose_cfg
+
+from deepseek_vl2_lora.data import SFTDataset
+from deepseek_vl2_lora.metrics import read_metrics
+from deepseek_vl2_lora.model import DeepseekVL2ForCausalLM
+from deepseek_vl2_lora.processor import DeepseekVL2Processor
+from deepseek_vl2_lora.train_state import ResumeError, list_checkpoints
+from deepseek_vl2_lora.trainer import NonFiniteError, resolve_data_file, resolve_model_dir, train
+
+TRAIN_KEYS = {
+    "train/loss", "train/aux_loss", "train/objective", "train/grad_norm", "train/lr", "train/tokens",
+    "train/samples", "train/skipped", "train/nonfinite_total", "perf/tokens_per_s", "perf/samples_per_s",
+    "perf/mfu", "perf/step_time_s", "perf/tflops_per_s",
+}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def tiny_cache(tmp_path_factory, monkeypatch):
+    """One cache of generated tiny checkpoints for the whole session, outside the user's home."""
+    root = tmp_path_factory.getbasetemp() / "tiny_cache"
+    monkeypatch.setenv("DEEPSEEK_VL2_LORA_CACHE", str(root))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    return root
+
+
+def run(run_dir, *overrides):
+    cfg = compose_cfg("experiment=smoke", *overrides)
+    return cfg, train(cfg, run_dir)
+
+
+def expected_lr(cfg, step: int, group: str) -> float:
+    """optim.lr × the group's lr_scale × warmup/cosine factor, written out independently of engine.lr_factor."""
+    o, n = cfg.optim, cfg.trainer.max_steps
+    s = step - 1  # the schedule is indexed by optimizer steps done before this one
+    if s < o.warmup_steps:
+        factor = (s + 1) / o.warmup_steps
+    else:
+        progress = (s - o.warmup_steps) / max(1, n - o.warmup_steps)
+        factor = o.min_lr_ratio + (1 - o.min_lr_ratio) * (1 + math.cos(math.pi * progress)) / 2
+    return o.lr * cfg.policy.groups[group.split("/")[0]].lr_scale * factor
+
+
+def test_smoke_run(tmp_path):
+    cfg, result = run(tmp_path, "optim.warmup_steps=2", "policy.groups.kv_low_rank.lr_scale=0.5")
+    assert result.steps == 3
+    records = read_metrics(tmp_path, "train")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:
+        assert TRAIN_KEYS <= r.keys()
+        assert math.isfinite(r["train/loss"]) and r["train/aux_loss"] > 0  # full-noaux: MoE aux loss is on
+        assert r["train/objective"] == pytest.approx(r["train/loss"] + r["train/aux_loss"])
+        assert r["train/samples"] == cfg.trainer.micro_batch_size * cfg.trainer.grad_accum
+        assert r["perf/tokens_per_s"] * r["perf/step_time_s"] == pytest.approx(r["train/tokens"])
+        assert r["perf/mfu"] is None  # no peak FLOP/s on CPU
+        assert r["train/grad_norm"] > 0 and r["train/skipped"] == 0
+        lrs = {k.removeprefix("train/lr/"): v for k, v in r.items() if k.startswith("train/lr/")}
+        assert {g.split("/")[0] for g in lrs} == {"q_low_rank", "kv_low_rank"}
+        for group, lr in lrs.items():
+            assert lr == pytest.approx(expected_lr(cfg, r["step"], group))
+
+    # The trained state holds exactly the policy's trainable tensors, and each of them moved.
+    trainable = json.loads((tmp_path / "trainable_parameters.json").read_text())["trainable_names"]
+    assert trainable and all(("q_a_" in n or "q_b_" in n or "kv_a_" in n or "kv_b_" in n) for n in trainable)
+    trained = load_file(tmp_path / "trained" / "trained_tensors.safetensors")
+    assert set(trained) == set(trainable)
+    base = DeepseekVL2ForCausalLM.from_pretrained(resolve_model_dir(cfg.model)).state_dict()
+    moved = [n for n in trained if not torch.equal(trained[n], base[n])]
+    assert len(moved) == len(trained)
+
+    # Eval before and after, on eval_limit samples; predictions written; resolved config saved.
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("eval_before", "eval_after"):
+        assert 0.0 <= summary[key]["eval/accuracy"] <= 1.0 and summary[key]["eval/samples"] == 8
+    assert summary["eval_after"]["eval/loss"] < summary["eval_before"]["eval/loss"]
+    assert len((tmp_path / "eval" / "step_00000003.jsonl").read_text().splitlines()) == 8
+    assert OmegaConf.load(tmp_path / "config_resolved.yaml") == OmegaConf.create(OmegaConf.to_container(cfg))
+
+
+def test_each_sample_once_per_epoch(tmp_path):
+    overrides = ["data.train_limit=16", "trainer.micro_batch_size=4", "trainer.grad_accum=2", "trainer.max_steps=4"]
+    cfg, _ = run(tmp_path, *overrides, "trainer.eval_before=false", "data.eval_path=null")
+    records = read_metrics(tmp_path, "train")
+    processor = DeepseekVL2Processor.from_pretrained(resolve_model_dir(cfg.model))
+    data = SFTDataset(resolve_data_file(cfg.data.train_path), processor)
+    epoch_tokens = sum(len(data[i]["input_ids"]) for i in range(16))
+    assert [r["train/samples"] for r in records] == [8, 8, 8, 8]
+    assert records[0]["train/tokens"] + records[1]["train/tokens"] == epoch_tokens
+    assert records[2]["train/tokens"] + records[3]["train/tokens"] == epoch_tokens
+    assert [r["train/epoch"] for r in records] == [0.5, 1.0, 1.5, 2.0]
+
+
+def test_same_losses_again_with_loader_workers_and_with_checkpointing(tmp_path):
+    run(tmp_path / "a", "trainer.eval_before=false")
+    run(tmp_path / "b", "trainer.eval_before=false", "data.num_workers=2")
+    run(tmp_path / "c", "trainer.eval_before=false", "trainer.gradient_checkpointing=true")
+    losses = [[r["train/loss"] for r in read_metrics(tmp_path / d, "train")] for d in "abc"]
+    assert losses[0] == losses[1]
+    assert losses[2] == pytest.approx(losses[0], rel=1e-5)
+
+
+def inject_nan_loss(monkeypatch, bad_calls):
+    """Make the LM loss NaN on the given training forward calls (1-based)."""
+    original = DeepseekVL2ForCausalLM.forward
+    calls = {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if self.training and kwargs.get("labels") is not None:
+            calls["n"] += 1
+            if calls["n"] in bad_calls:
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(DeepseekVL2ForCausalLM, "forward", forward)
+
+
+def _adam_steps(checkpoint):
+    state = torch.load(checkpoint / "optimizer.pt", weights_only=True)["optimizer"]["state"]
+    return {int(s["step"]) for s in state.values()}
+
+
+def test_nonfinite_step_is_skipped_and_never_checkpointed(tmp_path, monkeypatch):
+    inject_nan_loss(monkeypatch, {2})
+    _, result = run(tmp_path, "trainer.max_steps=4", "trainer.save_every=1", "trainer.keep_last=10")
+    records = read_metrics(tmp_path, "train")
+    assert [r["train/skipped"] for r in records] == [0, 1, 0, 0]
+    assert [r["train/nonfinite_total"] for r in records] == [0, 1, 1, 1]
+    assert records[1]["train/loss"] == "nan"
+    assert result.nonfinite_skipped == 1
+    saved = {p.name: p for p in list_checkpoints(tmp_path)}
+    assert sorted(saved) == ["step_00000001", "step_00000003", "step_00000004"]
+    events = [r for r in read_metrics(tmp_path, "event") if r["event"] == "checkpoint_skipped_nonfinite"]
+    assert [e["step"] for e in events] == [2]
+    # The skipped step did not update: three steps, two optimizer updates by step 3.
+    assert _adam_steps(saved["step_00000001"]) == {1}
+    assert _adam_steps(saved["step_00000003"]) == {2}
+    for name, t in load_file(saved["step_00000004"] / "trainable.safetensors").items():
+        assert torch.isfinite(t).all(), name
+
+
+def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, monkeypatch):
+    inject_nan_loss(monkeypatch, set(range(2, 100)))
+    with pytest.raises(NonFiniteError, match="3 consecutive steps") as err:
+        run(tmp_path, "trainer.max_steps=10", "trainer.save_every=1", "trainer.max_consecutive_nonfinite=3")
+    assert "step_00000001" in str(err.value)  # names the last good checkpoint
+    assert [r["step"] for r in read_metrics(tmp_path, "train")] == [1, 2, 3, 4]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000001"]
+    assert read_metrics(tmp_path, "event")[-1] == {
+        "step": 4,
+        "kind": "event",
+        "event": "stopped_nonfinite",
+        "streak": 3,
+    }
+
+
+def test_wandb_offline_gets_resolved_config_and_metrics(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg, _ = run(tmp_path, "logger=wandb", "trainer.max_steps=2", "tags=[t1]", "logger.project=p")
+    (wandb_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    (log,) = wandb_dir.glob("*.wandb")  # the offline run's record log (protobuf; config values are JSON)
+    raw = log.read_bytes()
+    assert b'{"max_steps":2,' in raw and b'["t1"]' in raw  # the resolved config ...
+    assert b"${" not in raw  # ... with every interpolation resolved
+    for key in (b"params/table", b"train/loss", b"train/aux_loss", b"eval/accuracy"):
+        assert key in raw
+    assert (tmp_path / "metrics.jsonl").exists()
+
+
+def test_logger_none_writes_no_metrics_file(tmp_path):
+    run(tmp_path, "logger=none", "trainer.max_steps=1", "trainer.eval_before=false")
+    assert not (tmp_path / "metrics.jsonl").exists()
+    assert (tmp_path / "summary.json").exists()
+
+
+def test_bf16_weights_train_with_fp32_master_copies(tmp_path):
+    """CUDA runs bf16 autocast over bf16 weights; the same code path runs on CPU under CPU autocast. The trained
+    tensors stay float32 (master weights) while the frozen ones are stored in bf16."""
+    overrides = ["model.dtype=bfloat16", "trainer.precision=bf16", "trainer.max_steps=2", "trainer.eval_before=false"]
+    run(tmp_path, *overrides, "policy=mla_lowrank_lora")
+    assert all(math.isfinite(r["train/loss"]) for r in read_metrics(tmp_path, "train"))
+    for name in ("trained_tensors.safetensors", "adapter_model.safetensors"):
+        tensors = load_file(tmp_path / "trained" / name)
+        assert tensors and {t.dtype for t in tensors.values()} == {torch.float32}
+
+
+def test_resume_auto_without_checkpoint_starts_fresh(tmp_path, caplog):
+    caplog.set_level("INFO", logger="deepseek_vl2_lora.trainer")
+    _, result = run(tmp_path, "trainer.resume=auto", "trainer.max_steps=2", "trainer.eval_before=false")
+    assert result.steps == 2 and "no checkpoint" in caplog.text
+    assert not read_metrics(tmp_path, "event")
+
+
+def test_resume_refuses_a_different_data_position(tmp_path):
+    run(tmp_path, "trainer.max_steps=2", "trainer.save_every=2", "trainer.eval_before=false")
+    with pytest.raises(ResumeError, match="micro batch 4"):
+        run(tmp_path, "trainer.max_steps=4", "trainer.resume=auto", "trainer.micro_batch_size=2")

@@ -1,0 +1,36 @@
+"""Fine-tune DeepSeek-VL2. The config tree is configs/ (Hydra); the loop is deepseek_vl2_lora/trainer.py.
+
+    python train.py                                  # the demo: tiny random model, bundled data, ~20 s on CPU
+    python train.py experiment=smoke                 # a few seconds end to end
+    python train.py experiment=vl2_small model.path=/path/to/deepseek-vl2-small data.train_path=...
+    python train.py trainer.max_steps=50 optim.lr=1e-3 policy=mla_lowrank_lora logger=wandb
+    python train.py hydra.run.dir=outputs/default/<time> trainer.resume=auto   # continue a killed run
+    python train.py -m optim.lr=1e-3,3e-3,1e-2      # a sweep, one run dir each under multirun/
+
+Multi-process launchers (DeepSpeed, later) must pass `--no_local_rank` and one explicit `hydra.run.dir`.
+"""
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from deepseek_vl2_lora.train_config import register_configs
+
+register_configs()
+
+
+@hydra.main(config_path="configs", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    from deepseek_vl2_lora.trainer import USER_ERRORS, train  # here, so --help and --cfg need no torch
+
+    try:
+        result = train(cfg, HydraConfig.get().runtime.output_dir)
+    except USER_ERRORS as e:  # the message says what to change: no traceback
+        sys.exit(f"error: {e}")
+    return (result.eval_after or {}).get("eval/accuracy")  # a sweeper's objective
+
+
+if __name__ == "__main__":
+    main()
