@@ -202,8 +202,6 @@ def check_config(cfg: DictConfig) -> None:
         problems.append(f"optim.min_lr_ratio={cfg.optim.min_lr_ratio}: must be in [0, 1]")
     if len(cfg.optim.betas) != 2:
         problems.append(f"optim.betas={list(cfg.optim.betas)}: needs two values")
-    if cfg.model.path is not None and cfg.model.tiny_family is not None:
-        problems.append("set either model.path (a real checkpoint) or model.tiny_family (a tiny random one), not both")
     if cfg.model.dtype == "bfloat16" and cfg.trainer.precision == "fp32":
         problems.append("model.dtype=bfloat16 needs bf16 autocast: set trainer.precision=bf16 (or auto on CUDA)")
     if cfg.trainer.cpu_threads is not None and cfg.trainer.cpu_threads < 1:

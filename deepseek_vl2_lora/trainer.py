@@ -95,8 +95,8 @@ class TrainResult:
 
 # ------------------------------------------------------------------------------------------------ setup helpers
 def resolve_model_dir(model_cfg) -> Path:
-    """The checkpoint directory: a generated tiny one, or `model.path` checked for a config.json."""
-    if model_cfg.tiny_family is not None:
+    """The checkpoint directory: `model.path` (checked for a config.json) when set, else a generated tiny one."""
+    if model_cfg.path is None and model_cfg.tiny_family is not None:
         return ensure_tiny_checkpoint(model_cfg.tiny_family, seed=model_cfg.tiny_seed)
     hub = model_cfg.hub_id or "deepseek-ai/deepseek-vl2-tiny"
     where = (
