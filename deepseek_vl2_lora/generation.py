@@ -28,20 +28,23 @@ def generate(
     """
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("generate needs left padding (the last column of attention_mask must be all ones)")
-    embeds = model.prepare_inputs_embeds(input_ids, images, images_seq_mask, images_spatial_crop)
-    mask = attention_mask.long()
+    # Every step goes through model(...), never through its submodules directly, so wrappers that gather
+    # parameters in forward hooks (DeepSpeed ZeRO-3) see each call.
+    image_kw = {"images": images, "images_seq_mask": images_seq_mask, "images_spatial_crop": images_spatial_crop}
+    ids, mask = input_ids, attention_mask.long()
     past, new_tokens = None, []
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    step_embeds, seq_embeds = embeds, embeds
-    for _ in range(max_new_tokens):
-        out = model(
-            inputs_embeds=step_embeds if use_cache else seq_embeds,
-            attention_mask=mask,
-            past_key_values=past,
-            use_cache=use_cache,
-        )
-        logits = out.logits[:, -1]
-        token = _pick(logits, do_sample, temperature, top_p, generator)
+    for step in range(max_new_tokens):
+        if use_cache and step > 0:  # only the new token; the cache holds the rest
+            out = model(input_ids=ids[:, -1:], attention_mask=mask, past_key_values=past, use_cache=True)
+        else:  # the whole sequence, images included (the prompt, or every step without a cache)
+            seq_mask = images_seq_mask
+            if seq_mask is not None and seq_mask.shape[1] < ids.shape[1]:
+                seq_mask = torch.nn.functional.pad(seq_mask, (0, ids.shape[1] - seq_mask.shape[1]), value=False)
+            out = model(
+                input_ids=ids, attention_mask=mask, use_cache=use_cache, **{**image_kw, "images_seq_mask": seq_mask}
+            )
+        token = _pick(out.logits[:, -1], do_sample, temperature, top_p, generator)
         if eos_token_id is not None:
             token = torch.where(done, torch.full_like(token, eos_token_id), token)
             done |= token == eos_token_id
@@ -50,8 +53,7 @@ def generate(
             stream(token)
         if eos_token_id is not None and bool(done.all()):
             break
-        step_embeds = model.language.get_input_embeddings()(token)[:, None]
-        seq_embeds = torch.cat([seq_embeds, step_embeds], dim=1)
+        ids = torch.cat([ids, token[:, None]], dim=1)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         past = out.past_key_values
     return torch.stack(new_tokens, dim=1)
