@@ -518,11 +518,19 @@ def _load_tokenizer(root: Path):
     if not (root / "tokenizer.json").is_file() and not (root / "tokenizer.model").is_file():
         raise ProcessorConfigError(f"{root}: no tokenizer found (expected tokenizer.json or tokenizer.model)")
     from transformers import AutoTokenizer  # heavy import, only needed here
+    from transformers.utils import logging as hf_logging
 
+    # transformers warns that config.json's model_type is not a transformers model, and (v5) that a byte-level
+    # tokenizer.json declared as LlamaTokenizerFast loads as its generic fast backend. Both are expected for
+    # DeepSeek-VL2 checkpoints (the released ones too) and the tokenizer encodes exactly as tokenizer.json says.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
         return AutoTokenizer.from_pretrained(str(root))
     except Exception as e:  # transformers raises many types for broken files; report them all the same way
         raise ProcessorConfigError(f"{root}: could not load the tokenizer ({type(e).__name__}: {e})") from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 # ----------------------------------------------------------------------------------------------------------
