@@ -174,6 +174,12 @@ def test_trained_state_round_trip_and_merge(tmp_path):
     )
     with torch.no_grad():
         assert torch.allclose(merged(**batch).logits, trained, atol=1e-4)
+    # The merged directory read by the independent official-style forward (stand-in for the official loader).
+    from official_ref.forward import official_forward
+
+    official = official_forward(str(tmp_path / "merged"), batch)["logits"]
+    real = batch["attention_mask"].bool()
+    assert ((official[real] - trained[real]).norm() / trained[real].norm()).item() <= 1e-4
 
 
 def test_merge_in_memory_equals_unmerged():
