@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import resolve_attn_implementation
 from .config import VL2Config
@@ -40,6 +41,25 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
+def supervised_lm_loss(hidden: torch.Tensor, lm_head: nn.Linear, labels: torch.Tensor, chunk: int = 4096):
+    """The same loss as `causal_lm_loss(lm_head(hidden), labels)` without materialising full-vocab logits:
+    lm_head runs only on positions whose next token is supervised (SFT supervises the answers only), in chunks
+    whose fp32 logits are recomputed in backward instead of stored."""
+    targets = labels[:, 1:].reshape(-1)
+    keep = targets != IGNORE_INDEX
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]
+    targets = targets[keep]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, h.shape[0], chunk):
+        part = (h[start : start + chunk], targets[start : start + chunk])
+        total = total + checkpoint(_chunk_ce, lm_head.weight, *part, use_reentrant=False)
+    return total / keep.sum().clamp(min=1)
+
+
+def _chunk_ce(weight, h, targets):
+    return F.cross_entropy(F.linear(h, weight).float(), targets, reduction="sum")
+
+
 class DeepseekVL2ForCausalLM(nn.Module):
     def __init__(self, config: VL2Config, attn_implementation: str = "eager", experts_kernel: str = "auto"):
         super().__init__()
@@ -53,6 +73,7 @@ class DeepseekVL2ForCausalLM(nn.Module):
         self.image_newline = nn.Parameter(torch.randn(n) / math.sqrt(n))
         self.view_seperator = nn.Parameter(torch.randn(n) / math.sqrt(n))  # (sic) the checkpoint's spelling
         self.language = DeepseekV2ForCausalLM(lm, prefix, backend, experts_kernel)
+        self.loss_chunk_tokens = 4096  # tokens per lm_head chunk when the loss is computed without logits
 
     # ------------------------------------------------------------------------------------ loading
     @classmethod
@@ -151,10 +172,19 @@ class DeepseekVL2ForCausalLM(nn.Module):
         past_key_values=None,
         inputs_embeds=None,
         use_cache: bool = False,
+        return_logits: bool = True,
     ) -> VL2Output:
+        """`return_logits=False` (training) computes the loss on supervised positions only, without full fp32
+        logits; the loss is the same function."""
         if inputs_embeds is None:
             inputs_embeds = self.prepare_inputs_embeds(input_ids, images, images_seq_mask, images_spatial_crop)
         hidden, cache, aux = self.language.model(inputs_embeds, attention_mask, position_ids, past_key_values)
+        cache = cache if use_cache else None
+        if not return_logits:
+            loss = None
+            if labels is not None:
+                loss = supervised_lm_loss(hidden, self.language.lm_head, labels, self.loss_chunk_tokens)
+            return VL2Output(logits=None, loss=loss, aux_loss=aux, past_key_values=cache)
         logits = self.language.lm_head(hidden)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return VL2Output(logits=logits.float(), loss=loss, aux_loss=aux, past_key_values=cache if use_cache else None)
+        return VL2Output(logits=logits.float(), loss=loss, aux_loss=aux, past_key_values=cache)

@@ -64,6 +64,26 @@ def test_loss_is_mean_ce_over_supervised_shifted_tokens(family):
     assert out.loss.item() == pytest.approx(total / count, rel=1e-5)
 
 
+@pytest.mark.parametrize("train_lm_head,chunk", [(False, 4096), (True, 4096), (True, 5)])
+def test_loss_without_logits_equals_full_loss_and_gradients(train_lm_head, chunk):
+    """The supervised-positions, chunked, recomputed CE is the same function as CE over full logits."""
+    results = []
+    for return_logits in (True, False):
+        model = build_model("full-noaux").train()
+        model.language.lm_head.weight.requires_grad_(train_lm_head)
+        model.loss_chunk_tokens = chunk
+        out = model(**make_batch(model.config), return_logits=return_logits)
+        (out.loss + out.aux_loss).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.loss.detach(), grads))
+        assert (out.logits is None) == (not return_logits)
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    assert results[0][1].keys() == results[1][1].keys()
+    assert ("language.lm_head.weight" in results[0][1]) == train_lm_head
+    for n in results[0][1]:
+        assert torch.allclose(results[0][1][n], results[1][1][n], atol=1e-6), n
+
+
 def test_padding_side_and_text_only_sample_do_not_change_real_tokens():
     """Sample 1 (text only) alone == in a mixed batch, right- or left-padded (positions follow the mask)."""
     model = build_model("small-mla", attn_implementation="sdpa").eval()
