@@ -212,23 +212,45 @@ def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict]:
 
 
 def init_wandb(logger_cfg, name: str, tags: list[str], run_dir: Path, config: dict, run_id: str | None):
-    """A W&B run (offline unless WANDB_MODE says otherwise), resumed when `run_id` is given."""
+    """A W&B run (offline unless WANDB_MODE says otherwise), resumed when `run_id` is given.
+
+    Group, run name and tags come from the Hydra sweep the run belongs to (deepseek_vl2_lora/sweep.py);
+    they, the run id and the project are also written to <run dir>/wandb_run.json, which is how
+    `scripts/compare.py` and a human find the W&B run of a run dir."""
     import wandb
 
+    from .sweep import hydra_context, wandb_names
+
+    ctx = hydra_context()
+    names = wandb_names(name, tags, run_dir, ctx, group=logger_cfg.group, run_name=logger_cfg.run_name)
     mode = os.environ.get("WANDB_MODE", logger_cfg.mode)
-    return wandb.init(
+    run = wandb.init(
         project=logger_cfg.project,
         entity=logger_cfg.entity,
-        group=logger_cfg.group or name,
+        group=names.group,
         job_type=logger_cfg.job_type,
-        name=logger_cfg.run_name or f"{name}-{run_dir.name}",
-        tags=list(tags),
+        name=names.name,
+        tags=names.tags,
         dir=str(run_dir),
-        config=config,
+        config={**config, "sweep": {"overrides": ctx.overrides, "sweep_dir": ctx.sweep_dir, "job_num": ctx.job_num}},
         mode=mode,
         id=run_id,
         resume="allow" if run_id else None,
     )
+    meta = {
+        "id": run.id,
+        "project": logger_cfg.project,
+        "entity": logger_cfg.entity,
+        "group": names.group,
+        "name": names.name,
+        "tags": names.tags,
+        "mode": mode,
+        "overrides": ctx.overrides,
+        "sweep_dir": ctx.sweep_dir,
+        "job_num": ctx.job_num,
+    }
+    (Path(run_dir) / "wandb_run.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return run
 
 
 def wandb_log_policy(run, report) -> None:

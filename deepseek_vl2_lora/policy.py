@@ -412,14 +412,24 @@ def save_trained_state(model: nn.Module, out_dir: str | Path) -> Path:
     return out_dir
 
 
-def load_trained_state(model: nn.Module, trained_dir: str | Path) -> PolicyReport:
-    """Re-apply the saved policy to a base model and load the adapter and trained tensors: the trained model."""
+def load_trained_state(
+    model: nn.Module, trained_dir: str | Path, trainable_dtype: torch.dtype | None = None
+) -> PolicyReport:
+    """Re-apply the saved policy to a base model and load the adapter and trained tensors: the trained model.
+
+    `trainable_dtype` (e.g. torch.float32 under bf16 storage, as the training loop keeps its master weights)
+    casts the policy's trainable parameters before the saved values are copied in, so they are not rounded to
+    the storage dtype."""
     from safetensors.torch import load_file
 
     trained_dir = Path(trained_dir)
     if not (trained_dir / POLICY_FILE).exists():
         raise FileNotFoundError(f"{trained_dir}: no {POLICY_FILE}; not a trained-state directory")
     report = apply_policy(model, json.loads((trained_dir / POLICY_FILE).read_text()))
+    if trainable_dtype is not None:
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != trainable_dtype:
+                p.data = p.data.to(trainable_dtype)
     if (trained_dir / ADAPTER_WEIGHTS).exists():
         from peft import set_peft_model_state_dict
 
