@@ -163,6 +163,11 @@ class MLAttention(nn.Module):
             m = yarn_get_mscale(cfg.rope_scaling["factor"], cfg.rope_scaling["mscale_all_dim"])
             self.softmax_scale *= m * m
 
+        # The official eager form (scores over the latent, kv_b_proj folded in). Only the benchmark's
+        # "official-style" reference path sets this: it reads kv_b_proj.weight directly, so an adapter on
+        # kv_b_proj would be bypassed, and it keeps no cache.
+        self.absorbed_reference = False
+
     def forward(self, x, position_ids, mask, past_kv=None):
         b, s, _ = x.shape
         h = self.num_heads
@@ -170,17 +175,32 @@ class MLAttention(nn.Module):
         q = q.view(b, s, h, self.nope + self.rope_dim).transpose(1, 2)
         q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        kv = self.kv_b_proj(self.kv_a_layernorm(c_kv)).view(b, s, h, self.nope + self.v_dim).transpose(1, 2)
-        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         cos, sin = self.rotary(position_ids, x.dtype)
         q_pe = apply_rope(q_pe, cos, sin, interleaved=True)
         k_pe = apply_rope(k_pe.view(b, s, 1, self.rope_dim).transpose(1, 2), cos, sin, interleaved=True)
+        if self.absorbed_reference:
+            return self._absorbed(q_nope, q_pe, self.kv_a_layernorm(c_kv), k_pe, mask), None
+        kv = self.kv_b_proj(self.kv_a_layernorm(c_kv)).view(b, s, h, self.nope + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.expand(b, h, s, self.rope_dim)], dim=-1)
         if past_kv is not None:
             k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
         out = ATTENTION_FUNCTIONS[self.backend](q, k, v.contiguous(), mask, self.softmax_scale)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, h * self.v_dim)), (k, v)
+
+    def _absorbed(self, q_nope, q_pe, c, k_pe, mask):
+        """Official eager MLA: q_nope·W_uk against the latent, fp32 softmax over [B, H, S, S], then W_uv."""
+        b, h, s, _ = q_nope.shape
+        w = self.kv_b_proj.weight.view(h, self.nope + self.v_dim, self.kv_lora_rank)
+        q_lat = torch.einsum("bhsn,hnr->bhsr", q_nope, w[:, : self.nope])
+        scores = (q_pe @ k_pe.transpose(-1, -2) + q_lat @ c[:, None].transpose(-1, -2)) * self.softmax_scale
+        if mask is None:
+            mask = torch.ones(s, s, dtype=torch.bool, device=c.device).tril()
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(c.dtype)
+        out = torch.einsum("bhsr,hvr->bhsv", probs @ c[:, None], w[:, self.nope :])
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, h * self.v_dim))
 
 
 class MHAttention(nn.Module):

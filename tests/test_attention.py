@@ -120,6 +120,18 @@ def test_mla_non_absorbed_equals_official_absorbed_formula(family):
     assert torch.allclose(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["small-mla", "full-noaux"])
+def test_benchmark_absorbed_reference_path_is_the_same_function(family):
+    attn = MLAttention(_lang(family), "eager")
+    _init(attn)
+    x = torch.randn(2, 7, attn.o_proj.out_features)
+    pos = torch.arange(7).expand(2, 7)
+    ours, _ = attn(x, pos, None)
+    attn.absorbed_reference = True
+    ref, _ = attn(x, pos, None)
+    assert torch.allclose(ours, ref, atol=1e-5)
+
+
 def test_mha_matches_llama_formula():
     cfg = _lang("tiny-mha")
     attn = MHAttention(cfg, "sdpa")
