@@ -59,7 +59,11 @@ def main() -> None:
     batch = {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     single = len(encodings) == 1
-    stream = (lambda tok: print(processor.tokenizer.decode(tok.tolist()), end="", flush=True)) if single else None
+    stream = None
+    if single:  # special tokens (the final eos) are not printed
+        stream = lambda tok: print(
+            processor.tokenizer.decode(tok.tolist(), skip_special_tokens=True), end="", flush=True
+        )
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     tokens = generate(
         model,

@@ -1,0 +1,239 @@
+"""Evaluate a run, a trained state or a bare checkpoint: eval loss and exact-match accuracy, written to eval.json.
+
+    python -m deepseek_vl2_lora.eval RUN_DIR                   # its trained model -> RUN_DIR/eval.json
+    python -m deepseek_vl2_lora.eval RUN_DIR --baseline        # its base model -> RUN_DIR/eval_baseline.json
+    python -m deepseek_vl2_lora.eval RUN_DIR/trained           # a trained-state dir (base model from its run)
+    python -m deepseek_vl2_lora.eval CHECKPOINT_DIR --out DIR/eval.json   # a bare checkpoint: the baseline
+    python -m deepseek_vl2_lora.eval --out outputs/baseline/eval.json     # the default (demo) base model
+    python -m deepseek_vl2_lora.eval RUN_DIR data.eval_path=other.jsonl data.eval_limit=null   # overrides
+
+What is evaluated and how (eval split, image root, eval_limit, eval_batch_size, eval_max_new_tokens, precision,
+device, CPU threads) comes from the run's `config_resolved.yaml`; for a bare checkpoint or a trained state outside
+a run dir, from the default config (`configs/train.yaml`, which `key=value` overrides compose into, e.g.
+`experiment=smoke`). The metrics are `evaluate()`'s (deepseek_vl2_lora/evaluation.py), exactly those the training
+loop logs: evaluating a run dir reproduces its final eval. The predictions go next to eval.json
+(`<name>.predictions.jsonl`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+RUN_CONFIG = "config_resolved.yaml"
+BASELINE_LABEL = "untrained baseline"
+
+
+class EvalError(ValueError):
+    """The path or the config cannot be evaluated; the message says why."""
+
+
+def default_config(overrides: list[str] = ()):
+    """`configs/train.yaml` composed with Hydra-style overrides (what `python train.py <overrides>` would run)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from .train_config import as_train_config
+
+    if GlobalHydra.instance().is_initialized():  # e.g. called from inside a Hydra app
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return as_train_config(compose("train", overrides=list(overrides)))
+
+
+def run_config(run_dir: Path, overrides: list[str] = ()):
+    """A run's config_resolved.yaml, with key=value overrides merged in."""
+    from omegaconf import OmegaConf
+
+    from .train_config import as_train_config
+
+    cfg = as_train_config(OmegaConf.load(run_dir / RUN_CONFIG))
+    if overrides:
+        bad = [o for o in overrides if "=" not in o or o.startswith(("+", "~"))]
+        if bad:
+            raise EvalError(f"overrides of a run's config must be key=value: {bad}")
+        cfg = as_train_config(OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides))))
+    return cfg
+
+
+def resolve_target(path: str | None, baseline: bool, overrides: list[str]):
+    """(kind, config, trained dir or None, default output path) for what `path` is."""
+    from omegaconf import OmegaConf
+
+    if path is None:
+        return "baseline", default_config(overrides), None, None
+    p = Path(path).expanduser()
+    if (p / RUN_CONFIG).is_file():  # a run dir
+        cfg = run_config(p, overrides)
+        if baseline:
+            return "baseline", cfg, None, p / "eval_baseline.json"
+        if not (p / "trained" / "policy.json").is_file():
+            raise EvalError(f"{p}: run dir without a trained state (trained/policy.json); use --baseline for its base")
+        return "trained", cfg, p / "trained", p / "eval.json"
+    if (p / "policy.json").is_file():  # a trained-state dir
+        run = p.parent if (p.parent / RUN_CONFIG).is_file() else None
+        cfg = run_config(run, overrides) if run else default_config(overrides)
+        where = run or p
+        if baseline:
+            return "baseline", cfg, None, where / "eval_baseline.json"
+        return "trained", cfg, p, where / "eval.json"
+    if (p / "config.json").is_file():  # a bare checkpoint: the untrained baseline
+        cfg = default_config(overrides)
+        OmegaConf.update(cfg, "model.path", str(p))
+        return "baseline", cfg, None, None
+    raise EvalError(
+        f"{p}: not a run dir ({RUN_CONFIG}), a trained-state dir (policy.json) or a checkpoint dir (config.json)"
+    )
+
+
+def eval_datasets(cfg, processor):
+    """(loss set, generation set) of cfg.data.eval_path, built as the training loop builds them."""
+    from .data import EvalDataset, SFTDataset
+    from .trainer import resolve_data_file
+
+    if not cfg.data.eval_path:
+        raise EvalError("data.eval_path is null: nothing to evaluate (pass data.eval_path=<file.jsonl>)")
+    kw = dict(processor=processor, on_bad_sample=cfg.data.on_bad_sample, max_length=cfg.data.max_length)
+    image_root = resolve_data_file(cfg.data.image_root) if cfg.data.image_root else None
+    eval_file = resolve_data_file(cfg.data.eval_path)
+    loss_set = SFTDataset(eval_file, overlong="skip", image_root=image_root, **kw)
+    gen_set = EvalDataset(eval_file, image_root=image_root, **kw)
+    return eval_file, loss_set, gen_set
+
+
+def evaluate_config(cfg, trained_dir: str | Path | None = None, device: str | None = None) -> dict:
+    """Load cfg's model (+ the trained state in `trained_dir`), evaluate it on cfg's eval split: eval.json's content
+    (plus "predictions")."""
+    import torch
+
+    from .engine import DistEnv, resolve_device
+    from .evaluation import evaluate
+    from .model import DeepseekVL2ForCausalLM
+    from .policy import load_trained_state
+    from .processor import DeepseekVL2Processor
+    from .train_config import check_config
+    from .trainer import resolve_dtype, resolve_model_dir, resolve_precision
+
+    check_config(cfg)
+    t0 = time.perf_counter()
+    dev = resolve_device(device or cfg.trainer.device, DistEnv.from_env())
+    threads = torch.get_num_threads()
+    if dev.type == "cpu" and cfg.trainer.cpu_threads:
+        torch.set_num_threads(cfg.trainer.cpu_threads)
+    try:
+        precision = resolve_precision(cfg.trainer.precision, dev)
+        autocast = partial(torch.autocast, dev.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext
+        model_dir = resolve_model_dir(cfg.model)
+        model = DeepseekVL2ForCausalLM.from_pretrained(
+            model_dir,
+            torch_dtype=resolve_dtype(cfg.model.dtype, precision, dev),
+            attn_implementation=cfg.model.attn_implementation,
+            experts_kernel=cfg.model.experts_kernel,
+            device=dev,
+        )
+        report = None
+        if trained_dir is not None:
+            # Trainable weights in fp32, as the training loop keeps them (its final eval ran on those).
+            report = load_trained_state(model, trained_dir, trainable_dtype=torch.float32)
+            model.to(dev)
+        model.eval()
+        processor = DeepseekVL2Processor.from_pretrained(model_dir)
+        eval_file, loss_set, gen_set = eval_datasets(cfg, processor)
+        result = evaluate(
+            model,
+            processor,
+            loss_set,
+            gen_set,
+            dev,
+            batch_size=cfg.trainer.eval_batch_size,
+            max_new_tokens=cfg.trainer.eval_max_new_tokens,
+            limit=cfg.data.eval_limit,
+            autocast=autocast,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "kind": "trained" if trained_dir is not None else "baseline",
+        "label": report.policy if report is not None else BASELINE_LABEL,
+        "policy": report.policy if report is not None else None,
+        "trainable_params": report.trainable_params if report is not None else 0,
+        "model_dir": str(model_dir),
+        "trained_dir": str(trained_dir) if trained_dir is not None else None,
+        "eval_path": str(Path(eval_file).resolve()),
+        "eval_limit": cfg.data.eval_limit,
+        "batch_size": cfg.trainer.eval_batch_size,
+        "max_new_tokens": cfg.trainer.eval_max_new_tokens,
+        "device": str(dev),
+        "precision": precision,
+        "metrics": result.metrics(),
+        "loss_tokens": result.loss_tokens,
+        "seconds": time.perf_counter() - t0,
+        "predictions": result.predictions,
+    }
+
+
+def write_eval(out: dict, path: str | Path) -> Path:
+    """eval.json (everything but the predictions) and <stem>.predictions.jsonl beside it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    predictions = out.pop("predictions", [])
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    path.with_suffix(".predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m deepseek_vl2_lora.eval",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "path", nargs="?", help="a run dir, a trained-state dir or a checkpoint dir (default: the base model)"
+    )
+    ap.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. data.eval_limit=8)")
+    ap.add_argument("--baseline", action="store_true", help="evaluate the base model without the trained state")
+    ap.add_argument("--out", help="the eval.json to write (default: in the run/trained dir; else outputs/eval/...)")
+    ap.add_argument("--device", help="cpu | cuda (default: the config's trainer.device)")
+    args = ap.parse_args(argv)
+    if args.path is not None and "=" in args.path and not Path(args.path).exists():  # only overrides were given
+        args.overrides.insert(0, args.path)
+        args.path = None
+
+    from .trainer import USER_ERRORS
+
+    try:
+        kind, cfg, trained_dir, default_out = resolve_target(args.path, args.baseline, args.overrides)
+        out = evaluate_config(cfg, trained_dir, args.device)
+    except (EvalError, FileNotFoundError, *USER_ERRORS) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.out:
+        path = Path(args.out)
+    elif default_out is not None:
+        path = default_out
+    else:
+        path = (
+            Path("outputs")
+            / "eval"
+            / f"{Path(out['model_dir']).name}-{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+            / "eval.json"
+        )
+    out["source"] = str(args.path) if args.path else None
+    write_eval(out, path)
+    m = out["metrics"]
+    loss = f"loss {m['eval/loss']:.4f}" if "eval/loss" in m else "no loss"
+    acc = f"accuracy {m['eval/accuracy']:.4f} ({m['eval/samples']} samples)" if "eval/accuracy" in m else "no accuracy"
+    print(f"{out['label']}: {loss}, {acc} -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
