@@ -107,11 +107,24 @@ class LoggerConfig:
 
 @dataclass
 class DistConfig:
+    """How training runs: one process, or DeepSpeed ZeRO under a launcher (scripts/launch_*.sh, docs/deepspeed.md).
+
+    zero2 shards optimizer state and gradients over the ranks (weights replicated); zero3 shards the weights too,
+    frozen ones included. The DeepSpeed JSON's batch, accumulation, clipping and precision fields are filled from
+    trainer.* / optim.* (deepseek_vl2_lora.engine.deepspeed_config): one source of truth."""
+
     name: str = "single"
     kind: str = "single"  # single (one process, CPU or one GPU) | zero2 | zero3 (DeepSpeed)
-    deepspeed_config: str | None = None  # a DeepSpeed JSON for zero2/zero3; null: built from these fields
-    offload_optimizer: bool = False
-    offload_params: bool = False
+    # A DeepSpeed JSON for zero2/zero3 (absolute, or relative to the working directory or the repo root);
+    # null: configs/deepspeed/<kind>.json. Its "auto" fields are filled from the Hydra config.
+    deepspeed_config: str | None = None
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on the CPU
+    offload_params: bool = False  # zero3 only: the weight shards live in CPU memory between uses
+    # Pad every rank's micro batch to the longest sequence across ranks, as one process with micro batch ×
+    # world size pads. The LM loss never depends on padding, but the MoE aux loss (seq_aux, as in the official
+    # model) averages over padded positions, so only then are N ranks exactly the one-process run. Costs compute
+    # on the padding; off: each rank pads to its own longest sample.
+    global_padding: bool = False
 
 
 @dataclass
@@ -204,6 +217,8 @@ def check_config(cfg: DictConfig) -> None:
         problems.append(f"optim.betas={list(cfg.optim.betas)}: needs two values")
     if cfg.model.dtype == "bfloat16" and cfg.trainer.precision == "fp32":
         problems.append("model.dtype=bfloat16 needs bf16 autocast: set trainer.precision=bf16 (or auto on CUDA)")
+    if cfg.dist.offload_params and cfg.dist.kind != "zero3":
+        problems.append(f"dist.offload_params=true needs dist=zero3 (dist={cfg.dist.kind} keeps whole weights)")
     if cfg.trainer.cpu_threads is not None and cfg.trainer.cpu_threads < 1:
         problems.append(f"trainer.cpu_threads={cfg.trainer.cpu_threads}: must be ≥ 1 (or null)")
     if problems:

@@ -5,17 +5,26 @@ from its config and the base checkpoint:
 
     trainable.safetensors   trainable tensors (policy-trained weights and LoRA adapters), by parameter name
     optimizer.pt            optimizer + lr scheduler state (written by the engine)
-    rng.pt                  python, numpy, torch and CUDA generator states
-    state.json              loop state: step, data position (epoch, batch), sampler, counters, W&B run id
+    rng.pt                  python, numpy, torch and CUDA generator states (rank 0; rank r: rng_rank{r}.pt)
+    state.json              loop state: step, data position (epoch, batch), sampler, counters, W&B run id, and
+                            the layout that wrote it (dist kind, world size)
+
+DeepSpeed engines write, instead of optimizer.pt, `deepspeed/` (DeepSpeed's checkpoint: each rank's optimizer
+shard with the fp32 master copies of its slice of the trainable parameters; frozen parameters excluded) and
+`scheduler.pt`. Their optimizer shards are per rank, so a checkpoint resumes with the same dist kind and world
+size only (checked, with a message saying so).
 
 It is written to a temporary directory and renamed into place (a killed run leaves either the whole
 checkpoint or none), then `checkpoints/latest` is replaced atomically; older checkpoints beyond
-`keep_last` are deleted afterwards. All files load with `torch.load(weights_only=True)` or as JSON.
+`keep_last` are deleted afterwards. With several ranks, rank 0 creates and publishes the directory and every
+rank writes its own files in between (barriers around); the run directory must be on a file system all nodes
+share. All our files load with `torch.load(weights_only=True)` or as JSON.
 
 The training order is a function of (seed, epoch) only: epoch e visits `randperm(n)` drawn from a generator
-seeded with `seed * 1_000_003 + e`, cut into batches of `micro_batch_size` (the last partial batch is dropped).
-So the data position (epoch, batch) is the whole sampler state, and a resumed run sees exactly the batches the
-uninterrupted run would have seen.
+seeded with `seed * 1_000_003 + e`, cut into global batches of `micro_batch_size × world_size` (the last partial
+batch is dropped); rank r takes the interleaved slice `global_batch[r::world_size]`. So 2 ranks × micro batch m
+see exactly the samples of 1 rank × micro batch 2m, the data position (epoch, batch) counts global batches and is
+the whole sampler state, and a resumed run sees exactly the batches the uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -25,7 +34,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +43,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .checkpoint import replace_dir
+from .engine import DistEnv
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -55,13 +64,21 @@ def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
 
 
 def batches_per_epoch(num_samples: int, batch_size: int) -> int:
+    """Whole batches of `batch_size` (with several ranks: the global batch, micro batch × world size)."""
     return num_samples // batch_size
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):
-    """The index batches of one epoch, from batch `start` on (a DataLoader `batch_sampler`)."""
+    """This rank's index batches of one epoch, from global batch `start` on (a DataLoader `batch_sampler`).
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int, epoch: int, start: int = 0):
+    Global batch b is `order[b·G:(b+1)·G]` with G = batch_size × world_size; rank r gets its slice [r::world_size].
+    """
+
+    def __init__(
+        self, num_samples: int, batch_size: int, seed: int, epoch: int, start: int = 0, rank: int = 0, world_size=1
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in a world of {world_size}")
         self.num_samples, self.batch_size, self.seed, self.epoch, self.start = (
             num_samples,
             batch_size,
@@ -69,24 +86,38 @@ class EpochBatchSampler(torch.utils.data.Sampler):
             epoch,
             start,
         )
+        self.rank, self.world_size = rank, world_size
+        self.global_batch = batch_size * world_size
 
     def __iter__(self):
         order = epoch_order(self.num_samples, self.seed, self.epoch)
-        for b in range(self.start, batches_per_epoch(self.num_samples, self.batch_size)):
-            yield order[b * self.batch_size : (b + 1) * self.batch_size]
+        g = self.global_batch
+        for b in range(self.start, batches_per_epoch(self.num_samples, g)):
+            yield order[b * g : (b + 1) * g][self.rank :: self.world_size]
 
     def __len__(self) -> int:
-        return batches_per_epoch(self.num_samples, self.batch_size) - self.start
+        return batches_per_epoch(self.num_samples, self.global_batch) - self.start
 
 
 def batch_stream(
-    dataset, collate_fn, batch_size: int, seed: int, epoch: int, start: int, num_workers: int = 0, pin_memory=False
+    dataset,
+    collate_fn,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    start: int,
+    num_workers: int = 0,
+    pin_memory=False,
+    rank: int = 0,
+    world_size: int = 1,
 ):
-    """Yield (epoch, batch index, batch) forever, starting at data position (epoch, start)."""
+    """Yield (epoch, global batch index, this rank's micro batch) forever, starting at data position (epoch, start).
+
+    `batch_size` is the per-rank micro batch; see EpochBatchSampler for which samples each rank reads."""
     while True:
         loader = torch.utils.data.DataLoader(
             dataset,
-            batch_sampler=EpochBatchSampler(len(dataset), batch_size, seed, epoch, start),
+            batch_sampler=EpochBatchSampler(len(dataset), batch_size, seed, epoch, start, rank, world_size),
             collate_fn=collate_fn,
             num_workers=num_workers,
             pin_memory=pin_memory,
@@ -105,9 +136,11 @@ class TrainState:
     step: int = 0  # optimizer steps done (skipped non-finite steps included)
     epoch: int = 0  # data position of the next batch
     batch: int = 0
-    num_samples: int = 0  # sampler: training set size and micro batch size the position refers to
-    batch_size: int = 0
+    num_samples: int = 0  # sampler: training set size, per-rank micro batch size and number of ranks the
+    batch_size: int = 0  # position refers to (it counts global batches of batch_size × world_size)
     seed: int = 0
+    world_size: int = 1
+    dist: str = "single"  # the engine that wrote the checkpoint (its optimizer state format)
     tokens_seen: int = 0
     samples_seen: int = 0
     nonfinite_total: int = 0
@@ -120,7 +153,7 @@ class TrainState:
     def advance(self, epoch: int, index: int) -> None:
         """Record that batch `index` of `epoch` was consumed."""
         self.epoch, self.batch = epoch, index + 1
-        if self.batch >= batches_per_epoch(self.num_samples, self.batch_size):
+        if self.batch >= batches_per_epoch(self.num_samples, self.batch_size * self.world_size):
             self.epoch, self.batch = epoch + 1, 0
 
 
@@ -174,31 +207,50 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
 
+def rng_file(rank: int) -> str:
+    return RNG_FILE if rank == 0 else f"rng_rank{rank}.pt"
+
+
+def _layout(engine) -> tuple[str, DistEnv]:
+    return getattr(engine, "kind", "single"), getattr(engine, "env", None) or DistEnv()
+
+
 def save_checkpoint(run_dir: Path, state: TrainState, trainable: dict[str, torch.Tensor], engine, keep_last: int):
-    """Write a checkpoint for `state.step` atomically, point `latest` at it, prune to `keep_last`."""
+    """Write a checkpoint for `state.step` atomically, point `latest` at it, prune to `keep_last`.
+
+    With several ranks every rank calls it: rank 0 writes `trainable` (the full tensors; other ranks pass {}),
+    state.json and the directory moves, each rank its RNG states and (through `engine.save`) its optimizer shard."""
+    _, env = _layout(engine)
     root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(state.step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint gets the usual permissions
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / TRAINABLE_FILE))
-        engine.save(tmp)
-        torch.save(rng_state(), tmp / RNG_FILE)
-        record = {**asdict(state), "saved_at": time.time()}
-        (tmp / STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        replace_dir(tmp, final)
-    finally:
+    tmp = root / f".tmp-{final.name}"
+    if env.is_main:
+        root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    latest_tmp = root / f".{LATEST}.tmp-{os.getpid()}"
-    latest_tmp.write_text(final.name + "\n")
-    os.replace(latest_tmp, root / LATEST)
-    if keep_last > 0:
-        for old in list_checkpoints(run_dir)[:-keep_last]:
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+        tmp.mkdir()
+    engine.barrier()
+    try:
+        if env.is_main:
+            save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / TRAINABLE_FILE))
+        engine.save(tmp)
+        torch.save(rng_state(), tmp / rng_file(env.rank))
+        engine.barrier()
+        if env.is_main:
+            record = {**asdict(state), "saved_at": time.time()}
+            (tmp / STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+            replace_dir(tmp, final)
+    finally:
+        if env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if env.is_main:
+        latest_tmp = root / f".{LATEST}.tmp-{os.getpid()}"
+        latest_tmp.write_text(final.name + "\n")
+        os.replace(latest_tmp, root / LATEST)
+        if keep_last > 0:
+            for old in list_checkpoints(run_dir)[:-keep_last]:
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
+    engine.barrier()
     return final
 
 
@@ -246,12 +298,21 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
 
 def load_checkpoint(path: Path, engine, load_trainable) -> tuple[TrainState, dict]:
     """Load trainable tensors (through `load_trainable(tensors, source)`) and the engine state; return the loop
-    state and the RNG states, which the caller restores last, right before the loop continues."""
+    state and this rank's RNG states, which the caller restores last, right before the loop continues.
+
+    The checkpoint must come from the same engine kind and number of ranks (a ResumeError says so otherwise)."""
     path = Path(path)
     raw = json.loads((path / STATE_FILE).read_text())
     raw.pop("saved_at", None)
     state = TrainState(**raw)
+    kind, env = _layout(engine)
+    if (state.dist, state.world_size) != (kind, env.world_size):
+        raise ResumeError(
+            f"{path} was written by dist={state.dist} with {state.world_size} rank(s); this run is dist={kind} with "
+            f"{env.world_size}. Its optimizer state is stored in that layout (per rank): resume with "
+            f"dist={state.dist} on {state.world_size} rank(s) and the same trainer.micro_batch_size."
+        )
     load_trainable(load_file(str(path / TRAINABLE_FILE)), str(path / TRAINABLE_FILE))
     engine.load(path)
-    rng = torch.load(path / RNG_FILE, map_location="cpu", weights_only=True)
+    rng = torch.load(path / rng_file(env.rank), map_location="cpu", weights_only=True)
     return state, rng

@@ -1,16 +1,24 @@
 """The training loop: `train(cfg, run_dir)`; its body, `_train`, reads from top to bottom.
 
     setup     model from a checkpoint dir (or a generated tiny one) -> freezing policy -> data -> engine
-              (AdamW with the policy's per-group learning rates, warmup + cosine) -> resume -> loggers
+              (AdamW with the policy's per-group learning rates, warmup + cosine; one process or DeepSpeed
+              ZeRO-2/3, `dist=`) -> resume -> loggers
     eval      the untrained model (loss and exact-match accuracy), unless resuming
     loop      grad_accum micro batches: bf16 autocast on CUDA (fp32 on CPU), objective = LM loss + MoE aux
               loss, backward; clip; a non-finite loss or grad norm skips the update (counted; N in a row
               stop the run); log; eval every N steps; atomic checkpoint every N steps
     finish    final eval, trained state (adapter + trained tensors) to <run dir>/trained, summary.json
 
+Several ranks (DeepSpeed): every rank runs this same function on its own slice of each global batch
+(train_state.batch_stream); each rank's LM loss is weighted by its share of the global micro batch's supervised
+tokens, so the gradient DeepSpeed averages over ranks is the one-process gradient of micro batch × world size
+(the MoE aux loss too with dist.global_padding=true: see _sync_micro_batch).
+Every rank evaluates (ZeRO-3 needs all ranks in each forward); rank 0 alone writes metrics, W&B, reports and
+trained/; each rank logs to logs/rank{R}.log.
+
 Run-dir layout: config_resolved.yaml, trainable_parameters.json, data_report.json, metrics.jsonl,
 eval/step_XXXXXXXX.jsonl (predictions), checkpoints/step_XXXXXXXX/ + checkpoints/latest, trained/,
-summary.json (plus .hydra/ and train.log from Hydra, wandb/ with logger=wandb).
+summary.json (plus .hydra/ and train.log from Hydra, wandb/ with logger=wandb, logs/ with several ranks).
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -33,14 +43,12 @@ from .data import EvalDataset, SFTDataset
 from .engine import DistEnv, EngineError, build_engine, lr_factor, resolve_device
 from .evaluation import MODEL_INPUTS, evaluate
 from .metrics import FlopModel, MetricsLogger, init_wandb, peak_flops, peak_memory_gb, wandb_log_policy
-from .model import DeepseekVL2ForCausalLM
+from .model import IGNORE_INDEX, DeepseekVL2ForCausalLM
 from .policy import (
     PolicyError,
     apply_policy,
-    load_trainable_state_dict,
     optimizer_param_groups,
     save_trained_state,
-    trainable_state_dict,
 )
 from .processor import Collator, DeepseekVL2Processor, ProcessorConfigError, SampleError
 from .tiny import ensure_tiny_checkpoint
@@ -60,6 +68,11 @@ from .train_state import (
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Fault injection for the multi-process tests (tests/test_deepspeed.py): FAULT_ENV=<rank>:<step>:raise makes that
+# rank raise when it starts optimizer step <step> (1-based); <rank>:<step>:nan makes its LM loss NaN in that step's
+# first micro batch. They check that one failing rank ends the whole job, and that one rank's NaN skips the update
+# on every rank.
+FAULT_ENV = "DEEPSEEK_VL2_LORA_FAULT"
 
 
 class TrainingError(RuntimeError):
@@ -146,8 +159,91 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
-def _all_finite(tensors) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+# Collated training-batch fields with one entry per token position, and the value a padded position holds.
+_TOKEN_FIELDS = {
+    "input_ids": None,
+    "attention_mask": 0,
+    "labels": IGNORE_INDEX,
+    "position_ids": 0,
+    "images_seq_mask": 0,
+}
+
+
+def _pad_to_length(batch: dict, length: int, pad_id: int) -> dict:
+    """Right-pad a collated training batch to `length` positions, as the collator pads (pad id, mask 0, label
+    ignored, position 0, no image)."""
+    extra = length - batch["input_ids"].shape[1]
+    if extra <= 0:
+        return batch
+    out = dict(batch)
+    for key, value in _TOKEN_FIELDS.items():
+        t = batch[key]
+        out[key] = torch.cat([t, t.new_full((t.shape[0], extra), pad_id if value is None else value)], dim=1)
+    return out
+
+
+def _sync_micro_batch(engine, env: DistEnv, batch: dict, global_padding: bool, pad_id: int) -> tuple[dict, float]:
+    """(this rank's micro batch, the weight on its mean token loss), agreed with the other ranks.
+
+    The weight is world size × this rank's share of the global micro batch's supervised tokens: DeepSpeed averages
+    gradients over ranks, so the result is the gradient of the global micro batch's token mean, as one process
+    with micro batch × world size computes it. Exactly 1.0 with one process.
+
+    `global_padding` (dist.global_padding) pads every rank's micro batch to the longest sequence of the global
+    one, as one process pads: the LM loss does not depend on padding, but the MoE aux loss averages over padded
+    positions too, so only then is the aux term (and the whole step) the one-process one.
+
+    Under ZeRO-3 the frozen vision tower's sharded weights are gathered by the ranks that run it, so a micro batch
+    with images on some ranks and none on others would hang: that is an error here instead."""
+    if env.world_size == 1:
+        return batch, 1.0
+    supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    has_images = int(bool(batch["images_spatial_crop"].any()))
+    ranks = engine.gather_from_ranks([supervised, has_images, batch["input_ids"].shape[1]])
+    total, with_images, longest = sum(r[0] for r in ranks), sum(r[1] for r in ranks), max(r[2] for r in ranks)
+    if engine.kind == "zero3" and 0 < with_images < env.world_size:
+        raise TrainingError(
+            f"dist=zero3: {int(with_images)} of {env.world_size} ranks have images in this micro batch, the others "
+            "only text; ZeRO-3 gathers the sharded vision weights only on ranks that run the vision tower, so the "
+            "ranks would wait on each other forever. Use dist=zero2 (vision weights replicated), a larger "
+            "trainer.micro_batch_size, or data where every micro batch has an image."
+        )
+    if global_padding:
+        batch = _pad_to_length(batch, int(longest), pad_id)
+    return batch, supervised * env.world_size / total if total else 1.0
+
+
+def _injected_fault(env: DistEnv) -> tuple[int, str] | None:
+    """(step, "raise" | "nan") when FAULT_ENV targets this rank."""
+    value = os.environ.get(FAULT_ENV)
+    if not value:
+        return None
+    rank, step, kind = value.split(":")
+    if kind not in ("raise", "nan"):
+        raise ValueError(f"{FAULT_ENV}={value}: expected <rank>:<step>:raise or <rank>:<step>:nan")
+    return (int(step), kind) if int(rank) == env.rank else None
+
+
+def _rank_logging(run_dir: Path, env: DistEnv) -> logging.Handler | None:
+    """With several ranks: each rank logs to <run dir>/logs/rank{R}.log (rank 0 keeps Hydra's train.log too); the
+    console gets rank 0's lines and the other ranks' warnings. Returns the handler added (None: one process)."""
+    if env.world_size == 1:
+        return None
+    root = logging.getLogger()
+    formatter = next((h.formatter for h in root.handlers if h.formatter), None)
+    if not env.is_main:
+        for h in list(root.handlers):
+            if isinstance(h, logging.FileHandler):  # Hydra's train.log is rank 0's
+                root.removeHandler(h)
+                h.close()
+            elif isinstance(h, logging.StreamHandler):
+                h.setLevel(logging.WARNING)
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "logs" / f"rank{env.rank}.log")
+    handler.setFormatter(formatter or logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    handler.setLevel(logging.INFO)
+    root.addHandler(handler)
+    return handler
 
 
 def _write_json(path: Path, obj) -> None:
@@ -176,10 +272,21 @@ def train(cfg, run_dir: str | Path) -> TrainResult:
     threads = torch.get_num_threads()
     if device.type == "cpu" and cfg.trainer.cpu_threads:
         torch.set_num_threads(cfg.trainer.cpu_threads)
+    rank_log = _rank_logging(Path(run_dir), env)
     try:
         return _train(cfg, Path(run_dir), env, device)
+    except BaseException:
+        if rank_log is not None:  # into this rank's log file only (the console shows it already)
+            args = (env.rank, env.world_size)
+            rank_log.handle(
+                log.makeRecord(log.name, logging.ERROR, __file__, 0, "rank %d of %d failed", args, sys.exc_info())
+            )
+        raise
     finally:
         torch.set_num_threads(threads)
+        if rank_log is not None:
+            logging.getLogger().removeHandler(rank_log)
+            rank_log.close()
 
 
 def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResult:
@@ -205,6 +312,9 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResul
             p.data = p.data.float()  # trainable weights stay fp32 (master weights) under bf16 storage
     model.language.model.gradient_checkpointing = tc.gradient_checkpointing
     model.train()
+    flop_model = FlopModel.from_model(model)  # before the engine: ZeRO-3 shards the weights in place
+    if env.world_size > 1:  # initialisation above is the same on every rank; dropout draws differ per rank
+        seed_everything(cfg.seed + 1_000_003 * (env.rank + 1))
     log.info("model %s (%s) on %s, %s\n%s", cfg.model.name, model_dir, device, precision, report.table())
 
     # -- data ---------------------------------------------------------------------------------------------
@@ -226,10 +336,10 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResul
     for name, data_report in reports.items():
         if data_report.num_skipped:
             log.warning("%s data: %s", name, data_report)
-    if len(train_set) < tc.micro_batch_size:
+    if len(train_set) < tc.micro_batch_size * env.world_size:
         raise ConfigError(
             f"the training set has {len(train_set)} usable samples, fewer than trainer.micro_batch_size="
-            f"{tc.micro_batch_size}"
+            f"{tc.micro_batch_size} × {env.world_size} rank(s)"
         )
     collator = Collator(processor.pad_id, padding_side="right")
     run_eval = partial(
@@ -247,15 +357,22 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResul
 
     # -- optimizer, schedule, engine ----------------------------------------------------------------------
     param_groups = optimizer_param_groups(model, cfg.policy, lr=oc.lr, weight_decay=oc.weight_decay)
-    engine = build_engine(cfg.dist, model, param_groups, oc, tc.max_steps, env)
+    engine = build_engine(cfg.dist, model, param_groups, oc, tc.max_steps, env, tc, precision)
 
     # -- resume -------------------------------------------------------------------------------------------
-    state = TrainState(num_samples=len(train_set), batch_size=tc.micro_batch_size, seed=cfg.seed)
-    clean_temporary(run_dir)
+    state = TrainState(
+        num_samples=len(train_set),
+        batch_size=tc.micro_batch_size,
+        seed=cfg.seed,
+        world_size=env.world_size,
+        dist=cfg.dist.kind,
+    )
+    if env.is_main:
+        clean_temporary(run_dir)
     resume_from = find_resume_checkpoint(tc.resume, run_dir)
     rng = None
     if resume_from is not None:
-        state, rng = load_checkpoint(resume_from, engine, partial(load_trainable_state_dict, model))
+        state, rng = load_checkpoint(resume_from, engine, engine.load_trainable)
         fits = (state.num_samples, state.batch_size, state.seed) == (len(train_set), tc.micro_batch_size, cfg.seed)
         if not fits:
             raise ResumeError(
@@ -282,7 +399,6 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResul
     if resume_from is not None:
         dropped = metrics.truncate_after(state.step)
         metrics.log(state.step, "event", {"event": "resume", "from": str(resume_from), "dropped_records": dropped})
-    flop_model = FlopModel.from_model(model)
     peak = tc.peak_flops or peak_flops(device, precision)
 
     def evaluate_and_log(tag: str) -> dict:
@@ -297,9 +413,9 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResul
         return out
 
     def save() -> Path | None:
-        """A resumable checkpoint, unless the state is not finite (then nothing is written)."""
-        trainable = trainable_state_dict(model)
-        if not state.last_step_finite or not _all_finite(trainable.values()):
+        """A resumable checkpoint, unless the state is not finite (then nothing is written). Every rank calls it."""
+        trainable, finite = engine.gather_trainable()  # full tensors on rank 0; `finite` is the same on all ranks
+        if not state.last_step_finite or not finite:
             log.warning("step %d: not saving a checkpoint from a non-finite state", state.step)
             metrics.log(state.step, "event", {"event": "checkpoint_skipped_nonfinite"})
             return None
@@ -323,38 +439,51 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResul
         state.batch,
         num_workers=cfg.data.num_workers,
         pin_memory=device.type == "cuda",
+        rank=env.rank,
+        world_size=env.world_size,
     )
-    per_epoch = batches_per_epoch(len(train_set), tc.micro_batch_size)
+    per_epoch = batches_per_epoch(len(train_set), tc.micro_batch_size * env.world_size)
+    fault = _injected_fault(env)
     bar = tqdm(total=tc.max_steps, initial=state.step, desc="train", disable=not (tc.progress_bar and env.is_main))
     last_checkpoint = resume_from
     with logging_redirect_tqdm():
         while state.step < tc.max_steps:
+            if fault == (state.step + 1, "raise"):
+                raise RuntimeError(f"injected failure ({FAULT_ENV}) on rank {env.rank} at step {state.step + 1}")
             t0 = time.perf_counter()
             lm_losses, aux_losses, tokens, samples, flops = [], [], 0, 0, 0.0
             for micro in range(tc.grad_accum):
                 epoch, index, batch = next(stream)
                 state.advance(epoch, index)
+                batch, weight = _sync_micro_batch(engine, env, batch, cfg.dist.global_padding, processor.pad_id)
                 batch = _to_device(batch, device)
                 with autocast():
-                    out = model(**{k: batch[k] for k in MODEL_INPUTS}, labels=batch["labels"])
+                    out = engine.forward(**{k: batch[k] for k in MODEL_INPUTS}, labels=batch["labels"])
+                loss = out.loss
+                if micro == 0 and fault == (state.step + 1, "nan"):
+                    loss = loss * float("nan")
                 aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=device)
-                # Each micro batch's mean token loss, averaged over the micro batches of the step.
-                engine.backward((out.loss + aux) / tc.grad_accum, last_micro=micro == tc.grad_accum - 1)
-                lm_losses.append(out.loss.detach().float())
+                # Each micro batch's mean token loss (over all ranks' tokens), averaged over the micro batches.
+                engine.backward((loss * weight + aux) / tc.grad_accum, last_micro=micro == tc.grad_accum - 1)
+                lm_losses.append(loss.detach().float() * weight)
                 aux_losses.append(aux.detach().float())
                 tokens += int(batch["attention_mask"].sum())
                 samples += batch["input_ids"].shape[0]
                 flops += flop_model.batch_flops(batch)
             lm_loss = float(torch.stack(lm_losses).mean())
             aux_loss = float(torch.stack(aux_losses).mean())
-            grad_norm = engine.clip_grad_norm(oc.grad_clip)
+            if env.world_size > 1:  # the global step: losses averaged, counts summed over the ranks
+                lm_sum, aux_sum, tokens, samples, flops = engine.sum_over_ranks(
+                    [lm_loss, aux_loss, tokens, samples, flops]
+                )
+                lm_loss, aux_loss = lm_sum / env.world_size, aux_sum / env.world_size
+                tokens, samples = int(tokens), int(samples)
             lrs = engine.lrs()  # the learning rates this step uses
-            finite = math.isfinite(lm_loss) and math.isfinite(aux_loss) and math.isfinite(grad_norm)
+            loss_finite = math.isfinite(lm_loss) and math.isfinite(aux_loss)
+            grad_norm, finite = engine.optimizer_step(oc.grad_clip, loss_finite)
             if finite:
-                engine.step()
                 state.nonfinite_streak = 0
             else:
-                engine.skip_step()
                 state.nonfinite_total += 1
                 state.nonfinite_streak += 1
                 log.warning(
@@ -365,7 +494,6 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResul
                     grad_norm,
                     state.nonfinite_streak,
                 )
-            engine.zero_grad()
             state.step += 1
             state.last_step_finite = finite
             state.tokens_seen += tokens
@@ -426,8 +554,10 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResul
     # -- finish ---------------------------------------------------------------------------------------------
     eval_after = evaluate_and_log("after") if cfg.data.eval_path else None
     trained_dir = None
-    if tc.save_trained and env.is_main:
-        trained_dir = save_trained_state(model, run_dir / "trained")
+    if tc.save_trained:
+        with engine.full_trainable_params():  # DeepSpeed: the fp32 master values, gathered on rank 0
+            if env.is_main:
+                trained_dir = save_trained_state(model, run_dir / "trained")
     seconds = time.perf_counter() - t_start
     result = TrainResult(
         run_dir, state.step, seconds, state.eval_before, eval_after, state.nonfinite_total, trained_dir
