@@ -7,7 +7,7 @@
     python train.py hydra.run.dir=outputs/default/<time> trainer.resume=auto   # continue a killed run
     python train.py -m optim.lr=1e-3,3e-3,1e-2      # a sweep, one run dir each under multirun/
 
-Multi-process launchers (DeepSpeed, later) must pass `--no_local_rank` and one explicit `hydra.run.dir`.
+Multi-GPU (DeepSpeed ZeRO): scripts/launch_*.sh, which pass `--no_local_rank` and one `hydra.run.dir` to all ranks.
 """
 
 import sys

@@ -56,7 +56,7 @@ def eval_loss(model, dataset, indices, collator, batch_size, device, autocast=nu
     for start in range(0, len(indices), batch_size):
         batch = _to(collator([dataset[i] for i in indices[start : start + batch_size]]), device)
         with autocast():
-            out = model(**{k: batch[k] for k in MODEL_INPUTS}, labels=batch["labels"])
+            out = model(**{k: batch[k] for k in MODEL_INPUTS}, labels=batch["labels"], return_logits=False)
         n = int((batch["labels"][:, 1:] != -100).sum())
         total += float(out.loss) * n
         tokens += n

@@ -458,7 +458,9 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResul
                 batch, weight = _sync_micro_batch(engine, env, batch, cfg.dist.global_padding, processor.pad_id)
                 batch = _to_device(batch, device)
                 with autocast():
-                    out = engine.forward(**{k: batch[k] for k in MODEL_INPUTS}, labels=batch["labels"])
+                    # return_logits=False: lm_head and CE on supervised positions only, no full fp32 logits
+                    inputs = {k: batch[k] for k in MODEL_INPUTS}
+                    out = engine.forward(**inputs, labels=batch["labels"], return_logits=False)
                 loss = out.loss
                 if micro == 0 and fault == (state.step + 1, "nan"):
                     loss = loss * float("nan")
