@@ -21,8 +21,6 @@ import argparse
 import json
 import sys
 import time
-from contextlib import nullcontext
-from functools import partial
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -115,11 +113,10 @@ def evaluate_config(cfg, trained_dir: str | Path | None = None, device: str | No
 
     from .engine import DistEnv, resolve_device
     from .evaluation import evaluate
-    from .model import DeepseekVL2ForCausalLM
     from .policy import load_trained_state
     from .processor import DeepseekVL2Processor
     from .train_config import check_config
-    from .trainer import resolve_dtype, resolve_model_dir, resolve_precision
+    from .trainer import autocast_for, load_model, resolve_precision
 
     check_config(cfg)
     t0 = time.perf_counter()
@@ -129,15 +126,8 @@ def evaluate_config(cfg, trained_dir: str | Path | None = None, device: str | No
         torch.set_num_threads(cfg.trainer.cpu_threads)
     try:
         precision = resolve_precision(cfg.trainer.precision, dev)
-        autocast = partial(torch.autocast, dev.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext
-        model_dir = resolve_model_dir(cfg.model)
-        model = DeepseekVL2ForCausalLM.from_pretrained(
-            model_dir,
-            torch_dtype=resolve_dtype(cfg.model.dtype, precision, dev),
-            attn_implementation=cfg.model.attn_implementation,
-            experts_kernel=cfg.model.experts_kernel,
-            device=dev,
-        )
+        autocast = autocast_for(precision, dev)
+        model, model_dir = load_model(cfg.model, precision, dev)
         report = None
         if trained_dir is not None:
             # Trainable weights in fp32, as the training loop keeps them (its final eval ran on those).

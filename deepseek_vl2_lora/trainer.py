@@ -155,6 +155,24 @@ def resolve_dtype(dtype: str, precision: str, device: torch.device) -> torch.dty
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
 
 
+def load_model(model_cfg, precision: str, device: torch.device) -> tuple[DeepseekVL2ForCausalLM, Path]:
+    """The configured checkpoint (real or generated tiny) on `device`, in the dtype `precision` implies."""
+    model_dir = resolve_model_dir(model_cfg)
+    model = DeepseekVL2ForCausalLM.from_pretrained(
+        model_dir,
+        torch_dtype=resolve_dtype(model_cfg.dtype, precision, device),
+        attn_implementation=model_cfg.attn_implementation,
+        experts_kernel=model_cfg.experts_kernel,
+        device=device,
+    )
+    return model, model_dir
+
+
+def autocast_for(precision: str, device: torch.device):
+    """A context-manager factory: bf16 autocast on `device` for bf16 runs, nothing otherwise."""
+    return partial(torch.autocast, device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
@@ -294,17 +312,10 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResul
     tc, oc = cfg.trainer, cfg.optim
     run_dir.mkdir(parents=True, exist_ok=True)
     precision = resolve_precision(tc.precision, device)
-    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext
+    autocast = autocast_for(precision, device)
 
     # -- model and freezing policy ------------------------------------------------------------------------
-    model_dir = resolve_model_dir(cfg.model)
-    model = DeepseekVL2ForCausalLM.from_pretrained(
-        model_dir,
-        torch_dtype=resolve_dtype(cfg.model.dtype, precision, device),
-        attn_implementation=cfg.model.attn_implementation,
-        experts_kernel=cfg.model.experts_kernel,
-        device=device,
-    )
+    model, model_dir = load_model(cfg.model, precision, device)
     seed_everything(cfg.seed)  # after loading: generating a tiny checkpoint on first use draws random numbers
     report = apply_policy(model, cfg.policy)  # LoRA initialisation is the first consumer of the seeded RNG
     for p in model.parameters():

@@ -31,6 +31,8 @@ import time
 
 import torch
 
+from deepseek_vl2_lora.tiny import FAMILIES
+
 SHAPES = {
     # VL2-Small language model (= DeepSeek-V2-Lite dims); a token vision tower (LM-only batches).
     "small": {
@@ -86,30 +88,10 @@ SHAPES = {
         "policy": "mha_lora",
         "images": True,
     },
-    # Scaled down so the whole script runs on a CPU in seconds (a check of the script, not a benchmark).
+    # The small-mla tiny family (deepseek_vl2_lora/tiny.py): runs on a CPU in seconds, a check of the script.
     "cpu-tiny": {
-        "vision": {"width": 64, "layers": 1, "heads": 4, "mlp_ratio": 3.7362, "patch_size": 16, "image_size": 64},
-        "language": {
-            "hidden_size": 64,
-            "num_hidden_layers": 3,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 4,
-            "use_mla": True,
-            "q_lora_rank": None,
-            "kv_lora_rank": 32,
-            "qk_nope_head_dim": 16,
-            "qk_rope_head_dim": 8,
-            "v_head_dim": 16,
-            "intermediate_size": 128,
-            "moe_intermediate_size": 32,
-            "n_routed_experts": 8,
-            "n_shared_experts": 2,
-            "num_experts_per_tok": 2,
-            "first_k_dense_replace": 1,
-            "topk_method": "greedy",
-            "vocab_size": 512,
-            "max_position_embeddings": 4096,
-        },
+        "vision": {**FAMILIES["small-mla"]["vision"], "image_size": 64, "patch_size": 16},
+        "language": {**FAMILIES["small-mla"]["language"], "vocab_size": 512},
         "policy": "mla_lowrank",
         "images": True,
     },
