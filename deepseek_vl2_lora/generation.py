@@ -51,12 +51,23 @@ def generate(
         new_tokens.append(token)
         if stream is not None:
             stream(token)
-        if eos_token_id is not None and bool(done.all()):
+        if eos_token_id is not None and _all_ranks_done(done):
             break
         ids = torch.cat([ids, token[:, None]], dim=1)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         past = out.past_key_values
     return torch.stack(new_tokens, dim=1)
+
+
+def _all_ranks_done(done: torch.Tensor) -> bool:
+    """Every row finished, on every rank: under ZeRO-3 each forward gathers weights collectively, so one rank
+    stopping early would leave the others waiting."""
+    finished = done.all()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        flag = finished.to(torch.int32).reshape(1)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        finished = flag[0].bool()
+    return bool(finished)
 
 
 def _pick(logits, do_sample, temperature, top_p, generator):
