@@ -74,6 +74,7 @@ class DeepseekVL2ForCausalLM(nn.Module):
         self.view_seperator = nn.Parameter(torch.randn(n) / math.sqrt(n))  # (sic) the checkpoint's spelling
         self.language = DeepseekV2ForCausalLM(lm, prefix, backend, experts_kernel)
         self.loss_chunk_tokens = 4096  # tokens per lm_head chunk when the loss is computed without logits
+        self.feature_cache = None  # a VisionFeatureCache, attached by the trainer when configured
 
     # ------------------------------------------------------------------------------------ loading
     @classmethod
@@ -98,8 +99,20 @@ class DeepseekVL2ForCausalLM(nn.Module):
         return self.language.lm_head.weight.device
 
     # ------------------------------------------------------------------------------------- images
-    def encode_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
-        """[T, 3, H, W] -> [T, tokens_per_tile, D]. A frozen tower runs without building an autograd graph."""
+    def encode_tiles(self, tiles: torch.Tensor, tile_keys: list[str] | None = None) -> torch.Tensor:
+        """[T, 3, H, W] -> [T, tokens_per_tile, D]. A frozen tower runs without building an autograd graph.
+
+        With `self.feature_cache` set, tile keys given and vision + projector frozen, features come from the
+        disk cache (computed and stored on a miss)."""
+        cache = self.feature_cache
+        if cache is not None and tile_keys is not None and not self._vision_side_trainable():
+            return cache.encode(tiles, tile_keys, self._encode_tiles)
+        return self._encode_tiles(tiles)
+
+    def _vision_side_trainable(self) -> bool:
+        return any(p.requires_grad for m in (self.vision, self.projector) for p in m.parameters())
+
+    def _encode_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
         vision_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(vision_grad):
             feats = self.vision.forward_features(tiles.to(self.vision.patch_embed.proj.weight.dtype))
@@ -121,14 +134,18 @@ class DeepseekVL2ForCausalLM(nn.Module):
             return torch.cat([glob, sep, local])
         return torch.cat([local, sep, glob])
 
-    def prepare_inputs_embeds(self, input_ids, images=None, images_seq_mask=None, images_spatial_crop=None):
+    def prepare_inputs_embeds(
+        self, input_ids, images=None, images_seq_mask=None, images_spatial_crop=None, tile_keys=None
+    ):
+        """Token embeddings with each image's features scattered in. `tile_keys` (per sample, one key per tile
+        of `images[b]`, from the collator) lets a feature cache serve the frozen vision side."""
         embeds = self.language.get_input_embeddings()(input_ids)
         if images is None or images_spatial_crop is None or not bool(images_spatial_crop.any()):
             return embeds
         if images_seq_mask is None:
             raise ValueError("images given without images_seq_mask")
         crops = images_spatial_crop.tolist()
-        per_sample, tiles = [], []
+        per_sample, tiles, keys = [], [], []
         for b, rows in enumerate(crops):
             shapes = []
             for tw, th in rows:
@@ -142,7 +159,9 @@ class DeepseekVL2ForCausalLM(nn.Module):
                 )
             per_sample.append(shapes)
             tiles.append(images[b, :n_tiles])
-        feats = self.encode_tiles(torch.cat(tiles)).to(embeds.dtype)
+            if tile_keys is not None:
+                keys += tile_keys[b][:n_tiles]
+        feats = self.encode_tiles(torch.cat(tiles), keys if tile_keys is not None else None).to(embeds.dtype)
         pieces, t = [], 0
         expected = images_seq_mask.sum(dim=1).tolist()
         for b, shapes in enumerate(per_sample):
@@ -173,11 +192,14 @@ class DeepseekVL2ForCausalLM(nn.Module):
         inputs_embeds=None,
         use_cache: bool = False,
         return_logits: bool = True,
+        tile_keys=None,
     ) -> VL2Output:
         """`return_logits=False` (training) computes the loss on supervised positions only, without full fp32
         logits; the loss is the same function."""
         if inputs_embeds is None:
-            inputs_embeds = self.prepare_inputs_embeds(input_ids, images, images_seq_mask, images_spatial_crop)
+            inputs_embeds = self.prepare_inputs_embeds(
+                input_ids, images, images_seq_mask, images_spatial_crop, tile_keys
+            )
         hidden, cache, aux = self.language.model(inputs_embeds, attention_mask, position_ids, past_key_values)
         cache = cache if use_cache else None
         if not return_logits:

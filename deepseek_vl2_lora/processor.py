@@ -547,12 +547,13 @@ class Collator:
     answer string) are gathered into lists.
     """
 
-    def __init__(self, pad_id: int, padding_side: str = "right", ignore_id: int = -100):
+    def __init__(self, pad_id: int, padding_side: str = "right", ignore_id: int = -100, tile_keys: bool = False):
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         self.pad_id = pad_id
         self.padding_side = padding_side
         self.ignore_id = ignore_id
+        self.tile_keys = tile_keys  # add `tile_keys` (content hashes per tile) for the vision feature cache
 
     def _pad_1d(self, seqs: list[torch.Tensor], value, length: int) -> torch.Tensor:
         out = torch.full((len(seqs), length), value, dtype=seqs[0].dtype)
@@ -588,4 +589,8 @@ class Collator:
         for key in samples[0]:
             if key not in batch and not isinstance(samples[0][key], torch.Tensor):
                 batch[key] = [s.get(key) for s in samples]
+        if self.tile_keys:
+            from .feature_cache import tile_key
+
+            batch["tile_keys"] = [[tile_key(t) for t in s["images"]] for s in samples]
         return batch

@@ -90,6 +90,9 @@ class TrainerConfig:
     resume: str | None = None
     max_consecutive_nonfinite: int = 5  # stop after this many non-finite steps in a row (0: never stop)
     peak_flops: float | None = None  # device peak FLOP/s for MFU; null: from the built-in table (None on CPU)
+    # A directory: cache the frozen vision tower + projector output per image tile on disk and reuse it on later
+    # epochs (keyed by the tile's pixels; a subdirectory per vision/projector weights). Single process only.
+    vision_feature_cache: str | None = None
 
 
 @dataclass
@@ -217,6 +220,8 @@ def check_config(cfg: DictConfig) -> None:
         problems.append(f"optim.betas={list(cfg.optim.betas)}: needs two values")
     if cfg.model.dtype == "bfloat16" and cfg.trainer.precision == "fp32":
         problems.append("model.dtype=bfloat16 needs bf16 autocast: set trainer.precision=bf16 (or auto on CUDA)")
+    if cfg.trainer.vision_feature_cache and cfg.dist.kind != "single":
+        problems.append("trainer.vision_feature_cache works with dist=single only (each rank would need its share)")
     if cfg.dist.offload_params and cfg.dist.kind != "zero3":
         problems.append(f"dist.offload_params=true needs dist=zero3 (dist={cfg.dist.kind} keeps whole weights)")
     if cfg.trainer.cpu_threads is not None and cfg.trainer.cpu_threads < 1:

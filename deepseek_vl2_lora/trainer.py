@@ -42,6 +42,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from .data import EvalDataset, SFTDataset
 from .engine import DistEnv, EngineError, build_engine, lr_factor, resolve_device
 from .evaluation import MODEL_INPUTS, evaluate
+from .feature_cache import VisionFeatureCache
 from .metrics import FlopModel, MetricsLogger, init_wandb, peak_flops, peak_memory_gb, wandb_log_policy
 from .model import IGNORE_INDEX, DeepseekVL2ForCausalLM
 from .policy import (
@@ -352,7 +353,12 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResul
             f"the training set has {len(train_set)} usable samples, fewer than trainer.micro_batch_size="
             f"{tc.micro_batch_size} × {env.world_size} rank(s)"
         )
-    collator = Collator(processor.pad_id, padding_side="right")
+    if tc.vision_feature_cache:
+        if model._vision_side_trainable():
+            raise ConfigError("trainer.vision_feature_cache needs the vision tower and projector frozen by the policy")
+        model.feature_cache = VisionFeatureCache(Path(tc.vision_feature_cache).expanduser(), model)
+        log.info("vision feature cache: %s", model.feature_cache.dir)
+    collator = Collator(processor.pad_id, padding_side="right", tile_keys=model.feature_cache is not None)
     run_eval = partial(
         evaluate,
         model,
@@ -467,10 +473,13 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResul
                 epoch, index, batch = next(stream)
                 state.advance(epoch, index)
                 batch, weight = _sync_micro_batch(engine, env, batch, cfg.dist.global_padding, processor.pad_id)
+                tile_keys = batch.get("tile_keys")  # strings: stay on the host
                 batch = _to_device(batch, device)
                 with autocast():
                     # return_logits=False: lm_head and CE on supervised positions only, no full fp32 logits
                     inputs = {k: batch[k] for k in MODEL_INPUTS}
+                    if tile_keys is not None:
+                        inputs["tile_keys"] = tile_keys
                     out = engine.forward(**inputs, labels=batch["labels"], return_logits=False)
                 loss = out.loss
                 if micro == 0 and fault == (state.step + 1, "nan"):
@@ -566,6 +575,12 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResul
 
     # -- finish ---------------------------------------------------------------------------------------------
     eval_after = evaluate_and_log("after") if cfg.data.eval_path else None
+    if model.feature_cache is not None:
+        metrics.log(state.step, "event", {"event": "vision_cache", **model.feature_cache.stats()})
+        log.info(
+            "vision feature cache: %(vision_cache/hits)d hits, %(vision_cache/misses)d misses",
+            model.feature_cache.stats(),
+        )
     trained_dir = None
     if tc.save_trained:
         with engine.full_trainable_params():  # DeepSpeed: the fp32 master values, gathered on rank 0

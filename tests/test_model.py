@@ -19,7 +19,7 @@ def test_token_layout_for_2x1_tiling_by_hand():
     n = tokens_per_image(cfg, tw=2, th=1)
     assert n == side * (side + 1) + 1 + side * (2 * side + 1) == 17
 
-    def fake_tiles(tiles):  # tile t, token p -> value 100*t + p in channel 0
+    def fake_tiles(tiles, tile_keys=None):  # tile t, token p -> value 100*t + p in channel 0
         t = torch.arange(tiles.shape[0])[:, None] * 100 + torch.arange(side * side)[None]
         return F.pad(t.float()[..., None], (0, d - 1))
 
