@@ -293,7 +293,13 @@ def train(cfg, run_dir: str | Path) -> TrainResult:
         torch.set_num_threads(cfg.trainer.cpu_threads)
     rank_log = _rank_logging(Path(run_dir), env)
     try:
-        return _train(cfg, Path(run_dir), env, device)
+        result = _train(cfg, Path(run_dir), env, device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Tear the process group down while every rank is alive: left to interpreter exit, gloo's threads can
+            # abort the process ("terminate called without an active exception") after a successful run.
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+        return result
     except BaseException:
         if rank_log is not None:  # into this rank's log file only (the console shows it already)
             args = (env.rank, env.world_size)
