@@ -46,15 +46,7 @@ def to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def official_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     """The keys and shapes the official checkpoint of this architecture has."""
-    shapes = {}
-    for key, value in model.state_dict().items():
-        m = _STACKED.match(key)
-        if m:
-            for e in range(value.shape[0]):
-                shapes[f"{m.group(1)}.{e}.{m.group(2)}.weight"] = tuple(value.shape[1:])
-        else:
-            shapes[key] = tuple(value.shape)
-    return shapes
+    return {k: tuple(v.shape) for k, v in to_official(model.state_dict()).items()}
 
 
 def from_official(tensors: dict[str, torch.Tensor], n_experts_by_prefix: dict[str, int]) -> dict[str, torch.Tensor]:

@@ -17,13 +17,11 @@ import copy
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
-from .checkpoint import replace_dir
 from .config import VL2Config
 from .processor import candidate_resolutions
 
@@ -151,23 +149,17 @@ def make_tiny_checkpoint(out_dir: str | Path, family: str, seed: int = 0) -> Pat
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        vocab_size = write_tokenizer(tmp)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.extra-", dir=out_dir.parent) as extra:
+        vocab_size = write_tokenizer(extra)
         raw = family_config(family, vocab_size)
+        vision = raw["vision_config"]
+        write_processor_config(extra, image_size=vision["image_size"], patch_size=vision["patch_size"])
         with torch.random.fork_rng():  # the caller's random stream stays as it was
             torch.manual_seed(seed)
             model = DeepseekVL2ForCausalLM(VL2Config.from_dict(raw, source=f"tiny family {family}"))
             _init_random(model, seed)
-        model.save_pretrained(tmp / "weights")
-        for f in (tmp / "weights").iterdir():
-            shutil.move(str(f), tmp / f.name)
-        (tmp / "weights").rmdir()
-        vision = raw["vision_config"]
-        write_processor_config(tmp, image_size=vision["image_size"], patch_size=vision["patch_size"])
-        replace_dir(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # save_pretrained writes the whole directory (weights + these files) to a temp dir and renames it
+        model.save_pretrained(out_dir, extra_files=sorted(Path(extra).iterdir()))
     return out_dir
 
 
