@@ -10,12 +10,17 @@ Backends (names as in the official `ATTENTION_CLASSES`, plus sdpa):
 - sdpa: `F.scaled_dot_product_attention`, PyTorch picks the kernel;
 - flash_attention_2: the `flash-attn` package when installed, else SDPA restricted to its flash/cuDNN kernels
   (cuDNN takes MLA's 192/128 natively; flash needs V padded to 192). CUDA only.
+
+Packed rows (several samples per row, `SegmentMask`): eager and sdpa use the block-diagonal causal mask; the
+flash backend runs each sample on the fused kernel (flash-attn's varlen kernel, or one fused SDPA call per
+sample), so no [L, L] mask is built.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import warnings
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -73,8 +78,58 @@ def build_attention_mask(attention_mask: torch.Tensor | None, q_len: int, k_len:
     return allowed[None, None] & (keys | self_key[None, None])
 
 
+@dataclass
+class SegmentMask:
+    """Packed rows: `segment_ids [B, L]` numbers the samples of each row 1, 2, ... (0 = padding); every token
+    attends causally to its own sample only. Each id must form one contiguous run."""
+
+    segment_ids: torch.Tensor
+    _spans: list | None = field(default=None, repr=False)
+    _dense: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def spans(self) -> list[list[tuple[int, int]]]:
+        """Per row, the (start, end) of each run of equal ids, padding runs included (host lists, one sync)."""
+        if self._spans is None:
+            seg = self.segment_ids.cpu()
+            change = torch.ones_like(seg, dtype=torch.bool)
+            change[:, 1:] = seg[:, 1:] != seg[:, :-1]
+            length = seg.shape[1]
+            self._spans = []
+            for b in range(seg.shape[0]):
+                starts = torch.nonzero(change[b]).flatten().tolist()
+                self._spans.append(list(zip(starts, starts[1:] + [length])))
+                ids = seg[b, starts].tolist()
+                real = [i for i in ids if i != 0]
+                if len(set(real)) != len(real):
+                    raise ValueError(f"segment_ids row {b}: a sample's tokens are not contiguous ({ids})")
+        return self._spans
+
+    def dense(self) -> torch.Tensor:
+        """Bool [B, 1, L, L] (True = attend): same segment and causal. Padding attends to padding, never NaN."""
+        if self._dense is None:
+            seg = self.segment_ids
+            length = seg.shape[1]
+            causal = torch.ones(length, length, dtype=torch.bool, device=seg.device).tril()
+            self._dense = ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+        return self._dense
+
+
+def positions_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Position ids that restart at 0 at the start of every run of equal segment ids (no host sync)."""
+    idx = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
+    start = torch.ones_like(segment_ids, dtype=torch.bool)
+    start[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return idx - torch.where(start, idx, 0).cummax(dim=1).values
+
+
+def _dense_mask(mask):
+    return mask.dense() if isinstance(mask, SegmentMask) else mask
+
+
 # ------------------------------------------------------------------------------------------ backends
 def eager_attention(q, k, v, mask, scale):
+    mask = _dense_mask(mask)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     q_len, k_len = q.shape[-2], k.shape[-2]
     if mask is None and q_len > 1:
@@ -86,6 +141,7 @@ def eager_attention(q, k, v, mask, scale):
 
 
 def sdpa_attention(q, k, v, mask, scale):
+    mask = _dense_mask(mask)
     causal = mask is None and q.shape[-2] > 1
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 
@@ -101,6 +157,8 @@ def flash_attention(q, k, v, mask, scale):
             "flash_attention_2 needs a CUDA GPU (flash-attn or SDPA flash/cuDNN kernels); "
             "use attn_implementation=sdpa or eager on this machine"
         )
+    if isinstance(mask, SegmentMask):
+        return packed_flash_attention(q, k, v, mask, scale)
     if mask is not None:
         # Flash kernels take no arbitrary mask; left padding or a padded cache needs one. Fall back to SDPA.
         if not _warned_flash_mask:
@@ -117,8 +175,15 @@ def flash_attention(q, k, v, mask, scale):
             q.transpose(1, 2), k.transpose(1, 2), vp.transpose(1, 2), softmax_scale=scale, causal=causal
         )
         return out.transpose(1, 2)[..., :dv]
+    return _fused_sdpa(q, k, v, causal, scale)
+
+
+@torch.compiler.disable  # the kernel fallback below is a try/except on a runtime error: keep it eager
+def _fused_sdpa(q, k, v, causal, scale):
+    """SDPA restricted to the fused kernels: cuDNN (takes d_qk != d_v), else flash with V padded."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    dv = v.shape[-1]
     try:  # cuDNN handles d_qk=192, d_v=128 on Hopper without padding
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
@@ -128,6 +193,35 @@ def flash_attention(q, k, v, mask, scale):
     vp = F.pad(v, (0, q.shape[-1] - dv))
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         return F.scaled_dot_product_attention(q, k, vp, is_causal=causal, scale=scale)[..., :dv]
+
+
+@torch.compiler.disable  # the per-sample spans are host data: keep them out of compiled graphs
+def packed_flash_attention(q, k, v, segments: SegmentMask, scale, attend=None):
+    """Per-sample causal attention over packed rows on the fused kernels, no [L, L] mask.
+
+    With flash-attn: one varlen call over all rows (cu_seqlens from the spans). Otherwise one call of
+    `attend(q, k, v, causal, scale)` per span (default: the fused SDPA kernels); a padding span attends within
+    itself, its outputs are never used."""
+    b, h, length, dq = q.shape
+    dv = v.shape[-1]
+    spans = segments.spans
+    if _HAS_FLASH_ATTN and attend is None:
+        from flash_attn import flash_attn_varlen_func
+
+        lens = [e - s0 for row in spans for s0, e in row]
+        cu = torch.tensor([0] + lens, device=q.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        vp = F.pad(v, (0, dq - dv)) if dv != dq else v
+        flat = [t.transpose(1, 2).reshape(b * length, t.shape[1], t.shape[-1]) for t in (q, k, vp)]
+        out = flash_attn_varlen_func(*flat, cu, cu, max(lens), max(lens), softmax_scale=scale, causal=True)
+        return out.view(b, length, h, dq)[..., :dv].transpose(1, 2)
+    attend = attend or _fused_sdpa
+    rows = []
+    for r, row in enumerate(spans):
+        parts = [
+            attend(q[r : r + 1, :, s0:e], k[r : r + 1, :, s0:e], v[r : r + 1, :, s0:e], True, scale) for s0, e in row
+        ]
+        rows.append(torch.cat(parts, dim=2))
+    return torch.cat(rows, dim=0)
 
 
 ATTENTION_FUNCTIONS = {"eager": eager_attention, "sdpa": sdpa_attention, "flash_attention_2": flash_attention}
@@ -179,7 +273,7 @@ class MLAttention(nn.Module):
         q_pe = apply_rope(q_pe, cos, sin, interleaved=True)
         k_pe = apply_rope(k_pe.view(b, s, 1, self.rope_dim).transpose(1, 2), cos, sin, interleaved=True)
         if self.absorbed_reference:
-            return self._absorbed(q_nope, q_pe, self.kv_a_layernorm(c_kv), k_pe, mask), None
+            return self._absorbed(q_nope, q_pe, self.kv_a_layernorm(c_kv), k_pe, _dense_mask(mask)), None
         kv = self.kv_b_proj(self.kv_a_layernorm(c_kv)).view(b, s, h, self.nope + self.v_dim).transpose(1, 2)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import MHAttention, MLAttention, build_attention_mask
+from .attention import MHAttention, MLAttention, SegmentMask, build_attention_mask, positions_from_segments
 from .config import LanguageConfig
 from .moe import MLP, MoE
 from .norm import RMSNorm
@@ -49,13 +49,29 @@ class DeepseekV2Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False
 
-    def forward(self, inputs_embeds, attention_mask=None, position_ids=None, past_key_values=None):
-        """-> (hidden [B, S, D], new past_key_values (list of per-layer (k, v)), summed aux loss or None)."""
+    def compile_layers(self, **options) -> None:
+        """torch.compile every decoder layer in place (one graph per layer type; the layers share the code, so
+        they share compiled kernels). Packed-row attention stays eager (its spans are host data)."""
+        for layer in self.layers:
+            layer.compile(**options)
+
+    def forward(self, inputs_embeds, attention_mask=None, position_ids=None, past_key_values=None, segment_ids=None):
+        """-> (hidden [B, S, D], new past_key_values (list of per-layer (k, v)), summed aux loss or None).
+
+        `segment_ids [B, S]` marks packed rows (samples 1, 2, ... per row, 0 = padding): each sample attends only
+        to itself and, without explicit `position_ids`, its positions restart at 0."""
         b, s, _ = inputs_embeds.shape
         past_len = 0 if not past_key_values else past_key_values[0][0].shape[2]
-        if position_ids is None:
-            position_ids = default_position_ids(attention_mask, b, s, past_len, inputs_embeds.device)
-        mask = build_attention_mask(attention_mask, s, past_len + s)
+        if segment_ids is not None:
+            if past_key_values:
+                raise ValueError("segment_ids (packed rows) are for training and scoring; they take no KV cache")
+            if position_ids is None:
+                position_ids = positions_from_segments(segment_ids)
+            mask = SegmentMask(segment_ids)
+        else:
+            if position_ids is None:
+                position_ids = default_position_ids(attention_mask, b, s, past_len, inputs_embeds.device)
+            mask = build_attention_mask(attention_mask, s, past_len + s)
         x, new_cache, aux_total = inputs_embeds, [], None
         for i, layer in enumerate(self.layers):
             past = past_key_values[i] if past_key_values else None

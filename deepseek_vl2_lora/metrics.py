@@ -145,7 +145,9 @@ class FlopModel:
 
     def batch_flops(self, batch: dict) -> float:
         """Model FLOPs of one forward+backward over `batch` (a collated training batch, on any device)."""
-        seq_lens = batch["attention_mask"].sum(dim=1).tolist()
+        from .packing import sample_lengths
+
+        seq_lens = sample_lengths(batch)  # packed rows: attention is per sample
         crop = batch["images_spatial_crop"]
         n_tiles = int(((crop[..., 0] * crop[..., 1]) + 1).masked_fill(crop[..., 0] == 0, 0).sum())
         return self.lm_flops(seq_lens) + self.vision_flops(n_tiles)

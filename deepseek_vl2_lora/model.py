@@ -3,7 +3,8 @@
 The forward takes the official processor's batch fields by the same names:
 `input_ids [B, T]`, `attention_mask [B, T]`, `images [B, max_tiles, 3, H, W]`, `images_seq_mask [B, T]`,
 `images_spatial_crop [B, max_images, 2]` (= [num_width_tiles, num_height_tiles], zero rows are padding),
-`labels [B, T]` (-100 = not supervised; shifted inside), `position_ids [B, T]` (optional).
+`labels [B, T]` (-100 = not supervised; shifted inside), `position_ids [B, T]` (optional), and for packed rows
+`segment_ids [B, T]` (samples 1, 2, ... within a row, 0 = padding; each sample attends only to itself).
 """
 
 from __future__ import annotations
@@ -193,6 +194,7 @@ class DeepseekVL2ForCausalLM(nn.Module):
         use_cache: bool = False,
         return_logits: bool = True,
         tile_keys=None,
+        segment_ids=None,
     ) -> VL2Output:
         """`return_logits=False` (training) computes the loss on supervised positions only, without full fp32
         logits; the loss is the same function."""
@@ -200,7 +202,14 @@ class DeepseekVL2ForCausalLM(nn.Module):
             inputs_embeds = self.prepare_inputs_embeds(
                 input_ids, images, images_seq_mask, images_spatial_crop, tile_keys
             )
-        hidden, cache, aux = self.language.model(inputs_embeds, attention_mask, position_ids, past_key_values)
+        if segment_ids is not None and labels is not None:
+            # A sample's first token must not be predicted from the previous sample's last one.
+            starts = torch.zeros_like(labels, dtype=torch.bool)
+            starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+            labels = labels.masked_fill(starts, IGNORE_INDEX)
+        hidden, cache, aux = self.language.model(
+            inputs_embeds, attention_mask, position_ids, past_key_values, segment_ids
+        )
         cache = cache if use_cache else None
         if not return_logits:
             loss = None

@@ -75,6 +75,12 @@ class TrainerConfig:
     # thread degrades gracefully where several oversubscribe the cores and can run many times slower.
     cpu_threads: int | None = None
     gradient_checkpointing: bool = False  # per decoder layer, LM only
+    # Pack each micro batch's samples into rows of at most this many tokens (first-fit decreasing), each sample
+    # attending only to itself with its own position ids; the loss is the unpacked one. null: one row per sample.
+    pack_length: int | None = None
+    # torch.compile each decoder layer (attention + FFN) for fused elementwise kernels; the first steps and each
+    # new sequence length compile. Off by default: it pays off on long GPU runs, not in short or CPU ones.
+    compile_blocks: bool = False
     log_every: int = 1  # metrics.jsonl / W&B every N steps
     print_every: int = 50  # a console line every N steps (the progress bar shows every step)
     progress_bar: bool = True
@@ -224,6 +230,10 @@ def check_config(cfg: DictConfig) -> None:
         problems.append("trainer.vision_feature_cache works with dist=single only (each rank would need its share)")
     if cfg.dist.offload_params and cfg.dist.kind != "zero3":
         problems.append(f"dist.offload_params=true needs dist=zero3 (dist={cfg.dist.kind} keeps whole weights)")
+    if cfg.trainer.compile_blocks and cfg.dist.kind != "single":
+        problems.append("trainer.compile_blocks=true is tested with dist=single only (DeepSpeed hooks every module)")
+    if cfg.trainer.pack_length is not None and cfg.trainer.pack_length < 1:
+        problems.append(f"trainer.pack_length={cfg.trainer.pack_length}: must be ≥ 1 (or null: no packing)")
     if cfg.trainer.cpu_threads is not None and cfg.trainer.cpu_threads < 1:
         problems.append(f"trainer.cpu_threads={cfg.trainer.cpu_threads}: must be ≥ 1 (or null)")
     if problems:

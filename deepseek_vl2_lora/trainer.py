@@ -45,6 +45,7 @@ from .evaluation import MODEL_INPUTS, evaluate
 from .feature_cache import VisionFeatureCache
 from .metrics import FlopModel, MetricsLogger, init_wandb, peak_flops, peak_memory_gb, wandb_log_policy
 from .model import IGNORE_INDEX, DeepseekVL2ForCausalLM
+from .packing import sample_lengths
 from .policy import (
     PolicyError,
     apply_policy,
@@ -185,6 +186,7 @@ _TOKEN_FIELDS = {
     "labels": IGNORE_INDEX,
     "position_ids": 0,
     "images_seq_mask": 0,
+    "segment_ids": 0,  # packed batches only
 }
 
 
@@ -196,6 +198,8 @@ def _pad_to_length(batch: dict, length: int, pad_id: int) -> dict:
         return batch
     out = dict(batch)
     for key, value in _TOKEN_FIELDS.items():
+        if key not in batch:
+            continue
         t = batch[key]
         out[key] = torch.cat([t, t.new_full((t.shape[0], extra), pad_id if value is None else value)], dim=1)
     return out
@@ -329,6 +333,8 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResul
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()  # trainable weights stay fp32 (master weights) under bf16 storage
     model.language.model.gradient_checkpointing = tc.gradient_checkpointing
+    if tc.compile_blocks:
+        model.language.model.compile_layers()
     model.train()
     flop_model = FlopModel.from_model(model)  # before the engine: ZeRO-3 shards the weights in place
     if env.world_size > 1:  # initialisation above is the same on every rank; dropout draws differ per rank
@@ -364,7 +370,12 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResul
             raise ConfigError("trainer.vision_feature_cache needs the vision tower and projector frozen by the policy")
         model.feature_cache = VisionFeatureCache(Path(tc.vision_feature_cache).expanduser(), model)
         log.info("vision feature cache: %s", model.feature_cache.dir)
-    collator = Collator(processor.pad_id, padding_side="right", tile_keys=model.feature_cache is not None)
+    collator = Collator(
+        processor.pad_id,
+        padding_side="right",
+        tile_keys=model.feature_cache is not None,
+        pack_length=tc.pack_length,
+    )
     run_eval = partial(
         evaluate,
         model,
@@ -483,7 +494,7 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResul
                 batch = _to_device(batch, device)
                 with autocast():
                     # return_logits=False: lm_head and CE on supervised positions only, no full fp32 logits
-                    inputs = {k: batch[k] for k in MODEL_INPUTS}
+                    inputs = {k: batch[k] for k in MODEL_INPUTS + ("segment_ids",) if k in batch}
                     if tile_keys is not None:
                         inputs["tile_keys"] = tile_keys
                     out = engine.forward(**inputs, labels=batch["labels"], return_logits=False)
@@ -496,7 +507,7 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResul
                 lm_losses.append(loss.detach().float() * weight)
                 aux_losses.append(aux.detach().float())
                 tokens += int(batch["attention_mask"].sum())
-                samples += batch["input_ids"].shape[0]
+                samples += len(sample_lengths(batch))
                 flops += flop_model.batch_flops(batch)
             lm_loss = float(torch.stack(lm_losses).mean())
             aux_loss = float(torch.stack(aux_losses).mean())
