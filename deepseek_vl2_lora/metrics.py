@@ -148,7 +148,9 @@ class FlopModel:
         from .packing import sample_lengths
 
         seq_lens = sample_lengths(batch)  # packed rows: attention is per sample
-        crop = batch["images_spatial_crop"]
+        crop = batch.get("images_spatial_crop")
+        if crop is None:  # a text-only batch
+            return self.lm_flops(seq_lens)
         n_tiles = int(((crop[..., 0] * crop[..., 1]) + 1).masked_fill(crop[..., 0] == 0, 0).sum())
         return self.lm_flops(seq_lens) + self.vision_flops(n_tiles)
 

@@ -107,6 +107,14 @@ def grouped_mm_supported(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32
 
 
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+# torch.compile's shape rule for _grouped_mm accepts bf16 only; the CPU fp32 fallback runs outside the graph.
+_grouped_mm_eager = torch.compiler.disable(_grouped_mm)
+
+
 class RoutedExperts(nn.Module):
     """E SwiGLU experts as stacked weights: gate_proj/up_proj [E, I, D], down_proj [E, D, I]."""
 
@@ -155,9 +163,10 @@ class RoutedExperts(nn.Module):
         offs = torch.bincount(flat, minlength=self.n_experts).cumsum(0).to(torch.int32)
         xs = x[order // k]
         dt = xs.dtype
-        g = torch._grouped_mm(xs, self.gate_proj.to(dt).transpose(-2, -1), offs=offs)
-        u = torch._grouped_mm(xs, self.up_proj.to(dt).transpose(-2, -1), offs=offs)
-        out = torch._grouped_mm(self.act(g) * u, self.down_proj.to(dt).transpose(-2, -1), offs=offs)
+        gmm = _grouped_mm if dt == torch.bfloat16 else _grouped_mm_eager
+        g = gmm(xs, self.gate_proj.to(dt).transpose(-2, -1), offs)
+        u = gmm(xs, self.up_proj.to(dt).transpose(-2, -1), offs)
+        out = gmm(self.act(g) * u, self.down_proj.to(dt).transpose(-2, -1), offs)
         y = torch.empty_like(out)
         y[order] = out
         return y

@@ -3,23 +3,28 @@
 
     python scripts/bench.py                          # VL2-Small LM shapes, 8k tokens/step, uniform + skewed router
     python scripts/bench.py --shapes tiny            # VL2-Tiny shapes (MHA) with images
+    python scripts/bench.py --paths all              # also each optimization reverted / added on its own
+    python scripts/bench.py --sample-tokens 1024     # rows packed with ~1k-token samples (per-sample attention)
     python scripts/bench.py --shapes cpu-tiny --steps 3 --warmup 1   # a CPU smoke run of the whole script
 
-Paths (toggled on one model, so both see identical weights and batch):
+Paths (toggled on one model, so all see identical weights and batch):
 - reference: per-expert loop MoE, the official absorbed eager MLA (or eager MHA), full fp32 logits + CE;
+  whole-layer recompute only if the step would otherwise run out of memory (recorded as `recompute`);
 - optimized: grouped-GEMM experts (`torch._grouped_mm` where it has a kernel), non-absorbed MLA on SDPA's
-  fused kernels (`flash_attention_2` on CUDA: cuDNN at 192/128, else flash with V padded), loss on supervised
-  positions without full-vocab logits.
-Both train the MLA low-rank paths (`mla_lowrank`; `mha_lora` for the MHA tiny shapes), AdamW on the trainable
-parameters, frozen vision without autograd.
+  fused kernels (`flash_attention_2` on CUDA: cuDNN at 192/128, else flash with V padded; packed rows: one fused
+  call per sample), loss on supervised positions without full-vocab logits, no recompute;
+- ablations (`--paths all`): the optimized path with one technique reverted (`-grouped`: loop experts,
+  `-fused_attention`: eager attention, `-lean_ce`: full fp32 logits) or added (`+recompute`, `+compile`: each
+  decoder layer torch.compiled, `+feature_cache`: frozen-vision features from the disk cache, image shapes only).
+All train the MLA low-rank paths (`mla_lowrank`; `mha_lora` for the MHA tiny shapes) with AdamW on the trainable
+parameters kept in fp32; vision is frozen and runs without autograd.
 
 Reported per path: median step time over --steps after --warmup, LM tokens/s, useful TFLOP/s, peak memory;
-then the speedup and an agreement check (loss and trainable gradients, first step, same batch).
-FLOP rule (useful work, per token): 4·N_active + 2·N_trainable + 3·A, where N_active counts the matmul
-parameters a token passes through (attention projections, dense or shared + top-k routed experts, router,
-lm_head; not the embedding), N_trainable the trained ones, and A = H·S·(d_qk + d_v) the causal attention
-forward FLOPs per token (S = sequence length; mean key count S/2, 2 FLOPs per multiply-add). Vision FLOPs are
-not counted (frozen, forward-only).
+then the speedups and an agreement check of reference vs optimized (loss and trainable gradients, same weights,
+same batch). FLOP rule (deepseek_vl2_lora.metrics.FlopModel, the one the trainer logs): per LM token
+4·N_active + 2·N_trainable, plus 3·A for attention, where N_active counts the matmul weights a token passes
+through (attention projections, dense or shared + top-k routed experts, router, lm_head; not the embedding) and
+A = 2·H·(d_qk + d_v) per (query, visible key) pair of each sample; frozen vision adds its forward FLOPs per tile.
 """
 
 from __future__ import annotations
@@ -128,18 +133,48 @@ def build(shapes: dict, device, dtype):
     return model.to(dtype)
 
 
-def skew_router(model, hot_fraction: float = 0.125, scale: float = 4.0) -> None:
-    """Realistic imbalance: a few experts' gate rows get a larger norm, so they win top-k far more often."""
-    from deepseek_vl2_lora.moe import MoE
+def skew_routing(model, zipf_s: float = 0.5, seed: int = 0) -> None:
+    """Realistic imbalance. Random gates route almost uniformly; trained ones do not. Here every MoE layer routes
+    by a fixed Zipf(s) popularity over its experts (∝ 1/rank^s, ranks shuffled per layer): each token's k
+    distinct experts are drawn from it once per layer and batch shape, so every path sees the same routing. The
+    gate still runs and its top-k weights scale the chosen experts, so the router trains as usual.
+    With 64 experts, top-6 and s = 0.5 the busiest expert gets ~3.8× the mean load and the idlest ~0.55×."""
+    from deepseek_vl2_lora.moe import Router
 
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, MoE):
-                hot = max(1, int(m.gate.weight.shape[0] * hot_fraction))
-                m.gate.weight[:hot] *= scale
+    chosen = {}
+
+    def hook(mod, args, out):
+        idx, weight, aux = out
+        key = (id(mod), tuple(idx.shape))
+        if key not in chosen:
+            g = torch.Generator().manual_seed(seed + len(chosen))
+            rank = torch.randperm(mod.n_experts, generator=g).float() + 1
+            popularity = rank.pow(-zipf_s).expand(idx.shape[0], -1)
+            picks = torch.multinomial(popularity, idx.shape[1], replacement=False, generator=g)
+            chosen[key] = picks.to(idx.device, idx.dtype)
+        return chosen[key], weight, aux
+
+    for m in model.modules():
+        if isinstance(m, Router):
+            m.register_forward_hook(hook)
 
 
-def make_batch(shapes, tokens: int, seq: int, supervised: float, device):
+PATHS = {
+    "reference": dict(experts="loop", attention="absorbed", lean_ce=False, recompute="auto"),
+    "optimized": dict(experts="grouped", attention="fused", lean_ce=True, recompute=False),
+    "optimized-grouped": dict(experts="loop", attention="fused", lean_ce=True, recompute=False),
+    "optimized-fused_attention": dict(experts="grouped", attention="eager", lean_ce=True, recompute=False),
+    "optimized-lean_ce": dict(experts="grouped", attention="fused", lean_ce=False, recompute=False),
+    "optimized+recompute": dict(experts="grouped", attention="fused", lean_ce=True, recompute=True),
+    "optimized+feature_cache": dict(experts="grouped", attention="fused", lean_ce=True, recompute=False, cache=True),
+    "optimized+compile": dict(experts="grouped", attention="fused", lean_ce=True, recompute=False, compile=True),
+}
+
+
+def make_batch(shapes, tokens: int, seq: int, supervised: float, device, sample_tokens=None, images_per_row=2):
+    """`tokens // seq` rows of `seq` random tokens. Image shapes: `images_per_row` 2×2-tiled images at the start
+    of each row, their positions unsupervised. With `sample_tokens`, each row is packed with samples of 0.5–1.5×
+    that length (`segment_ids`; the first sample holds the images)."""
     b = max(1, tokens // seq)
     g = torch.Generator().manual_seed(1)
     vocab = shapes["language"]["vocab_size"]
@@ -147,92 +182,135 @@ def make_batch(shapes, tokens: int, seq: int, supervised: float, device):
     labels = ids.clone()
     labels[:, : int(seq * (1 - supervised))] = -100
     batch = {"input_ids": ids, "attention_mask": torch.ones(b, seq, dtype=torch.long), "labels": labels}
+    images_end = 0
     if shapes["images"]:
         v = shapes["vision"]
         side = -(-(v["image_size"] // v["patch_size"]) // 2)
-        n_img = side * (side + 1) + 1 + side * (side + 1)  # one 1×1-tiled image per sample
+        tw = th = 2
+        n_img = side * (side + 1) + 1 + (side * th) * (side * tw + 1)  # official 2D layout, 2×2 tiles
+        images_end = 1 + images_per_row * (n_img + 1)
+        if images_end > seq:
+            raise SystemExit(f"{images_per_row} images of {n_img} tokens do not fit a row of {seq}")
         mask = torch.zeros(b, seq, dtype=torch.bool)
-        mask[:, 1 : 1 + n_img] = True
+        for i in range(images_per_row):
+            start = 1 + i * (n_img + 1)
+            mask[:, start : start + n_img] = True
         batch["labels"][mask] = -100
+        n_tiles = images_per_row * (1 + tw * th)
         batch.update(
-            images=torch.randn(b, 2, 3, v["image_size"], v["image_size"], generator=g),
+            images=torch.randn(b, n_tiles, 3, v["image_size"], v["image_size"], generator=g),
             images_seq_mask=mask,
-            images_spatial_crop=torch.ones(b, 1, 2, dtype=torch.long),
+            images_spatial_crop=torch.tensor([[tw, th]] * images_per_row).expand(b, -1, -1).contiguous(),
         )
+    if sample_tokens:
+        seg = torch.zeros(b, seq, dtype=torch.long)
+        for r in range(b):
+            start, j = 0, 1
+            while start < seq:
+                n = int(torch.randint(sample_tokens // 2, sample_tokens * 3 // 2 + 1, (), generator=g))
+                n = max(n, images_end) if j == 1 else n  # the images belong to the first sample
+                seg[r, start : start + n] = j
+                start, j = start + n, j + 1
+        batch["segment_ids"] = seg
     return {k: t.to(device) for k, t in batch.items()}
 
 
-def set_path(model, path: str, device) -> None:
+def set_path(model, path: dict, device, cache_dir=None) -> None:
     from deepseek_vl2_lora.attention import MLAttention
     from deepseek_vl2_lora.moe import RoutedExperts, grouped_mm_supported
 
     probe = torch.zeros(1, dtype=model.dtype, device=device)
+    fused = "flash_attention_2" if device.type == "cuda" else "sdpa"
     for m in model.modules():
         if isinstance(m, RoutedExperts):
-            m.kernel = "loop" if path == "reference" or not grouped_mm_supported(probe) else "grouped"
+            m.kernel = "grouped" if path["experts"] == "grouped" and grouped_mm_supported(probe) else "loop"
         if hasattr(m, "backend") and hasattr(m, "o_proj"):
-            optimized = "flash_attention_2" if device.type == "cuda" else "sdpa"
-            m.backend = "eager" if path == "reference" else optimized
+            m.backend = fused if path["attention"] == "fused" else "eager"
         if isinstance(m, MLAttention):
-            m.absorbed_reference = path == "reference"
+            m.absorbed_reference = path["attention"] == "absorbed"
+    model.language.model.gradient_checkpointing = path["recompute"] is True
+    model.feature_cache = None
+    if path.get("cache"):
+        from deepseek_vl2_lora.feature_cache import VisionFeatureCache
+
+        model.feature_cache = VisionFeatureCache(cache_dir, model)
+    for layer in model.language.model.layers:
+        # nn.Module.compile keeps the compiled forward here; None restores the eager one (for the paths after)
+        layer._compiled_call_impl = None
+    if path.get("compile"):
+        model.language.model.compile_layers()
 
 
-def useful_flops_per_token(model, seq: int) -> float:
+def attention_kernel(model, device) -> str:
+    """Which fused SDPA kernel takes this model's attention shapes (fwd+bwd, causal, bf16), tried in the order
+    the flash_attention_2 backend tries them. MLA's 192/128 must not land on the slow mem-efficient kernel."""
+    if device.type != "cuda":
+        return "n/a (cpu)"
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     lm = model.config.language
-    active = 0
-    for name, p in model.language.named_parameters():
-        if "embed_tokens" in name or p.dim() < 2:
-            continue
-        if ".experts." in name:  # stacked [E, out, in]: a token uses top-k of E
-            active += p[0].numel() * lm.num_experts_per_tok
-        else:
-            active += p.numel()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if lm.use_mla:
-        attn = lm.num_attention_heads * seq * (lm.q_head_dim + lm.v_head_dim)
-    else:
-        attn = lm.num_attention_heads * seq * 2 * lm.mha_head_dim
-    return 4 * active + 2 * trainable + 3 * attn * lm.num_hidden_layers
+    dq, dv = (lm.q_head_dim, lm.v_head_dim) if lm.use_mla else (lm.mha_head_dim, lm.mha_head_dim)
+    q = torch.randn(1, lm.num_attention_heads, 1024, dq, device=device, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, lm.num_attention_heads, 1024, dv, device=device, dtype=torch.bfloat16, requires_grad=True)
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        try:
+            with sdpa_kernel([backend]):
+                torch.nn.functional.scaled_dot_product_attention(q, q, v, is_causal=True).sum().backward()
+            return name
+        except RuntimeError:
+            pass
+    return "flash (V padded)" if dq != dv else "none"
 
 
-def run_path(model, batch, path, steps, warmup, device, return_grads=False):
-    set_path(model, path, device)
+def run_path(model, batch, path, steps, warmup, device, tile_keys=None):
+    """(median step seconds, peak GiB, whether whole-layer recompute was on)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+    extra = {"tile_keys": tile_keys} if path.get("cache") else {}
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    times, first = [], None
-    for i in range(warmup + steps):
+    times = []
+    i = 0
+    while i < warmup + steps:
         t0 = time.perf_counter()
-        out = model(**batch, return_logits=path == "reference")
-        loss = out.loss + (out.aux_loss if out.aux_loss is not None else 0)
-        loss.backward()
-        if i == 0 and return_grads:
-            first = (
-                out.loss.detach().float().item(),
-                {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad},
-            )
+        try:
+            out = model(**batch, **extra, return_logits=not path["lean_ce"])
+            loss = out.loss + (out.aux_loss if out.aux_loss is not None else 0)
+            loss.backward()
+        except torch.OutOfMemoryError:
+            if path["recompute"] != "auto" or model.language.model.gradient_checkpointing:
+                raise
+            out = loss = None
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            print("  out of memory without recompute: retrying with whole-layer recompute", flush=True)
+            model.language.model.gradient_checkpointing = True
+            torch.cuda.reset_peak_memory_stats(device)
+            continue
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+        i += 1
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return statistics.median(times), peak, first
+    return statistics.median(times), peak, model.language.model.gradient_checkpointing
 
 
 def agreement(model, batch, device):
-    """Loss and trainable gradients of both paths on the same weights and batch (no optimizer step)."""
+    """Loss and trainable gradients of the reference and optimized paths (same weights, batch, no step)."""
     results = {}
-    for path in ("reference", "optimized"):
+    for name in ("reference", "optimized"):
+        path = dict(PATHS[name], recompute=True)  # recompute changes no value; it keeps the reference in memory
         set_path(model, path, device)
         model.zero_grad(set_to_none=True)
-        out = model(**batch, return_logits=path == "reference")
+        out = model(**batch, return_logits=not path["lean_ce"])
         (out.loss + (out.aux_loss if out.aux_loss is not None else 0)).backward()
         grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
-        results[path] = (out.loss.float().item(), grads)
+        results[name] = (out.loss.float().item(), grads)
+        del out
     model.zero_grad(set_to_none=True)
     (l_ref, g_ref), (l_opt, g_opt) = results["reference"], results["optimized"]
     worst = max(((g_opt[n] - g_ref[n]).norm() / g_ref[n].norm().clamp(min=1e-12)).item() for n in g_ref)
@@ -245,55 +323,75 @@ def agreement(model, batch, device):
 
 
 def expert_imbalance(model, batch) -> float:
-    """max/mean tokens per expert in the first MoE layer (1.0 = perfectly balanced)."""
+    """max/mean tokens per expert, averaged over the MoE layers (1.0 = perfectly balanced)."""
     from deepseek_vl2_lora.moe import MoE
 
-    counts = []
+    ratios = []
 
     def hook(mod, args, out):
-        counts.append(torch.bincount(out[0].reshape(-1), minlength=mod.n_experts).float())
+        counts = torch.bincount(out[0].reshape(-1), minlength=mod.n_experts).float()
+        ratios.append((counts.max() / counts.mean()).item())
 
-    moe = next(m for m in model.modules() if isinstance(m, MoE))
-    handle = moe.gate.register_forward_hook(hook)
+    handles = [m.gate.register_forward_hook(hook) for m in model.modules() if isinstance(m, MoE)]
     with torch.no_grad():
         model(**batch, return_logits=False)
-    handle.remove()
-    return (counts[0].max() / counts[0].mean()).item()
+    for h in handles:
+        h.remove()
+    return statistics.mean(ratios)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", choices=sorted(SHAPES), default="small")
     ap.add_argument("--tokens", type=int, default=8192, help="LM tokens per step")
-    ap.add_argument("--seq", type=int, default=4096)
-    ap.add_argument("--supervised", type=float, default=1.0, help="fraction of each sequence with labels")
+    ap.add_argument("--seq", type=int, default=4096, help="row length")
+    ap.add_argument("--sample-tokens", type=int, help="pack each row with samples of about this many tokens")
+    ap.add_argument("--images-per-row", type=int, default=2, help="2×2-tiled images per row (image shapes)")
+    ap.add_argument("--supervised", type=float, default=1.0, help="fraction of each row with labels")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--router", choices=["uniform", "skewed", "both"], default="both")
-    ap.add_argument("--paths", default="reference,optimized")
+    ap.add_argument("--zipf", type=float, default=0.5, help="skewed router: Zipf exponent of expert popularity")
+    ap.add_argument("--paths", default="reference,optimized", help=f"comma list, or all: {', '.join(PATHS)}")
     ap.add_argument("--out", help="also write the results as JSON here")
     args = ap.parse_args()
 
+    import tempfile
+
     import yaml
 
+    from deepseek_vl2_lora.feature_cache import tile_key
+    from deepseek_vl2_lora.metrics import FlopModel
+    from deepseek_vl2_lora.packing import sample_lengths
     from deepseek_vl2_lora.policy import apply_policy
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shapes = SHAPES[args.shapes]
+    names = list(PATHS) if args.paths == "all" else args.paths.split(",")
+    if not shapes["images"]:
+        names = [n for n in names if not PATHS[n].get("cache")]
+    unknown = [n for n in names if n not in PATHS]
+    if unknown:
+        raise SystemExit(f"unknown path(s) {unknown}; choose from {', '.join(PATHS)}")
     seq = min(args.seq, args.tokens) if args.shapes != "cpu-tiny" else min(args.seq, 64)
     tokens = args.tokens if args.shapes != "cpu-tiny" else min(args.tokens, 128)
+    sample_tokens = args.sample_tokens if args.shapes != "cpu-tiny" or not args.sample_tokens else 16
+    images_per_row = args.images_per_row if args.shapes != "cpu-tiny" else 1
     header = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "shapes": args.shapes,
         "tokens_per_step": tokens,
         "seq": seq,
+        "sample_tokens": sample_tokens,
+        "images_per_row": images_per_row if shapes["images"] else 0,
         "dtype": str(dtype),
         "supervised": args.supervised,
     }
-    print(json.dumps(header))
+    print(json.dumps(header), flush=True)
     results = []
+    cache_root = tempfile.mkdtemp(prefix="bench_feature_cache_")
     for router in ["uniform", "skewed"] if args.router == "both" else [args.router]:
         model = build(shapes, device, dtype)
         policy = yaml.safe_load(open(f"configs/policy/{shapes['policy']}.yaml"))
@@ -303,30 +401,48 @@ def main() -> None:
                 p.data = p.data.float()
         model.train()
         if router == "skewed":
-            skew_router(model)
-        batch = make_batch(shapes, tokens, seq, args.supervised, device)
+            skew_routing(model, args.zipf)
+        batch = make_batch(shapes, tokens, seq, args.supervised, device, sample_tokens, images_per_row)
+        tile_keys = [[tile_key(t) for t in row] for row in batch["images"]] if shapes["images"] else None
         n_tokens = int(batch["attention_mask"].sum())
-        flops = useful_flops_per_token(model, seq) * n_tokens
-        row = {"router": router, "expert_imbalance": expert_imbalance(model, batch), **agreement(model, batch, device)}
-        for path in args.paths.split(","):
-            step, peak, _ = run_path(model, batch, path, args.steps, args.warmup, device)
-            row[path] = {
+        flops = FlopModel.from_model(model).batch_flops(batch)
+        row = {
+            "router": router,
+            "samples": len(sample_lengths(batch)),
+            "attention_kernel": attention_kernel(model, device),
+            "expert_imbalance": expert_imbalance(model, batch),
+        }
+        if "reference" in names and "optimized" in names:
+            row.update(agreement(model, batch, device))
+        for name in names:
+            set_path(model, PATHS[name], device, cache_root)
+            step, peak, recompute = run_path(model, batch, PATHS[name], args.steps, args.warmup, device, tile_keys)
+            row[name] = {
                 "step_s": step,
                 "tokens_per_s": n_tokens / step,
                 "tflops": flops / step / 1e12,
                 "peak_gib": peak,
+                "recompute": recompute,
             }
             print(
-                f"[{router}] {path:9s} step {step * 1e3:9.1f} ms  {n_tokens / step:10.0f} tok/s  "
-                f"{flops / step / 1e12:7.1f} TFLOP/s  peak {peak if peak is None else round(peak, 2)} GiB",
+                f"[{router}] {name:26s} step {step * 1e3:9.1f} ms  {n_tokens / step:10.0f} tok/s  "
+                f"{flops / step / 1e12:7.1f} TFLOP/s  peak {peak if peak is None else round(peak, 2)} GiB"
+                + ("  (whole-layer recompute)" if recompute else ""),
                 flush=True,
             )
         if "reference" in row and "optimized" in row:
             row["speedup"] = row["reference"]["step_s"] / row["optimized"]["step_s"]
             print(
                 f"[{router}] speedup {row['speedup']:.2f}x  imbalance {row['expert_imbalance']:.2f}  "
-                f"loss rel diff {row['loss_rel_diff']:.2e}  worst grad rel diff {row['worst_grad_rel_diff']:.2e}"
+                f"loss rel diff {row['loss_rel_diff']:.2e}  worst grad rel diff {row['worst_grad_rel_diff']:.2e}  "
+                f"attention kernel {row['attention_kernel']}",
+                flush=True,
             )
+        if "optimized" in row:
+            for name in names:
+                if name.startswith("optimized") and name != "optimized":
+                    rel = row[name]["step_s"] / row["optimized"]["step_s"]
+                    print(f"[{router}] {name}: {rel:.2f}x the optimized step time", flush=True)
         results.append(row)
         del model
         if device.type == "cuda":
