@@ -12,7 +12,7 @@ Paths (toggled on one model, so all see identical weights and batch):
   whole-layer recompute only if the step would otherwise run out of memory (recorded as `recompute`);
 - optimized: grouped-GEMM experts (`torch._grouped_mm` where it has a kernel), non-absorbed MLA on SDPA's
   fused kernels (`flash_attention_2` on CUDA: cuDNN at 192/128, else flash with V padded; packed rows: one fused
-  call per sample), loss on supervised positions without full-vocab logits, no recompute;
+  call per sample), loss on supervised positions without full-vocab logits, recompute as for the reference;
 - ablations (`--paths all`): the optimized path with one technique reverted (`-grouped`: loop experts,
   `-fused_attention`: eager attention, `-lean_ce`: full fp32 logits) or added (`+recompute`, `+compile`: each
   decoder layer torch.compiled, `+feature_cache`: frozen-vision features from the disk cache, image shapes only).
@@ -30,6 +30,7 @@ A = 2·H·(d_qk + d_v) per (query, visible key) pair of each sample; frozen visi
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -161,10 +162,11 @@ def skew_routing(model, zipf_s: float = 0.5, seed: int = 0) -> None:
 
 PATHS = {
     "reference": dict(experts="loop", attention="absorbed", lean_ce=False, recompute="auto"),
-    "optimized": dict(experts="grouped", attention="fused", lean_ce=True, recompute=False),
-    "optimized-grouped": dict(experts="loop", attention="fused", lean_ce=True, recompute=False),
-    "optimized-fused_attention": dict(experts="grouped", attention="eager", lean_ce=True, recompute=False),
-    "optimized-lean_ce": dict(experts="grouped", attention="fused", lean_ce=False, recompute=False),
+    "optimized": dict(experts="grouped", attention="fused", lean_ce=True, recompute="auto"),
+    # reverting a memory saving may need recompute to fit: "auto" turns it on only after an out-of-memory
+    "optimized-grouped": dict(experts="loop", attention="fused", lean_ce=True, recompute="auto"),
+    "optimized-fused_attention": dict(experts="grouped", attention="eager", lean_ce=True, recompute="auto"),
+    "optimized-lean_ce": dict(experts="grouped", attention="fused", lean_ce=False, recompute="auto"),
     "optimized+recompute": dict(experts="grouped", attention="fused", lean_ce=True, recompute=True),
     "optimized+feature_cache": dict(experts="grouped", attention="fused", lean_ce=True, recompute=False, cache=True),
     "optimized+compile": dict(experts="grouped", attention="fused", lean_ce=True, recompute=False, compile=True),
@@ -274,15 +276,18 @@ def run_path(model, batch, path, steps, warmup, device, tile_keys=None):
     i = 0
     while i < warmup + steps:
         t0 = time.perf_counter()
+        oom = False
         try:
             out = model(**batch, **extra, return_logits=not path["lean_ce"])
-            loss = out.loss + (out.aux_loss if out.aux_loss is not None else 0)
-            loss.backward()
+            (out.loss + (out.aux_loss if out.aux_loss is not None else 0)).backward()
         except torch.OutOfMemoryError:
             if path["recompute"] != "auto" or model.language.model.gradient_checkpointing:
                 raise
-            out = loss = None
+            oom = True  # handled below, once the exception (and the activations its frames hold) is gone
+        if oom:
+            out = None
             model.zero_grad(set_to_none=True)
+            gc.collect()
             torch.cuda.empty_cache()
             print("  out of memory without recompute: retrying with whole-layer recompute", flush=True)
             model.language.model.gradient_checkpointing = True

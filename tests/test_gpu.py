@@ -65,3 +65,35 @@ def test_flash_on_mla_uses_a_fused_kernel_not_math():
         @ v.float()
     )
     assert _close(out, ref, 2e-2)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_rows_on_flash_match_eager_on_gpu(family):
+    """Packed rows (segment_ids): the flash backend's per-sample fused kernels vs eager's block mask, bf16,
+    logits and the loss's gradients."""
+    from test_packing import _run, _samples
+
+    from deepseek_vl2_lora.processor import Collator
+
+    cpu_model = build_model(family)
+    batch = Collator(0, pack_length=64)(_samples(cpu_model.config))
+    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    results = []
+    for name in ("eager", "flash_attention_2"):
+        model = build_model(family, attn_implementation=name).cuda().bfloat16().train()
+        out, grads = _run(model, batch)
+        results.append((out.logits[batch["attention_mask"].bool()], grads))
+    assert _close(results[1][0], results[0][0], 2e-2)
+    for name, g in results[0][1].items():
+        assert _close(results[1][1][name], g, 5e-2), name
+
+
+def test_compiled_layers_match_eager_on_gpu():
+    """trainer.compile_blocks on CUDA (inductor, bf16, grouped experts, fused attention)."""
+    torch._dynamo.reset()
+    model = build_model("full-noaux", attn_implementation="flash_attention_2").cuda().bfloat16().train()
+    batch = {k: v.cuda() for k, v in make_batch(model.config).items()}
+    out = model(**batch, return_logits=False)
+    model.language.model.compile_layers()
+    out_c = model(**batch, return_logits=False)
+    assert _close(out_c.loss, out.loss, 1e-2)
