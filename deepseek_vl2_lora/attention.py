@@ -11,9 +11,9 @@ Backends (names as in the official `ATTENTION_CLASSES`, plus sdpa):
 - flash_attention_2: the `flash-attn` package when installed, else SDPA restricted to its flash/cuDNN kernels
   (cuDNN takes MLA's 192/128 natively; flash needs V padded to 192). CUDA only.
 
-Packed rows (several samples per row, `SegmentMask`): eager and sdpa use the block-diagonal causal mask; the
-flash backend runs each sample on the fused kernel (flash-attn's varlen kernel, or one fused SDPA call per
-sample), so no [L, L] mask is built.
+Packed rows (several samples per row, `SegmentMask`): eager uses the block-diagonal causal mask; sdpa and flash
+run each sample as plain causal attention (flash-attn's varlen kernel, or one SDPA call per sample), so no
+[L, L] mask is built and the fused kernels stay usable.
 """
 
 from __future__ import annotations
@@ -141,9 +141,14 @@ def eager_attention(q, k, v, mask, scale):
 
 
 def sdpa_attention(q, k, v, mask, scale):
-    mask = _dense_mask(mask)
+    if isinstance(mask, SegmentMask):  # one plain causal call per sample: PyTorch keeps its fused kernels
+        return per_sample_attention(q, k, v, mask, scale, attend=_causal_sdpa)
     causal = mask is None and q.shape[-2] > 1
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+
+
+def _causal_sdpa(q, k, v, causal, scale):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
 
 
 _HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
@@ -158,7 +163,7 @@ def flash_attention(q, k, v, mask, scale):
             "use attn_implementation=sdpa or eager on this machine"
         )
     if isinstance(mask, SegmentMask):
-        return packed_flash_attention(q, k, v, mask, scale)
+        return per_sample_attention(q, k, v, mask, scale)
     if mask is not None:
         # Flash kernels take no arbitrary mask; left padding or a padded cache needs one. Fall back to SDPA.
         if not _warned_flash_mask:
@@ -196,7 +201,7 @@ def _fused_sdpa(q, k, v, causal, scale):
 
 
 @torch.compiler.disable  # the per-sample spans are host data: keep them out of compiled graphs
-def packed_flash_attention(q, k, v, segments: SegmentMask, scale, attend=None):
+def per_sample_attention(q, k, v, segments: SegmentMask, scale, attend=None):
     """Per-sample causal attention over packed rows on the fused kernels, no [L, L] mask.
 
     With flash-attn: one varlen call over all rows (cu_seqlens from the spans). Otherwise one call of

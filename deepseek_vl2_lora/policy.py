@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .policy_config import GROUP_NAMES, MODES, GroupPolicy, PolicyConfig, PolicyGroups
@@ -81,7 +80,11 @@ def to_policy_config(cfg) -> PolicyConfig:
     """PolicyConfig from a PolicyConfig, a DictConfig (Hydra) or a plain dict; unknown keys are errors."""
     if isinstance(cfg, PolicyConfig):
         return cfg
-    if isinstance(cfg, DictConfig):
+    try:
+        from omegaconf import DictConfig, OmegaConf
+    except ImportError:  # the model side (bench, GPU tests) also runs where Hydra is not installed
+        DictConfig = None
+    if DictConfig is not None and isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=True)
     cfg = dict(cfg)
     groups = cfg.pop("groups", {}) or {}

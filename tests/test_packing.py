@@ -9,7 +9,7 @@ from helpers import FAMILIES, build_model, tokens_per_image
 from deepseek_vl2_lora.attention import (
     SegmentMask,
     eager_attention,
-    packed_flash_attention,
+    per_sample_attention,
     positions_from_segments,
     sdpa_attention,
 )
@@ -140,7 +140,7 @@ def test_segment_attention_matches_per_sample_reference(dims):
 
     for fn in (eager_attention, sdpa_attention):
         torch.testing.assert_close(fn(q, k, v, SegmentMask(seg), 0.3).double(), ref, rtol=1e-5, atol=1e-6)
-    looped = packed_flash_attention(q, k, v, SegmentMask(seg), 0.3, attend=plain_sdpa)
+    looped = per_sample_attention(q, k, v, SegmentMask(seg), 0.3, attend=plain_sdpa)
     torch.testing.assert_close(looped.double(), ref, rtol=1e-5, atol=1e-6)
 
 
