@@ -130,33 +130,43 @@ class RoutedExperts(nn.Module):
             nn.init.normal_(w, std=0.02)
         self.act = _activation(act)
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """x [N, D], idx/weight [N, k] -> sum_k weight * expert_idx(x), computed like the official combine."""
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, lora: dict | None = None):
+        """x [N, D], idx/weight [N, k] -> sum_k weight * expert_idx(x), computed like the official combine.
+
+        `lora` maps a projection name (`gate_proj`, `up_proj`, `down_proj`) to low-rank updates
+        `[(B [E, out, r], A [E, r, in], scale), ...]`: expert e's weight acts as W[e] + scale·B[e]·A[e], applied
+        to the tokens routed to e as two thin matmuls, never as a dense E·out·in delta."""
         kernel = self.kernel
         if kernel == "auto":
             kernel = "grouped" if x.is_cuda and grouped_mm_supported(x) else "loop"
-        y = self._grouped(x, idx) if kernel == "grouped" else self._loop(x, idx)
+        lora = lora or {}
+        y = self._grouped(x, idx, lora) if kernel == "grouped" else self._loop(x, idx, lora)
         n, k = idx.shape
         # Official combine: fp32 routing weights times expert outputs, summed over k, cast back.
         return (y.view(n, k, -1) * weight.unsqueeze(-1)).sum(dim=1).to(x.dtype)
 
-    def _expert(self, e: int, h: torch.Tensor) -> torch.Tensor:
-        g = F.linear(h, self.gate_proj[e])
-        u = F.linear(h, self.up_proj[e])
-        return F.linear(self.act(g) * u, self.down_proj[e])
+    def _expert(self, e: int, h: torch.Tensor, lora: dict) -> torch.Tensor:
+        def proj(name, inp):
+            out = F.linear(inp, getattr(self, name)[e])
+            for b, a, scale in lora.get(name, ()):
+                out = out + scale * F.linear(F.linear(inp, a[e].to(inp.dtype)), b[e].to(inp.dtype))
+            return out
 
-    def _loop(self, x, idx):
+        return proj("down_proj", self.act(proj("gate_proj", h)) * proj("up_proj", h))
+
+    def _loop(self, x, idx, lora):
         """Reference kernel: one masked matmul chain per expert, as the official training branch does."""
         flat = idx.reshape(-1)
         xs = x.repeat_interleave(idx.shape[1], dim=0)
         y = xs.new_zeros(xs.shape)
         for e in range(self.n_experts):
             sel = flat == e
-            y[sel] = self._expert(e, xs[sel]).to(y.dtype)
+            y[sel] = self._expert(e, xs[sel], lora).to(y.dtype)
         return y
 
-    def _grouped(self, x, idx):
-        """Sort token copies by expert, three grouped GEMMs, unsort. No host sync."""
+    def _grouped(self, x, idx, lora):
+        """Sort token copies by expert, three grouped GEMMs (+ two thin ones per LoRA update), unsort. No host
+        sync."""
         k = idx.shape[1]
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)
@@ -164,9 +174,17 @@ class RoutedExperts(nn.Module):
         xs = x[order // k]
         dt = xs.dtype
         gmm = _grouped_mm if dt == torch.bfloat16 else _grouped_mm_eager
-        g = gmm(xs, self.gate_proj.to(dt).transpose(-2, -1), offs)
-        u = gmm(xs, self.up_proj.to(dt).transpose(-2, -1), offs)
-        out = gmm(self.act(g) * u, self.down_proj.to(dt).transpose(-2, -1), offs)
+
+        def proj(name, inp):
+            out = gmm(inp, getattr(self, name).to(dt).transpose(-2, -1), offs)
+            for b, a, scale in lora.get(name, ()):
+                pad = -a.shape[1] % 8  # grouped GEMM strides must be 16-byte aligned: rank to a multiple of 8
+                a = F.pad(a.to(dt), (0, 0, 0, pad)).contiguous()
+                b = F.pad(b.to(dt), (0, pad)).contiguous()
+                out = out + scale * gmm(gmm(inp, a.transpose(-2, -1), offs), b.transpose(-2, -1), offs)
+            return out
+
+        out = proj("down_proj", self.act(proj("gate_proj", xs)) * proj("up_proj", xs))
         y = torch.empty_like(out)
         y[order] = out
         return y

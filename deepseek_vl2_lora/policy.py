@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -229,9 +230,8 @@ def _lora_config(model, cfg: PolicyConfig, matched: dict[str, list[str]]):
             if isinstance(owner, nn.Linear) and leaf == "weight":
                 target, bucket = owner_name, modules
             elif g == "routed_experts":
-                # Stacked [E, out, in] tensors: PEFT parameter targeting (a per-expert rank-r delta). It builds the
-                # dense delta each forward, so it works with both expert kernels unchanged but costs E·out·in
-                # extra work per step; a grouped low-rank module would be cheaper (noted in docs).
+                # Stacked [E, out, in] tensors: PEFT parameter targeting (a per-expert rank-r update). PEFT holds,
+                # saves, loads and merges the adapter; the forward is ours (_use_low_rank_expert_lora).
                 target, bucket = name, params
             else:
                 continue  # norms inside a LoRA group, Linear biases: stay frozen
@@ -251,12 +251,53 @@ def _lora_config(model, cfg: PolicyConfig, matched: dict[str, list[str]]):
         use_rslora=spec0.rslora,
         use_dora=spec0.dora,
         init_lora_weights=init,
-        target_modules=modules or None,
+        target_modules=modules if modules or params else None,  # [] with parameter targets: PEFT must not guess
         target_parameters=params or None,
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
         bias="none",
     )
+
+
+def expert_lora_factors(wrapper) -> tuple[nn.Module, dict]:
+    """(the RoutedExperts under a chain of PEFT ParamWrappers, {parameter name: [(B [E, out, r], A [E, r, in],
+    scale), ...]}) for the active, unmerged adapters. The reshapes follow PEFT's layout of a 3-D target
+    (`lora_A.weight` [E·r, in], `lora_B.weight` [out, r·E]); tests check B·A·scale against PEFT's own delta."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    factors: dict[str, list] = {}
+    layer = wrapper
+    while isinstance(layer, ParamWrapper):
+        if not layer.disable_adapters and not layer.merged:
+            for adapter in layer.active_adapters:
+                if adapter not in layer.lora_A:
+                    continue
+                e = layer.num_experts
+                a = layer.lora_A[adapter].weight
+                b = layer.lora_B[adapter].weight
+                a = a.reshape(e, -1, a.shape[-1])
+                b = b.reshape(b.shape[0], -1, e).permute(2, 0, 1)
+                factors.setdefault(layer.parameter_name, []).append((b, a, layer.scaling[adapter]))
+        layer = layer.base_layer
+    return layer, factors
+
+
+def _low_rank_expert_forward(self, x, idx, weight):
+    experts, factors = expert_lora_factors(self)
+    return experts(x, idx, weight, lora=factors)
+
+
+def _use_low_rank_expert_lora(model: nn.Module) -> None:
+    """PEFT applies a parameter-targeted LoRA by adding its dense per-expert delta (E·out·in values, for every
+    expert) to the weight on each forward. Routed experts instead take the low-rank factors and apply them only
+    to the tokens routed to each expert (`RoutedExperts.forward(lora=...)`), in both expert kernels."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    from .moe import RoutedExperts
+
+    for module in model.modules():
+        if isinstance(module, ParamWrapper) and isinstance(module.get_base_layer(), RoutedExperts):
+            module.forward = types.MethodType(_low_rank_expert_forward, module)
 
 
 def apply_policy(model: nn.Module, cfg) -> PolicyReport:
@@ -284,6 +325,7 @@ def apply_policy(model: nn.Module, cfg) -> PolicyReport:
         from peft import inject_adapter_in_model
 
         inject_adapter_in_model(lora_cfg, model, adapter_name="default")
+        _use_low_rank_expert_lora(model)
     for g in GROUP_NAMES:
         if getattr(cfg.groups, g).mode == "train":
             for name in matched[g]:

@@ -358,6 +358,8 @@ def main() -> None:
     ap.add_argument("--router", choices=["uniform", "skewed", "both"], default="both")
     ap.add_argument("--zipf", type=float, default=0.5, help="skewed router: Zipf exponent of expert popularity")
     ap.add_argument("--paths", default="reference,optimized", help=f"comma list, or all: {', '.join(PATHS)}")
+    ap.add_argument("--policy", help="a configs/policy preset instead of the shapes' MLA-path policy")
+    ap.add_argument("--expert-lora", type=int, metavar="R", help="also LoRA of rank R on the routed experts")
     ap.add_argument("--out", help="also write the results as JSON here")
     args = ap.parse_args()
 
@@ -393,13 +395,17 @@ def main() -> None:
         "images_per_row": images_per_row if shapes["images"] else 0,
         "dtype": str(dtype),
         "supervised": args.supervised,
+        "policy": args.policy or shapes["policy"],
+        "expert_lora_rank": args.expert_lora,
     }
     print(json.dumps(header), flush=True)
     results = []
     cache_root = tempfile.mkdtemp(prefix="bench_feature_cache_")
     for router in ["uniform", "skewed"] if args.router == "both" else [args.router]:
         model = build(shapes, device, dtype)
-        policy = yaml.safe_load(open(f"configs/policy/{shapes['policy']}.yaml"))
+        policy = yaml.safe_load(open(f"configs/policy/{args.policy or shapes['policy']}.yaml"))
+        if args.expert_lora:
+            policy["groups"]["routed_experts"] = {"mode": "lora", "r": args.expert_lora, "alpha": 2 * args.expert_lora}
         apply_policy(model, policy)
         for p in model.parameters():  # trainable weights in fp32 (master weights), as the trainer keeps them
             if p.requires_grad:

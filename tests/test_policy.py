@@ -207,3 +207,61 @@ def test_report_json_lists_trainable_names(tmp_path):
     assert set(data["trainable_names"]) == {n for n, p in model.named_parameters() if p.requires_grad}
     assert data["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert {g["group"] for g in data["groups"]} >= {"vision", "projector", "q_low_rank", "kv_low_rank"}
+
+
+def _expert_lora_model(kernel, r=4):
+    model = build_model("full-noaux", experts_kernel=kernel)
+    lora = {"mode": "lora", "r": r, "alpha": 8}
+    apply_policy(model, preset("mla_lowrank_lora", routed_experts=lora))
+    _perturb_trainable(model)  # lora_B leaves zero: the update is real
+    return model.train()
+
+
+def test_expert_lora_factors_are_pefts_delta():
+    from peft.tuners.lora.layer import ParamWrapper
+
+    from deepseek_vl2_lora.policy import expert_lora_factors
+
+    model = _expert_lora_model("loop")
+    wrappers = [m for m in model.modules() if isinstance(m, ParamWrapper)]
+    assert wrappers
+    for w in wrappers:
+        _, factors = expert_lora_factors(w)
+        ((b, a, scale),) = factors[w.parameter_name]
+        torch.testing.assert_close(scale * b @ a, w.get_delta_weight("default"), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kernel", ["loop", "grouped"])
+@pytest.mark.parametrize("r", [4, 8])
+def test_low_rank_expert_lora_equals_pefts_dense_delta(kernel, r):
+    """Routed-expert LoRA runs as per-token low-rank matmuls; PEFT's own forward (dense delta added to the
+    weight) is the reference: same loss, same gradients for every trainable tensor."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    model = _expert_lora_model(kernel, r)
+    batch = make_batch(model.config)
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        out = model(**batch, return_logits=False)
+        (out.loss + out.aux_loss).backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ours = loss_and_grads()
+    patched = [m for m in model.modules() if isinstance(m, ParamWrapper) and "forward" in vars(m)]
+    assert patched
+    for m in patched:
+        del m.forward  # back to PEFT's class forward
+    peft_loss, peft_grads = loss_and_grads()
+    torch.testing.assert_close(ours[0], peft_loss, rtol=1e-5, atol=1e-6)
+    assert any("experts" in n and "lora_A" in n for n in peft_grads)
+    for name, g in peft_grads.items():
+        torch.testing.assert_close(ours[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_routed_expert_lora_alone():
+    """Parameter targets without any Linear target: PEFT must not try to guess modules from a model type."""
+    model = build_model("small-mla")
+    report = apply_policy(model, preset("mla_lowrank", routed_experts={"mode": "lora", "r": 4, "alpha": 8}))
+    lora = [n for n in report.trainable_names if "lora_" in n]
+    assert lora and all(".mlp.experts." in n for n in lora)
