@@ -126,6 +126,7 @@ def test_frozen_vision_builds_no_graph():
         p.requires_grad_(False)
     feats = model.encode_tiles(torch.randn(2, 3, 64, 64))
     assert not feats.requires_grad
+    assert all(block.attn.fused_attn for block in model.vision.blocks)  # timm's attention on SDPA
     model.projector.layers[0].weight.requires_grad_(True)
     assert model.encode_tiles(torch.randn(2, 3, 64, 64)).requires_grad
 
