@@ -485,7 +485,7 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResul
             if fault == (state.step + 1, "raise"):
                 raise RuntimeError(f"injected failure ({FAULT_ENV}) on rank {env.rank} at step {state.step + 1}")
             t0 = time.perf_counter()
-            lm_losses, aux_losses, tokens, samples, flops = [], [], 0, 0, 0.0
+            lm_losses, aux_losses, tokens, positions, samples, flops = [], [], 0, 0, 0, 0.0
             for micro in range(tc.grad_accum):
                 epoch, index, batch = next(stream)
                 state.advance(epoch, index)
@@ -507,13 +507,14 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResul
                 lm_losses.append(loss.detach().float() * weight)
                 aux_losses.append(aux.detach().float())
                 tokens += int(batch["attention_mask"].sum())
+                positions += batch["input_ids"].numel()
                 samples += len(sample_lengths(batch))
                 flops += flop_model.batch_flops(batch)
             lm_loss = float(torch.stack(lm_losses).mean())
             aux_loss = float(torch.stack(aux_losses).mean())
             if env.world_size > 1:  # the global step: losses averaged, counts summed over the ranks
-                lm_sum, aux_sum, tokens, samples, flops = engine.sum_over_ranks(
-                    [lm_loss, aux_loss, tokens, samples, flops]
+                lm_sum, aux_sum, tokens, positions, samples, flops = engine.sum_over_ranks(
+                    [lm_loss, aux_loss, tokens, positions, samples, flops]
                 )
                 lm_loss, aux_loss = lm_sum / env.world_size, aux_sum / env.world_size
                 tokens, samples = int(tokens), int(samples)
@@ -552,6 +553,7 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResul
                     "train/epoch": state.epoch + state.batch / per_epoch,
                     "train/tokens": tokens,
                     "train/samples": samples,
+                    "train/padding": 1.0 - tokens / positions,  # share of computed positions that are padding
                     "train/skipped": int(not finite),
                     "train/nonfinite_total": state.nonfinite_total,
                     "perf/step_time_s": dt,

@@ -214,6 +214,20 @@ def test_zero3_two_ranks_match_one_rank(reference, zero3):
     assert_same_trained(reference, zero3, atol=1e-5)  # gathered from the sharded fp32 master copies
 
 
+@needs_deepspeed
+def test_packed_rows_on_two_ranks(reference, tmp_path, tiny_root):
+    """trainer.pack_length under ZeRO-2: each rank packs its share (global padding pads segment_ids too). The
+    first step's LM loss is the one-process unpacked one; later steps differ only through the MoE aux loss,
+    which balances over rows."""
+    packed = two_ranks(tmp_path / "packed", tiny_root, "zero2", SAME, "trainer.pack_length=4096")
+    got, expected = curve(packed), curve(reference)
+    assert len(got) == STEPS
+    assert got[0]["train/loss"] == pytest.approx(expected[0]["train/loss"], rel=RTOL)
+    for g, e in zip(got, expected):
+        assert [g[k] for k in EXACT] == [e[k] for k in EXACT]
+        assert g["train/loss"] == pytest.approx(e["train/loss"], rel=1e-2)
+
+
 # ------------------------------------------------------------------------------------------------ resume
 def _resume_is_exact(run: Path, tmp_path: Path, tiny_root: Path, dist: str) -> None:
     start = run / CHECKPOINTS / "step_00000003"

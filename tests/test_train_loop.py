@@ -18,8 +18,8 @@ from deepseek_vl2_lora.trainer import NonFiniteError, resolve_data_file, resolve
 
 TRAIN_KEYS = {
     "train/loss", "train/aux_loss", "train/objective", "train/grad_norm", "train/lr", "train/tokens",
-    "train/samples", "train/skipped", "train/nonfinite_total", "perf/tokens_per_s", "perf/samples_per_s",
-    "perf/mfu", "perf/step_time_s", "perf/tflops_per_s",
+    "train/samples", "train/padding", "train/skipped", "train/nonfinite_total", "perf/tokens_per_s",
+    "perf/samples_per_s", "perf/mfu", "perf/step_time_s", "perf/tflops_per_s",
 }  # fmt: skip
 
 
@@ -219,6 +219,7 @@ def test_packed_training_step_equals_unpacked(tmp_path):
     assert packed[0]["train/samples"] == plain[0]["train/samples"] == 4
     assert packed[0]["train/tokens"] == plain[0]["train/tokens"]
     assert packed[0]["train/aux_loss"] != plain[0]["train/aux_loss"]  # rows, not samples: documented
+    assert 0 <= packed[0]["train/padding"] < plain[0]["train/padding"]
 
 
 @pytest.mark.slow
