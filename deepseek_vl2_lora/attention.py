@@ -92,8 +92,7 @@ class SegmentMask:
         """Per row, the (start, end) of each run of equal ids, padding runs included (host lists, one sync)."""
         if self._spans is None:
             seg = self.segment_ids.cpu()
-            change = torch.ones_like(seg, dtype=torch.bool)
-            change[:, 1:] = seg[:, 1:] != seg[:, :-1]
+            change = segment_starts(seg)
             length = seg.shape[1]
             self._spans = []
             for b in range(seg.shape[0]):
@@ -115,12 +114,17 @@ class SegmentMask:
         return self._dense
 
 
+def segment_starts(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Bool [B, L]: True where a run of equal segment ids begins (always at position 0)."""
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return starts
+
+
 def positions_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
     """Position ids that restart at 0 at the start of every run of equal segment ids (no host sync)."""
     idx = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
-    start = torch.ones_like(segment_ids, dtype=torch.bool)
-    start[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-    return idx - torch.where(start, idx, 0).cummax(dim=1).values
+    return idx - torch.where(segment_starts(segment_ids), idx, 0).cummax(dim=1).values
 
 
 def _dense_mask(mask):

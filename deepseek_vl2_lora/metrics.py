@@ -143,11 +143,13 @@ class FlopModel:
             projector += 2 * self.projector * q
         return n_tiles * (vision + projector)
 
-    def batch_flops(self, batch: dict) -> float:
-        """Model FLOPs of one forward+backward over `batch` (a collated training batch, on any device)."""
-        from .packing import sample_lengths
+    def batch_flops(self, batch: dict, seq_lens: list[int] | None = None) -> float:
+        """Model FLOPs of one forward+backward over `batch` (a collated training batch, on any device).
+        `seq_lens`: its samples' lengths (`packing.sample_lengths`) when the caller has them already."""
+        if seq_lens is None:
+            from .packing import sample_lengths
 
-        seq_lens = sample_lengths(batch)  # packed rows: attention is per sample
+            seq_lens = sample_lengths(batch)  # packed rows: attention is per sample
         crop = batch.get("images_spatial_crop")
         if crop is None:  # a text-only batch
             return self.lm_flops(seq_lens)

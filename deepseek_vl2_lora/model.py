@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import resolve_attn_implementation
+from .attention import resolve_attn_implementation, segment_starts
 from .config import VL2Config
 from .language import DeepseekV2ForCausalLM
 from .vision import MlpProjector, build_vision_tower
@@ -204,9 +204,7 @@ class DeepseekVL2ForCausalLM(nn.Module):
             )
         if segment_ids is not None and labels is not None:
             # A sample's first token must not be predicted from the previous sample's last one.
-            starts = torch.zeros_like(labels, dtype=torch.bool)
-            starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-            labels = labels.masked_fill(starts, IGNORE_INDEX)
+            labels = labels.masked_fill(segment_starts(segment_ids), IGNORE_INDEX)
         hidden, cache, aux = self.language.model(
             inputs_embeds, attention_mask, position_ids, past_key_values, segment_ids
         )

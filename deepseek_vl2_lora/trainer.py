@@ -490,6 +490,12 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResul
                 epoch, index, batch = next(stream)
                 state.advance(epoch, index)
                 batch, weight = _sync_micro_batch(engine, env, batch, cfg.dist.global_padding, processor.pad_id)
+                # Counted on the host batch, once: no device sync for them after the step.
+                lengths = sample_lengths(batch)
+                tokens += sum(lengths)
+                positions += batch["input_ids"].numel()
+                samples += len(lengths)
+                flops += flop_model.batch_flops(batch, lengths)
                 tile_keys = batch.get("tile_keys")  # strings: stay on the host
                 batch = _to_device(batch, device)
                 with autocast():
@@ -506,10 +512,6 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResul
                 engine.backward((loss * weight + aux) / tc.grad_accum, last_micro=micro == tc.grad_accum - 1)
                 lm_losses.append(loss.detach().float() * weight)
                 aux_losses.append(aux.detach().float())
-                tokens += int(batch["attention_mask"].sum())
-                positions += batch["input_ids"].numel()
-                samples += len(sample_lengths(batch))
-                flops += flop_model.batch_flops(batch)
             lm_loss = float(torch.stack(lm_losses).mean())
             aux_loss = float(torch.stack(aux_losses).mean())
             if env.world_size > 1:  # the global step: losses averaged, counts summed over the ranks

@@ -13,6 +13,7 @@ from deepseek_vl2_lora.attention import (
     positions_from_segments,
     sdpa_attention,
 )
+from deepseek_vl2_lora.evaluation import MODEL_INPUTS
 from deepseek_vl2_lora.moe import Router
 from deepseek_vl2_lora.packing import first_fit_decreasing, pack_samples, sample_lengths
 from deepseek_vl2_lora.processor import Collator
@@ -162,8 +163,7 @@ def _per_sample_logits(logits, batch):
 
 
 def _run(model, batch, return_logits=True):
-    keys = ("input_ids", "attention_mask", "images", "images_seq_mask", "images_spatial_crop", "position_ids")
-    inputs = {k: batch[k] for k in keys + ("segment_ids",) if k in batch}
+    inputs = {k: batch[k] for k in MODEL_INPUTS + ("segment_ids",) if k in batch}
     model.zero_grad(set_to_none=True)
     out = model(**inputs, labels=batch["labels"], return_logits=return_logits)
     out.loss.backward()
