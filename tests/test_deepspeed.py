@@ -125,8 +125,8 @@ def single(run_dir: Path, tiny_root: Path, *extra: str) -> Path:
     return run_dir
 
 
-def two_ranks(run_dir: Path, tiny_root: Path, dist: str, *extra: str) -> Path:
-    """README's one-node command (scripts/launch_single_node.sh) with 2 CPU ranks."""
+def two_ranks(run_dir: Path, tiny_root: Path, dist: str, *extra: str, **env: str) -> Path:
+    """README's one-node command (scripts/launch_single_node.sh) with 2 CPU ranks (`env`: extra variables)."""
     cmd = [
         "scripts/launch_single_node.sh",
         "2",
@@ -135,7 +135,7 @@ def two_ranks(run_dir: Path, tiny_root: Path, dist: str, *extra: str) -> Path:
         *ARGS,
         f"trainer.micro_batch_size={MICRO}",
     ]
-    rc, out, _ = _run([*cmd, *extra], _env(tiny_root), run_dir.with_suffix(".out"))
+    rc, out, _ = _run([*cmd, *extra], _env(tiny_root, **env), run_dir.with_suffix(".out"))
     assert rc == 0, out[-4000:]
     return run_dir
 
@@ -349,18 +349,8 @@ def _adam_steps(checkpoint: Path) -> set[int]:
 def test_a_nan_on_one_rank_skips_the_update_on_every_rank(tmp_path, tiny_root, dist):
     """Rank 1's LM loss is NaN in step 2 (FAULT_ENV): no rank updates (DeepSpeed's optimizer sees a non-finite
     gradient norm), the lr schedule moves on, the step is logged as skipped and no checkpoint is written for it."""
-    run_dir = tmp_path / "run"
-    cmd = [
-        "scripts/launch_single_node.sh",
-        "2",
-        str(run_dir),
-        f"dist={dist}",
-        *ARGS,
-        f"trainer.micro_batch_size={MICRO}",
-    ]
-    cmd += ["trainer.max_steps=4", "trainer.save_every=1", "trainer.keep_last=10", "data.eval_path=null"]
-    rc, out, _ = _run(cmd, _env(tiny_root, **{FAULT_ENV: "1:2:nan"}), tmp_path / "run.out")
-    assert rc == 0, out[-4000:]
+    overrides = ["trainer.max_steps=4", "trainer.save_every=1", "trainer.keep_last=10", "data.eval_path=null"]
+    run_dir = two_ranks(tmp_path / "run", tiny_root, dist, *overrides, **{FAULT_ENV: "1:2:nan"})
     records = read_metrics(run_dir, "train")
     assert [r["train/skipped"] for r in records] == [0, 1, 0, 0]
     assert records[1]["train/loss"] == "nan" and records[1]["train/grad_norm"] == "inf"
