@@ -62,24 +62,28 @@ class Router(nn.Module):
         mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
         return mask.repeat_interleave(self.n_experts // self.n_group, dim=1)
 
+    def choose(self, scores: torch.Tensor) -> torch.Tensor:
+        """The top-k expert indices [N, k] per `topk_method` (scores [N, E] after softmax or sigmoid)."""
+        n = scores.shape[0]
+        if self.method == "greedy":
+            return scores.topk(self.top_k, dim=-1, sorted=False).indices
+        if self.method == "group_limited_greedy":
+            group_best = scores.view(n, self.n_group, -1).max(dim=-1).values
+            masked = scores.masked_fill(~self._group_mask(group_best), 0.0)
+            return masked.topk(self.top_k, dim=-1, sorted=False).indices
+        # noaux_tc: choose on biased scores (the weights still come from the unbiased ones)
+        biased = scores + self.e_score_correction_bias.float()[None]
+        group_top2 = biased.view(n, self.n_group, -1).topk(2, dim=-1).values.sum(dim=-1)
+        masked = biased.masked_fill(~self._group_mask(group_top2), 0.0)
+        return masked.topk(self.top_k, dim=-1, sorted=False).indices
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """x [B, S, D] -> topk_idx [N, k], topk_weight [N, k] (fp32), aux_loss (scalar, training only)."""
         b, s, d = x.shape
         logits = F.linear(x.reshape(-1, d).float(), self.weight.float())
         scores = logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
-        n = scores.shape[0]
-        if self.method == "greedy":
-            weight, idx = scores.topk(self.top_k, dim=-1, sorted=False)
-        elif self.method == "group_limited_greedy":
-            group_best = scores.view(n, self.n_group, -1).max(dim=-1).values
-            masked = scores.masked_fill(~self._group_mask(group_best), 0.0)
-            weight, idx = masked.topk(self.top_k, dim=-1, sorted=False)
-        else:  # noaux_tc: choose on biased scores, weigh with unbiased ones
-            biased = scores + self.e_score_correction_bias.float()[None]
-            group_top2 = biased.view(n, self.n_group, -1).topk(2, dim=-1).values.sum(dim=-1)
-            masked = biased.masked_fill(~self._group_mask(group_top2), 0.0)
-            idx = masked.topk(self.top_k, dim=-1, sorted=False).indices
-            weight = scores.gather(1, idx)
+        idx = self.choose(scores)
+        weight = scores.gather(1, idx)  # every method weighs a chosen expert by its (unbiased) score
         if self.top_k > 1 and self.norm_topk_prob:
             weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
         weight = weight * self.scaling

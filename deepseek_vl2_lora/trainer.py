@@ -41,18 +41,14 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .data import EvalDataset, SFTDataset
 from .engine import DistEnv, EngineError, build_engine, lr_factor, resolve_device
-from .evaluation import MODEL_INPUTS, evaluate
+from .evaluation import evaluate
 from .feature_cache import VisionFeatureCache
 from .metrics import FlopModel, MetricsLogger, init_wandb, peak_flops, peak_memory_gb, wandb_log_policy
 from .model import IGNORE_INDEX, DeepseekVL2ForCausalLM
 from .packing import sample_lengths
-from .policy import (
-    PolicyError,
-    apply_policy,
-    optimizer_param_groups,
-    save_trained_state,
-)
+from .policy import PolicyError, optimizer_param_groups, save_trained_state
 from .processor import Collator, DeepseekVL2Processor, ProcessorConfigError, SampleError
+from .step import micro_step, prepare_model
 from .tiny import ensure_tiny_checkpoint
 from .train_config import ConfigError, as_train_config, check_config
 from .train_state import (
@@ -175,10 +171,6 @@ def autocast_for(precision: str, device: torch.device):
     return partial(torch.autocast, device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-
-
 # Collated training-batch fields with one entry per token position, and the value a padded position holds.
 _TOKEN_FIELDS = {
     "input_ids": None,
@@ -285,6 +277,97 @@ def _describe_eval(result_metrics: dict) -> str:
     return " ".join(parts) or "nothing to evaluate"
 
 
+def _setup_model(cfg, device: torch.device, env: DistEnv, precision: str):
+    """(model prepared for training, its checkpoint dir, policy report, FLOP model)."""
+    model, model_dir = load_model(cfg.model, precision, device)
+    seed_everything(cfg.seed)  # after loading: generating a tiny checkpoint on first use draws random numbers
+    report = prepare_model(model, cfg)  # LoRA initialisation is the first consumer of the seeded RNG
+    flop_model = FlopModel.from_model(model)  # before the engine: ZeRO-3 shards the weights in place
+    if env.world_size > 1:  # initialisation above is the same on every rank; dropout draws differ per rank
+        seed_everything(cfg.seed + 1_000_003 * (env.rank + 1))
+    log.info("model %s (%s) on %s, %s\n%s", cfg.model.name, model_dir, device, precision, report.table())
+    return model, model_dir, report, flop_model
+
+
+@dataclass
+class _Data:
+    processor: DeepseekVL2Processor
+    train_set: torch.utils.data.Dataset
+    loss_set: SFTDataset | None  # the eval split, for the eval loss
+    gen_set: EvalDataset | None  # the eval split, for generation
+    reports: dict
+    collator: Collator
+
+
+def _setup_data(cfg, model, model_dir: Path, env: DistEnv) -> _Data:
+    """The processor, the training and eval sets (bad samples reported) and the training collator."""
+    tc = cfg.trainer
+    processor = DeepseekVL2Processor.from_pretrained(model_dir)
+    data_kw = dict(processor=processor, on_bad_sample=cfg.data.on_bad_sample, max_length=cfg.data.max_length)
+    image_root = resolve_data_file(cfg.data.image_root) if cfg.data.image_root else None
+    train_set = SFTDataset(
+        resolve_data_file(cfg.data.train_path), overlong=cfg.data.overlong, image_root=image_root, **data_kw
+    )
+    reports = {"train": train_set.report}
+    if cfg.data.train_limit is not None:
+        train_set = torch.utils.data.Subset(train_set, range(min(cfg.data.train_limit, len(train_set))))
+    loss_set = gen_set = None
+    if cfg.data.eval_path:
+        eval_file = resolve_data_file(cfg.data.eval_path)
+        loss_set = SFTDataset(eval_file, overlong="skip", image_root=image_root, **data_kw)
+        gen_set = EvalDataset(eval_file, image_root=image_root, **data_kw)
+        reports["eval"] = gen_set.report
+    for name, data_report in reports.items():
+        if data_report.num_skipped:
+            log.warning("%s data: %s", name, data_report)
+    if len(train_set) < tc.micro_batch_size * env.world_size:
+        raise ConfigError(
+            f"the training set has {len(train_set)} usable samples, fewer than trainer.micro_batch_size="
+            f"{tc.micro_batch_size} × {env.world_size} rank(s)"
+        )
+    if tc.vision_feature_cache:
+        if model._vision_side_trainable():
+            raise ConfigError("trainer.vision_feature_cache needs the vision tower and projector frozen by the policy")
+        model.feature_cache = VisionFeatureCache(Path(tc.vision_feature_cache).expanduser(), model)
+        log.info("vision feature cache: %s", model.feature_cache.dir)
+    collator = Collator(
+        processor.pad_id,
+        padding_side="right",
+        tile_keys=model.feature_cache is not None,
+        pack_length=tc.pack_length,
+    )
+    return _Data(processor, train_set, loss_set, gen_set, reports, collator)
+
+
+def _resume_or_start(cfg, run_dir: Path, env: DistEnv, engine, num_samples: int):
+    """(train state, checkpoint resumed from or None, its RNG state or None) as `trainer.resume` says."""
+    tc = cfg.trainer
+    state = TrainState(
+        num_samples=num_samples,
+        batch_size=tc.micro_batch_size,
+        seed=cfg.seed,
+        world_size=env.world_size,
+        dist=cfg.dist.kind,
+    )
+    if env.is_main:
+        clean_temporary(run_dir)
+    resume_from = find_resume_checkpoint(tc.resume, run_dir)
+    rng = None
+    if resume_from is not None:
+        state, rng = load_checkpoint(resume_from, engine, engine.load_trainable)
+        fits = (state.num_samples, state.batch_size, state.seed) == (num_samples, tc.micro_batch_size, cfg.seed)
+        if not fits:
+            raise ResumeError(
+                f"{resume_from}: its data position is for {state.num_samples} samples, micro batch "
+                f"{state.batch_size}, seed {state.seed}; this run has {num_samples}, {tc.micro_batch_size}, "
+                f"{cfg.seed}. Resume with the same data, trainer.micro_batch_size and seed."
+            )
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, state.step, state.epoch, state.batch)
+    elif tc.resume == "auto":
+        log.info("trainer.resume=auto: no checkpoint in %s, starting from scratch", run_dir)
+    return state, resume_from, rng
+
+
 # ------------------------------------------------------------------------------------------------ the loop
 def train(cfg, run_dir: str | Path) -> TrainResult:
     """Train as `cfg` (a composed TrainConfig) says, writing everything under `run_dir`."""
@@ -325,63 +408,16 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResul
     precision = resolve_precision(tc.precision, device)
     autocast = autocast_for(precision, device)
 
-    # -- model and freezing policy ------------------------------------------------------------------------
-    model, model_dir = load_model(cfg.model, precision, device)
-    seed_everything(cfg.seed)  # after loading: generating a tiny checkpoint on first use draws random numbers
-    report = apply_policy(model, cfg.policy)  # LoRA initialisation is the first consumer of the seeded RNG
-    for p in model.parameters():
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()  # trainable weights stay fp32 (master weights) under bf16 storage
-    model.language.model.gradient_checkpointing = tc.gradient_checkpointing
-    if tc.compile_blocks:
-        model.language.model.compile_layers()
-    model.train()
-    flop_model = FlopModel.from_model(model)  # before the engine: ZeRO-3 shards the weights in place
-    if env.world_size > 1:  # initialisation above is the same on every rank; dropout draws differ per rank
-        seed_everything(cfg.seed + 1_000_003 * (env.rank + 1))
-    log.info("model %s (%s) on %s, %s\n%s", cfg.model.name, model_dir, device, precision, report.table())
-
-    # -- data ---------------------------------------------------------------------------------------------
-    processor = DeepseekVL2Processor.from_pretrained(model_dir)
-    data_kw = dict(processor=processor, on_bad_sample=cfg.data.on_bad_sample, max_length=cfg.data.max_length)
-    image_root = resolve_data_file(cfg.data.image_root) if cfg.data.image_root else None
-    train_set = SFTDataset(
-        resolve_data_file(cfg.data.train_path), overlong=cfg.data.overlong, image_root=image_root, **data_kw
-    )
-    reports = {"train": train_set.report}
-    if cfg.data.train_limit is not None:
-        train_set = torch.utils.data.Subset(train_set, range(min(cfg.data.train_limit, len(train_set))))
-    loss_set = gen_set = None
-    if cfg.data.eval_path:
-        eval_file = resolve_data_file(cfg.data.eval_path)
-        loss_set = SFTDataset(eval_file, overlong="skip", image_root=image_root, **data_kw)
-        gen_set = EvalDataset(eval_file, image_root=image_root, **data_kw)
-        reports["eval"] = gen_set.report
-    for name, data_report in reports.items():
-        if data_report.num_skipped:
-            log.warning("%s data: %s", name, data_report)
-    if len(train_set) < tc.micro_batch_size * env.world_size:
-        raise ConfigError(
-            f"the training set has {len(train_set)} usable samples, fewer than trainer.micro_batch_size="
-            f"{tc.micro_batch_size} × {env.world_size} rank(s)"
-        )
-    if tc.vision_feature_cache:
-        if model._vision_side_trainable():
-            raise ConfigError("trainer.vision_feature_cache needs the vision tower and projector frozen by the policy")
-        model.feature_cache = VisionFeatureCache(Path(tc.vision_feature_cache).expanduser(), model)
-        log.info("vision feature cache: %s", model.feature_cache.dir)
-    collator = Collator(
-        processor.pad_id,
-        padding_side="right",
-        tile_keys=model.feature_cache is not None,
-        pack_length=tc.pack_length,
-    )
+    # -- model, freezing policy, data -----------------------------------------------------------------------
+    model, model_dir, report, flop_model = _setup_model(cfg, device, env, precision)
+    data = _setup_data(cfg, model, model_dir, env)
+    processor, train_set = data.processor, data.train_set
     run_eval = partial(
         evaluate,
         model,
         processor,
-        loss_set,
-        gen_set,
+        data.loss_set,
+        data.gen_set,
         device,
         batch_size=tc.eval_batch_size,
         max_new_tokens=tc.eval_max_new_tokens,
@@ -394,29 +430,7 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResul
     engine = build_engine(cfg.dist, model, param_groups, oc, tc.max_steps, env, tc, precision)
 
     # -- resume -------------------------------------------------------------------------------------------
-    state = TrainState(
-        num_samples=len(train_set),
-        batch_size=tc.micro_batch_size,
-        seed=cfg.seed,
-        world_size=env.world_size,
-        dist=cfg.dist.kind,
-    )
-    if env.is_main:
-        clean_temporary(run_dir)
-    resume_from = find_resume_checkpoint(tc.resume, run_dir)
-    rng = None
-    if resume_from is not None:
-        state, rng = load_checkpoint(resume_from, engine, engine.load_trainable)
-        fits = (state.num_samples, state.batch_size, state.seed) == (len(train_set), tc.micro_batch_size, cfg.seed)
-        if not fits:
-            raise ResumeError(
-                f"{resume_from}: its data position is for {state.num_samples} samples, micro batch "
-                f"{state.batch_size}, seed {state.seed}; this run has {len(train_set)}, {tc.micro_batch_size}, "
-                f"{cfg.seed}. Resume with the same data, trainer.micro_batch_size and seed."
-            )
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, state.step, state.epoch, state.batch)
-    elif tc.resume == "auto":
-        log.info("trainer.resume=auto: no checkpoint in %s, starting from scratch", run_dir)
+    state, resume_from, rng = _resume_or_start(cfg, run_dir, env, engine, len(train_set))
 
     # -- loggers --------------------------------------------------------------------------------------------
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -424,7 +438,7 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResul
     if env.is_main:
         (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         report.write_json(run_dir / "trainable_parameters.json")
-        _write_json(run_dir / "data_report.json", {name: r.to_dict() for name, r in reports.items()})
+        _write_json(run_dir / "data_report.json", {name: r.to_dict() for name, r in data.reports.items()})
         if cfg.logger.wandb:
             wandb_run = init_wandb(cfg.logger, cfg.name, cfg.tags, run_dir, resolved, state.wandb_id)
             state.wandb_id = wandb_run.id
@@ -458,7 +472,7 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResul
         return path
 
     # -- eval before training -----------------------------------------------------------------------------
-    if resume_from is None and tc.eval_before and gen_set is not None:
+    if resume_from is None and tc.eval_before and data.gen_set is not None:
         state.eval_before = evaluate_and_log("before")
 
     # -- loop -----------------------------------------------------------------------------------------------
@@ -466,7 +480,7 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResul
         set_rng_state(rng)  # last, so nothing in setup shifts the restored streams
     stream = batch_stream(
         train_set,
-        collator,
+        data.collator,
         tc.micro_batch_size,
         cfg.seed,
         state.epoch,
@@ -496,22 +510,11 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResul
                 positions += batch["input_ids"].numel()
                 samples += len(lengths)
                 flops += flop_model.batch_flops(batch, lengths)
-                tile_keys = batch.get("tile_keys")  # strings: stay on the host
-                batch = _to_device(batch, device)
-                with autocast():
-                    # return_logits=False: lm_head and CE on supervised positions only, no full fp32 logits
-                    inputs = {k: batch[k] for k in MODEL_INPUTS + ("segment_ids",) if k in batch}
-                    if tile_keys is not None:
-                        inputs["tile_keys"] = tile_keys
-                    out = engine.forward(**inputs, labels=batch["labels"], return_logits=False)
-                loss = out.loss
-                if micro == 0 and fault == (state.step + 1, "nan"):
-                    loss = loss * float("nan")
-                aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=device)
-                # Each micro batch's mean token loss (over all ranks' tokens), averaged over the micro batches.
-                engine.backward((loss * weight + aux) / tc.grad_accum, last_micro=micro == tc.grad_accum - 1)
-                lm_losses.append(loss.detach().float() * weight)
-                aux_losses.append(aux.detach().float())
+                poison = micro == 0 and fault == (state.step + 1, "nan")
+                last = micro == tc.grad_accum - 1
+                lm, aux = micro_step(engine, batch, device, autocast, weight, tc.grad_accum, last, poison)
+                lm_losses.append(lm)
+                aux_losses.append(aux)
             lm_loss = float(torch.stack(lm_losses).mean())
             aux_loss = float(torch.stack(aux_losses).mean())
             if env.world_size > 1:  # the global step: losses averaged, counts summed over the ranks

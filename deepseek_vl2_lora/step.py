@@ -1,0 +1,58 @@
+"""The pieces of one training step that the training loop (trainer.py) and the dry-run memory plan (plan/) share,
+so the plan measures the code that trains: the model prepared as training prepares it, and one micro batch's
+forward and backward."""
+
+from __future__ import annotations
+
+import torch
+
+from .evaluation import MODEL_INPUTS
+from .policy import PolicyReport, apply_policy
+
+
+def prepare_model(model: torch.nn.Module, cfg, compile_layers: bool | None = None) -> PolicyReport:
+    """The model as training runs it: the freezing policy applied (PEFT adapters included), trainable weights in
+    fp32 (master weights under bf16 storage), per-layer recompute and `torch.compile` per layer as `cfg.trainer`
+    says (`compile_layers` overrides the latter), train mode. Returns the policy report."""
+    report = apply_policy(model, cfg.policy)
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    model.language.model.gradient_checkpointing = cfg.trainer.gradient_checkpointing
+    if cfg.trainer.compile_blocks if compile_layers is None else compile_layers:
+        model.language.model.compile_layers()
+    model.train()
+    return report
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+def micro_step(
+    engine,
+    batch: dict,
+    device: torch.device,
+    autocast,
+    loss_weight: float = 1.0,
+    grad_accum: int = 1,
+    last_micro: bool = True,
+    poison: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward of one collated micro batch; returns (weighted LM loss, aux loss), detached.
+
+    The objective is (LM loss × `loss_weight` + MoE aux loss) / `grad_accum`; `loss_weight` is this rank's share
+    of the global micro batch's supervised tokens (1.0 in one process). `poison` makes the LM loss NaN (fault
+    injection in tests)."""
+    tile_keys = batch.get("tile_keys")  # strings: stay on the host
+    batch = to_device(batch, device)
+    with autocast():
+        # return_logits=False: lm_head and CE on supervised positions only, no full fp32 logits
+        inputs = {k: batch[k] for k in MODEL_INPUTS + ("segment_ids",) if k in batch}
+        if tile_keys is not None:
+            inputs["tile_keys"] = tile_keys
+        out = engine.forward(**inputs, labels=batch["labels"], return_logits=False)
+    loss = out.loss * float("nan") if poison else out.loss
+    aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=device)
+    engine.backward((loss * loss_weight + aux) / grad_accum, last_micro=last_micro)
+    return loss.detach().float() * loss_weight, aux.detach().float()
