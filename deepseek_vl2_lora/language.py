@@ -55,8 +55,18 @@ class DeepseekV2Model(nn.Module):
         for layer in self.layers:
             layer.compile(**options)
 
-    def forward(self, inputs_embeds, attention_mask=None, position_ids=None, past_key_values=None, segment_ids=None):
-        """-> (hidden [B, S, D], new past_key_values (list of per-layer (k, v)), summed aux loss or None).
+    def forward(
+        self,
+        inputs_embeds,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        segment_ids=None,
+        use_cache: bool = True,
+    ):
+        """-> (hidden [B, S, D], new past_key_values (list of per-layer (k, v); None without `use_cache`), summed
+        aux loss or None). Without `use_cache` no layer's K and V outlive the layer (training keeps only what
+        autograd saves, and with recompute not even that).
 
         `segment_ids [B, S]` marks packed rows (samples 1, 2, ... per row, 0 = padding): each sample attends only
         to itself and, without explicit `position_ids`, its positions restart at 0."""
@@ -79,10 +89,11 @@ class DeepseekV2Model(nn.Module):
                 x, kv, aux = checkpoint(layer, x, position_ids, mask, past, use_reentrant=False)
             else:
                 x, kv, aux = layer(x, position_ids, mask, past)
-            new_cache.append(kv)
+            if use_cache:
+                new_cache.append(kv)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
-        return self.norm(x), new_cache, aux_total
+        return self.norm(x), new_cache if use_cache else None, aux_total
 
 
 def default_position_ids(attention_mask, b: int, s: int, past_len: int, device) -> torch.Tensor:

@@ -206,9 +206,8 @@ class DeepseekVL2ForCausalLM(nn.Module):
             # A sample's first token must not be predicted from the previous sample's last one.
             labels = labels.masked_fill(segment_starts(segment_ids), IGNORE_INDEX)
         hidden, cache, aux = self.language.model(
-            inputs_embeds, attention_mask, position_ids, past_key_values, segment_ids
+            inputs_embeds, attention_mask, position_ids, past_key_values, segment_ids, use_cache
         )
-        cache = cache if use_cache else None
         if not return_logits:
             loss = None
             if labels is not None:
