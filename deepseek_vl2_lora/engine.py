@@ -87,14 +87,16 @@ def lr_factor(step: int, max_steps: int, warmup_steps: int, min_lr_ratio: float)
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(param_groups: list[dict], optim_cfg) -> torch.optim.Optimizer:
-    """AdamW over the policy's parameter groups (each group keeps its own lr and weight decay)."""
+def build_optimizer(param_groups: list[dict], optim_cfg, foreach: bool | None = None) -> torch.optim.Optimizer:
+    """AdamW over the policy's parameter groups (each group keeps its own lr and weight decay). `foreach` None:
+    PyTorch's choice (the foreach implementation for CUDA tensors)."""
     return torch.optim.AdamW(
         param_groups,
         lr=optim_cfg.lr,
         betas=tuple(optim_cfg.betas),
         eps=optim_cfg.eps,
         weight_decay=optim_cfg.weight_decay,
+        foreach=foreach,
     )
 
 
@@ -113,10 +115,18 @@ class SingleProcessEngine:
 
     kind = "single"
 
-    def __init__(self, model: torch.nn.Module, param_groups: list[dict], optim_cfg, max_steps: int, env: DistEnv):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        param_groups: list[dict],
+        optim_cfg,
+        max_steps: int,
+        env: DistEnv,
+        foreach: bool | None = None,
+    ):
         self.model = model
         self.env = env
-        self.optimizer = build_optimizer(param_groups, optim_cfg)
+        self.optimizer = build_optimizer(param_groups, optim_cfg, foreach)
         self.scheduler = build_scheduler(self.optimizer, optim_cfg, max_steps)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
 

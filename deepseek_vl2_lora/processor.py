@@ -77,6 +77,12 @@ def candidate_resolutions(image_size: int, candidate_grid: int = 9) -> list[list
     return [[image_size * m, image_size * n] for m, n in grids]
 
 
+def image_token_count(image_size: int, patch_size: int, downsample_ratio: int, width_tiles: int, height_tiles: int):
+    """Tokens of one image: global view rows + newlines, one view separator, local grid rows + newlines."""
+    h = w = math.ceil((image_size // patch_size) / downsample_ratio)
+    return h * (w + 1) + 1 + (h * height_tiles) * (w * width_tiles + 1)
+
+
 def write_processor_config(
     out_dir: str | Path,
     image_size: int,
@@ -311,9 +317,9 @@ class DeepseekVL2Processor:
     # -- images ------------------------------------------------------------------------------------------
 
     def num_image_tokens(self, num_width_tiles: int, num_height_tiles: int) -> int:
-        """Global view rows + newlines, one view separator, local grid rows + newlines."""
-        h = w = math.ceil((self.image_size // self.patch_size) / self.downsample_ratio)
-        return h * (w + 1) + 1 + (h * num_height_tiles) * (w * num_width_tiles + 1)
+        return image_token_count(
+            self.image_size, self.patch_size, self.downsample_ratio, num_width_tiles, num_height_tiles
+        )
 
     def best_resolution(self, image_size: tuple[int, int], cropping: bool) -> tuple[int, int]:
         if not cropping:

@@ -4,10 +4,35 @@ forward and backward."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from functools import partial
+
 import torch
 
 from .evaluation import MODEL_INPUTS
 from .policy import PolicyReport, apply_policy
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return precision
+
+
+def resolve_dtype(dtype: str, precision: str, device: torch.device) -> torch.dtype:
+    """Storage dtype of the loaded weights; bf16 weights need bf16 autocast around them."""
+    if dtype == "auto":
+        return torch.bfloat16 if precision == "bf16" and device.type == "cuda" else torch.float32
+    if dtype == "bfloat16" and precision != "bf16":
+        from .train_config import ConfigError
+
+        raise ConfigError(f"model.dtype=bfloat16 needs bf16 autocast, but training runs in {precision} on {device}")
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+
+
+def autocast_for(precision: str, device: torch.device):
+    """A context-manager factory: bf16 autocast on `device` for bf16 runs, nothing otherwise."""
+    return partial(torch.autocast, device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext
 
 
 def prepare_model(model: torch.nn.Module, cfg, compile_layers: bool | None = None) -> PolicyReport:

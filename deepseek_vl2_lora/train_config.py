@@ -30,6 +30,9 @@ class ModelConfig:
     tiny_family: str | None = None  # tiny-mha | small-mla | full-noaux (deepseek_vl2_lora.tiny.FAMILIES)
     tiny_seed: int = 0
     hub_id: str | None = None  # where the real checkpoint lives, e.g. deepseek-ai/deepseek-vl2-small (messages)
+    # A config.json shipped with the repo (deepseek_vl2_lora/assets/released/<name>/) that a dry run
+    # (trainer.dry_run=true) plans with when `path` is null: deepseek-vl2-tiny | deepseek-vl2-small | deepseek-vl2.
+    released: str | None = None
     attn_implementation: str = "eager"  # eager | sdpa | flash_attention_2 | mla_* | mha_*
     experts_kernel: str = "auto"  # auto | loop | grouped
     # Storage dtype of the loaded weights: auto = bfloat16 when training runs in bf16 autocast, else float32.
@@ -99,6 +102,26 @@ class TrainerConfig:
     # A directory: cache the frozen vision tower + projector output per image tile on disk and reuse it on later
     # epochs (keyed by the tile's pixels; a subdirectory per vision/projector weights). Single process only.
     vision_feature_cache: str | None = None
+    # Plan instead of train: build the model at full size on fake tensors (no weights read, no GPU), run one
+    # training step through the real code path and print the peak GPU memory per rank for one GPU, ZeRO-2 and
+    # ZeRO-3 (plan.json in the run dir). The batch layout and routing it assumes are under `plan.`.
+    dry_run: bool = False
+    gpu_memory_gb: float = 80.0  # the GPU the dry run checks the plan against (GiB, as the card is sold: 80 = H100)
+
+
+@dataclass
+class PlanConfig:
+    """What a dry run (trainer.dry_run=true) assumes about the data and the routing; printed with the plan.
+
+    Every sample fills data.max_length tokens (the worst case the data allows) and carries `images_per_sample`
+    images tiled `image_tiles` = [width, height] local tiles (+ the global view); `answer_fraction` of its text
+    tokens are the supervised answer (the loss runs lm_head on those only)."""
+
+    image_tiles: list[int] = field(default_factory=lambda: [2, 2])
+    images_per_sample: int = 1
+    answer_fraction: float = 0.5
+    routing: str = "uniform"  # uniform | zipf: expert popularity ~ 1/rank^zipf_exponent (the bench's skewed router)
+    zipf_exponent: float = 0.5
 
 
 @dataclass
@@ -134,6 +157,9 @@ class DistConfig:
     # model) averages over padded positions, so only then are N ranks exactly the one-process run. Costs compute
     # on the padding; off: each rank pads to its own longest sample.
     global_padding: bool = False
+    # Ranks the dry run plans ZeRO-2/ZeRO-3 for (null: $WORLD_SIZE when launched, else 8). A launched run checks
+    # it against the ranks it really has.
+    world_size: int | None = None
 
 
 @dataclass
@@ -148,6 +174,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 def register_configs() -> None:
@@ -169,6 +196,7 @@ _CHOICES = {
     "data.on_bad_sample": ("error", "skip"),
     "trainer.precision": ("auto", "bf16", "fp32"),
     "dist.kind": ("single", "zero2", "zero3"),
+    "plan.routing": ("uniform", "zipf"),
     "logger.mode": ("offline", "online", "disabled"),
 }
 _POSITIVE = ("trainer.max_steps", "trainer.micro_batch_size", "trainer.grad_accum", "trainer.eval_batch_size")
@@ -234,6 +262,17 @@ def check_config(cfg: DictConfig) -> None:
         problems.append("trainer.compile_blocks=true is tested with dist=single only (DeepSpeed hooks every module)")
     if cfg.trainer.pack_length is not None and cfg.trainer.pack_length < 1:
         problems.append(f"trainer.pack_length={cfg.trainer.pack_length}: must be ≥ 1 (or null: no packing)")
+    if cfg.dist.world_size is not None and cfg.dist.world_size < 1:
+        problems.append(f"dist.world_size={cfg.dist.world_size}: must be ≥ 1 (or null)")
+    if cfg.trainer.gpu_memory_gb <= 0:
+        problems.append(f"trainer.gpu_memory_gb={cfg.trainer.gpu_memory_gb}: must be > 0")
+    if not 0.0 < cfg.plan.answer_fraction <= 1.0:
+        problems.append(f"plan.answer_fraction={cfg.plan.answer_fraction}: must be in (0, 1]")
+    if len(cfg.plan.image_tiles) != 2 or min(cfg.plan.image_tiles) < 1 or cfg.plan.images_per_sample < 0:
+        problems.append(
+            f"plan.image_tiles={list(cfg.plan.image_tiles)} / plan.images_per_sample={cfg.plan.images_per_sample}: "
+            "need two tile counts ≥ 1 ([width, height]) and images_per_sample ≥ 0"
+        )
     if cfg.trainer.cpu_threads is not None and cfg.trainer.cpu_threads < 1:
         problems.append(f"trainer.cpu_threads={cfg.trainer.cpu_threads}: must be ≥ 1 (or null)")
     if problems:

@@ -29,7 +29,6 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -46,9 +45,10 @@ from .feature_cache import VisionFeatureCache
 from .metrics import FlopModel, MetricsLogger, init_wandb, peak_flops, peak_memory_gb, wandb_log_policy
 from .model import IGNORE_INDEX, DeepseekVL2ForCausalLM
 from .packing import sample_lengths
+from .plan.batch import PlanError
 from .policy import PolicyError, optimizer_param_groups, save_trained_state
 from .processor import Collator, DeepseekVL2Processor, ProcessorConfigError, SampleError
-from .step import micro_step, prepare_model
+from .step import autocast_for, micro_step, prepare_model, resolve_dtype, resolve_precision
 from .tiny import ensure_tiny_checkpoint
 from .train_config import ConfigError, as_train_config, check_config
 from .train_state import (
@@ -90,6 +90,7 @@ USER_ERRORS = (
     TrainingError,
     SampleError,
     ProcessorConfigError,
+    PlanError,
 )
 
 
@@ -138,21 +139,6 @@ def resolve_data_file(path: str) -> Path:
     raise ConfigError(f"data file {path} not found (looked in {Path.cwd()} and {REPO_ROOT})")
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return precision
-
-
-def resolve_dtype(dtype: str, precision: str, device: torch.device) -> torch.dtype:
-    """Storage dtype of the loaded weights; bf16 weights need bf16 autocast around them."""
-    if dtype == "auto":
-        return torch.bfloat16 if precision == "bf16" and device.type == "cuda" else torch.float32
-    if dtype == "bfloat16" and precision != "bf16":
-        raise ConfigError(f"model.dtype=bfloat16 needs bf16 autocast, but training runs in {precision} on {device}")
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-
-
 def load_model(model_cfg, precision: str, device: torch.device) -> tuple[DeepseekVL2ForCausalLM, Path]:
     """The configured checkpoint (real or generated tiny) on `device`, in the dtype `precision` implies."""
     model_dir = resolve_model_dir(model_cfg)
@@ -164,11 +150,6 @@ def load_model(model_cfg, precision: str, device: torch.device) -> tuple[Deepsee
         device=device,
     )
     return model, model_dir
-
-
-def autocast_for(precision: str, device: torch.device):
-    """A context-manager factory: bf16 autocast on `device` for bf16 runs, nothing otherwise."""
-    return partial(torch.autocast, device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext
 
 
 # Collated training-batch fields with one entry per token position, and the value a padded position holds.
@@ -373,7 +354,18 @@ def train(cfg, run_dir: str | Path) -> TrainResult:
     """Train as `cfg` (a composed TrainConfig) says, writing everything under `run_dir`."""
     cfg = as_train_config(cfg)
     check_config(cfg)
+    if cfg.trainer.dry_run:  # plan memory on fake tensors instead of training (deepseek_vl2_lora/plan)
+        from .plan.planner import dry_run
+
+        t0 = time.perf_counter()
+        dry_run(cfg, Path(run_dir))
+        return TrainResult(Path(run_dir), 0, time.perf_counter() - t0, None, None, 0, None)
     env = DistEnv.from_env()
+    if cfg.dist.world_size is not None and cfg.dist.world_size != env.world_size:
+        raise ConfigError(
+            f"dist.world_size={cfg.dist.world_size} but this run was launched with {env.world_size} rank(s) "
+            "(WORLD_SIZE); drop dist.world_size or launch that many ranks"
+        )
     device = resolve_device(cfg.trainer.device, env)
     threads = torch.get_num_threads()
     if device.type == "cpu" and cfg.trainer.cpu_threads:

@@ -1,0 +1,324 @@
+"""`trainer.dry_run=true`: the memory plan of a training config, per GPU, without weights or a GPU.
+
+One steady-state training step of the full-size model runs on fake tensors (measure.py) and is measured per
+category. The one-GPU column is that measurement; the ZeRO-2 / ZeRO-3 columns keep its activations and
+temporaries (every rank runs its own micro batch) and replace the model states by DeepSpeed's sharded ones
+(zero.py). A config fits a GPU when 1.05 × its peak + 1 GiB (CUDA context, cuBLAS/cuDNN workspaces and allocator
+fragmentation, which `torch.cuda.max_memory_allocated` does not count) is at most `trainer.gpu_memory_gb`. When
+it does not fit, the smallest change that fits is searched, in this order: recompute, a smaller micro batch (the
+global batch kept with more accumulation), ZeRO-2, ZeRO-3, optimizer offload.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import VL2Config
+from .measure import FakeTrainingModel, StepMeasurement
+from .tracker import MODEL_STATES
+from .zero import zero_model_states, zero_settings
+
+log = logging.getLogger(__name__)
+GIB = 2**30
+RELEASED_DIR = Path(__file__).resolve().parent.parent / "assets" / "released"
+RELEASED = ("deepseek-vl2-tiny", "deepseek-vl2-small", "deepseek-vl2")
+ROWS = [
+    ("weights", "weights (frozen, + buffers)"),
+    ("trainable", "trainable weights"),
+    ("gradients", "gradients"),
+    ("optimizer", "optimizer state"),
+    ("buffers", "ZeRO buffers / gathered"),
+    ("activations", "activations"),
+    ("temporaries", "temporaries"),
+]
+
+
+def released_config(name: str) -> VL2Config:
+    if name not in RELEASED:
+        from .batch import PlanError
+
+        raise PlanError(f"model.released={name!r}: the shipped configs are {', '.join(RELEASED)}")
+    return VL2Config.from_file(RELEASED_DIR / name / "config.json")
+
+
+def model_config_for(cfg) -> tuple[VL2Config, str]:
+    """The architecture to plan: model.path's config.json (no weights read), else the shipped released config,
+    else the tiny family's generated checkpoint."""
+    m = cfg.model
+    if m.path is not None:
+        path = Path(m.path).expanduser() / "config.json"
+        if not path.is_file():
+            from .batch import PlanError
+
+            raise PlanError(f"model.path={m.path}: no config.json there; the dry run reads only that file")
+        return VL2Config.from_file(path), str(path)
+    if m.released is not None:
+        return released_config(m.released), f"{m.released} (released config.json shipped with the repo)"
+    from ..tiny import ensure_tiny_checkpoint
+
+    path = ensure_tiny_checkpoint(m.tiny_family, seed=m.tiny_seed) / "config.json"
+    return VL2Config.from_file(path), f"tiny family {m.tiny_family}"
+
+
+def fits(peak_bytes: int, gpu_memory_gb: float) -> bool:
+    return 1.05 * peak_bytes + GIB <= gpu_memory_gb * GIB
+
+
+@dataclass
+class Column:
+    """One way to run the step: per-rank bytes by category and the peak."""
+
+    name: str
+    dist: str  # single | zero2 | zero3
+    ranks: int
+    by_category: dict[str, int]
+    peak: int
+    moment: str
+    fits: bool
+
+    def gib(self, key: str) -> float:
+        return self.by_category.get(key, 0) / GIB
+
+
+def _single_column(m: StepMeasurement, gpu_gb: float) -> Column:
+    by = dict(m.peak.by_category)
+    by["buffers"] = 0
+    return Column("1 GPU", "single", 1, by, m.peak.total, m.peak.moment, fits(m.peak.total, gpu_gb))
+
+
+def _zero_column(m: StepMeasurement, stage: int, ranks: int, ds_config: dict, offload: bool, gpu_gb: float) -> Column:
+    states = zero_model_states(m.counts, stage, ranks, ds_config, offload)
+    by = {**states, "activations": m.peak_transient.by_category["activations"]}
+    by["temporaries"] = m.peak_transient.by_category["temporaries"]
+    peak = sum(by.values())
+    name = f"ZeRO-{stage} ×{ranks}" + (" offload" if offload else "")
+    return Column(name, f"zero{stage}", ranks, by, peak, m.peak_transient.moment, fits(peak, gpu_gb))
+
+
+@dataclass
+class Plan:
+    model: str
+    source: str
+    policy: str
+    params_total: int
+    params_trainable: int
+    setting: dict
+    layout: dict
+    measurement: dict
+    columns: list[Column]
+    configured: str  # name of the column the config runs as
+    fits: bool
+    change: dict | None = None  # the smallest change that fits: overrides and its column
+    notes: list[str] = field(default_factory=list)
+
+
+class Planner:
+    def __init__(self, cfg, ranks: int):
+        from ..engine import deepspeed_config
+
+        self.cfg, self.ranks = cfg, ranks
+        self.vl2_config, self.source = model_config_for(cfg)
+        self.ds_configs = {}
+        for kind in ("zero2", "zero3"):
+            dist = cfg.dist if cfg.dist.kind == kind else _dist_like(cfg.dist, kind)
+            self.ds_configs[kind] = deepspeed_config(dist, cfg.trainer, cfg.optim, "bf16", ranks)
+        threshold = zero_settings(self.ds_configs["zero3"])["stage3_param_persistence_threshold"]
+        self.fake = FakeTrainingModel(cfg, self.vl2_config, "cuda", threshold)
+        self._measured: dict[tuple[int, bool], StepMeasurement] = {}
+
+    def measure(self, micro_batch_size: int, recompute: bool) -> StepMeasurement:
+        key = (micro_batch_size, recompute)
+        if key not in self._measured:
+            self._measured[key] = self.fake.measure(micro_batch_size, recompute)
+        return self._measured[key]
+
+    def columns(self, m: StepMeasurement, offload: bool) -> list[Column]:
+        gb = self.cfg.trainer.gpu_memory_gb
+        return [
+            _single_column(m, gb),
+            _zero_column(m, 2, self.ranks, self.ds_configs["zero2"], offload, gb),
+            _zero_column(m, 3, self.ranks, self.ds_configs["zero3"], offload, gb),
+        ]
+
+    def _configured(self, columns: list[Column], kind: str) -> Column:
+        return next(c for c in columns if c.dist == kind)
+
+    def smallest_change(self) -> dict | None:
+        """The first candidate (in the module docstring's order) whose configured column fits."""
+        tc, dist = self.cfg.trainer, self.cfg.dist
+        mb, recompute, kind, offload = tc.micro_batch_size, tc.gradient_checkpointing, dist.kind, dist.offload_optimizer
+        sizes = []
+        while mb > 1:
+            mb //= 2
+            sizes.append(mb)
+        gc = [] if recompute else [{"trainer.gradient_checkpointing": True}]
+        candidates = list(gc)
+        candidates += [{"trainer.micro_batch_size": s} for s in sizes]
+        candidates += [{**g, "trainer.micro_batch_size": s} for g in gc for s in sizes]
+        stages = {"single": ["zero2", "zero3"], "zero2": ["zero3"], "zero3": []}[kind]
+        candidates += [{"dist": stage, **g} for stage in stages for g in [{}, *gc]]
+        if not offload:
+            for stage in [k for k in (kind, *stages) if k != "single"]:
+                candidates.append(
+                    {"dist": stage, "trainer.gradient_checkpointing": True, "dist.offload_optimizer": True}
+                )
+        for change in candidates:
+            m = self.measure(
+                change.get("trainer.micro_batch_size", tc.micro_batch_size),
+                change.get("trainer.gradient_checkpointing", recompute),
+            )
+            columns = self.columns(m, change.get("dist.offload_optimizer", offload))
+            column = self._configured(columns, change.get("dist", kind))
+            if column.fits:
+                overrides = dict(change)
+                if "trainer.micro_batch_size" in overrides:
+                    factor = tc.micro_batch_size // overrides["trainer.micro_batch_size"]
+                    overrides["trainer.grad_accum"] = tc.grad_accum * factor  # keeps the global batch
+                if "dist" in overrides and overrides["dist"] != "single":
+                    overrides["dist.world_size"] = self.ranks
+                return {"overrides": overrides, "column": column}
+        return None
+
+    def plan(self) -> Plan:
+        tc, dist = self.cfg.trainer, self.cfg.dist
+        m = self.measure(tc.micro_batch_size, tc.gradient_checkpointing)
+        columns = self.columns(m, dist.offload_optimizer)
+        configured = self._configured(columns, dist.kind)
+        change = None if configured.fits else self.smallest_change()
+        setting = self.fake.setting
+        report = self.fake.report
+        return Plan(
+            model=self._model_name(),
+            source=self.source,
+            policy=report.policy,
+            params_total=report.total_params,
+            params_trainable=report.trainable_params,
+            setting={
+                "precision": setting.precision,
+                "storage dtype": str(setting.dtype).replace("torch.", ""),
+                "attention": m.attention,
+                "experts kernel": setting.experts_kernel,
+                "recompute": tc.gradient_checkpointing,
+                "micro batch": tc.micro_batch_size,
+                "grad accum": tc.grad_accum,
+                "sequence length": self.cfg.data.max_length or 4096,
+                "packing": tc.pack_length,
+                "routing": self.cfg.plan.routing
+                + (f" (Zipf {self.cfg.plan.zipf_exponent})" if self.cfg.plan.routing == "zipf" else ""),
+                "ranks for ZeRO": self.ranks,
+                "gpu memory GiB": tc.gpu_memory_gb,
+            },
+            layout=m.layout,
+            measurement={"tokens per step": m.tokens, "samples per step": m.samples, "flops per step": m.flops},
+            columns=columns,
+            configured=configured.name,
+            fits=configured.fits,
+            change=change,
+            notes=setting.notes,
+        )
+
+    def _model_name(self) -> str:
+        m = self.cfg.model
+        return m.released or m.name
+
+
+def _dist_like(dist_cfg, kind: str):
+    """dist_cfg with another ZeRO stage and DeepSpeed's default template (for the columns the config does not run)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        kind=kind, deepspeed_config=None, offload_optimizer=dist_cfg.offload_optimizer, offload_params=False
+    )
+
+
+def ranks_for(cfg) -> int:
+    if cfg.dist.world_size:
+        return int(cfg.dist.world_size)
+    env = int(os.environ.get("WORLD_SIZE", 1))
+    return env if env > 1 else 8
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+def format_plan(plan: Plan) -> str:
+    s, lay = plan.setting, plan.layout
+    lines = [
+        f"Memory plan for {plan.model} ({plan.source}): {plan.params_total / 1e9:.2f}B parameters, "
+        f"{plan.params_trainable / 1e6:.1f}M trainable (policy {plan.policy})",
+        f"  step: micro batch {s['micro batch']} × {s['sequence length']} tokens"
+        + (f", packed into rows of {s['packing']}" if s["packing"] else "")
+        + f", grad accum {s['grad accum']}, {s['precision']} (weights {s['storage dtype']}),"
+        f" recompute {'on' if s['recompute'] else 'off'}, experts kernel {s['experts kernel']}",
+        f"  sample: {lay['images']} image(s) × {lay['tiles_per_image']} tiles = {lay['image_tokens']} image tokens,"
+        f" {lay['text_tokens']} text tokens of which {lay['supervised_tokens']} supervised; routing {s['routing']}",
+        "  attention kernel assumed: " + "; ".join(s["attention"]),
+    ]
+    lines += [f"  note: {n}" for n in plan.notes]
+    cols = plan.columns
+    width = 28
+    lines.append("")
+    lines.append("  " + "GiB per GPU".ljust(width) + "".join(c.name.rjust(14) for c in cols))
+    for key, label in ROWS:
+        lines.append("  " + label.ljust(width) + "".join(f"{c.gib(key):14.2f}" for c in cols))
+    lines.append("  " + "peak".ljust(width) + "".join(f"{c.peak / GIB:14.2f}" for c in cols))
+    fit_label = f"fits {s['gpu memory GiB']:g} GB"
+    lines.append("  " + fit_label.ljust(width) + "".join(("yes" if c.fits else "no").rjust(14) for c in cols))
+    lines.append(f"  peak at: {cols[0].moment} (1 GPU); {cols[1].moment} (activations + temporaries, ZeRO)")
+    meas = plan.measurement
+    lines.append(
+        f"  per step and GPU: {meas['tokens per step']:,} tokens, {meas['samples per step']} samples, "
+        f"{meas['flops per step'] / 1e12:,.1f} TFLOP"
+    )
+    lines.append("")
+    verdict = "fits" if plan.fits else "does NOT fit"
+    lines.append(f"As configured ({plan.configured}): {verdict} a {s['gpu memory GiB']:g} GB GPU.")
+    if not plan.fits:
+        if plan.change is None:
+            lines.append(
+                "No change searched (recompute, micro batch 1, ZeRO-2/3, optimizer offload) fits; more GPUs "
+                "(dist.world_size), a shorter data.max_length or a smaller policy would."
+            )
+        else:
+            c = plan.change["column"]
+            args = " ".join(f"{k}={_override(v)}" for k, v in plan.change["overrides"].items())
+            lines.append(f"Smallest change that fits: {args}  ({c.name}: peak {c.peak / GIB:.2f} GiB)")
+    return "\n".join(lines)
+
+
+def _override(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def plan_to_dict(plan: Plan) -> dict:
+    def column(c: Column) -> dict:
+        return {
+            "name": c.name,
+            "dist": c.dist,
+            "ranks": c.ranks,
+            "bytes": c.by_category,
+            "peak_bytes": c.peak,
+            "peak_gib": round(c.peak / GIB, 3),
+            "peak_moment": c.moment,
+            "fits": c.fits,
+        }
+
+    out = {k: v for k, v in vars(plan).items() if k not in ("columns", "change")}
+    out["columns"] = [column(c) for c in plan.columns]
+    out["model_states"] = list(MODEL_STATES)
+    if plan.change is not None:
+        out["change"] = {"overrides": plan.change["overrides"], "column": column(plan.change["column"])}
+    return out
+
+
+def dry_run(cfg, run_dir: Path) -> Plan:
+    """Plan `cfg`, print the plan, write <run dir>/plan.json."""
+    planner = Planner(cfg, ranks_for(cfg))
+    plan = planner.plan()
+    log.info("\n%s", format_plan(plan))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "plan.json").write_text(json.dumps(plan_to_dict(plan), indent=2, default=str) + "\n")
+    log.info("plan written to %s", run_dir / "plan.json")
+    return plan

@@ -1,0 +1,172 @@
+"""Memory accounting of one training step: every tensor storage an op creates, by category, with the peak.
+
+A `TorchDispatchMode` sees the outputs of every op (fake or real), registers each new storage with its size
+rounded as the CUDA caching allocator rounds it (512-byte blocks), and drops it when the storage is freed (a
+weak-reference callback), so the running total is what `torch.cuda.memory_allocated` would read. Storages that
+exist before the step (weights, optimizer state, the batch) are registered by the caller.
+
+Categories: `weights` (frozen parameters and buffers), `trainable` (trainable parameters: the fp32 master copies
+in one process), `gradients` (a trainable parameter's `.grad`, retagged when autograd accumulates it),
+`optimizer` (optimizer state), `activations` (created in the forward pass and the batch) and `temporaries`
+(created in backward or in the optimizer step, gradients excepted).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
+
+CATEGORIES = ("weights", "trainable", "gradients", "optimizer", "activations", "temporaries")
+MODEL_STATES = ("weights", "trainable", "gradients", "optimizer")
+CUDA_BLOCK = 512  # the caching allocator rounds every allocation up to a multiple of 512 bytes
+
+
+def allocated_bytes(nbytes: int, block: int) -> int:
+    return 0 if nbytes == 0 else -(-nbytes // block) * block
+
+
+@dataclass
+class Snapshot:
+    total: int = 0
+    by_category: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CATEGORIES, 0))
+    moment: str = ""  # phase and innermost module when this snapshot was taken
+
+    def copy(self, moment: str) -> Snapshot:
+        return Snapshot(self.total, dict(self.by_category), moment)
+
+    @property
+    def transient(self) -> int:
+        """Activations and temporaries: what does not depend on how model states are sharded."""
+        return self.by_category["activations"] + self.by_category["temporaries"]
+
+
+class MemoryTracker(TorchDispatchMode):
+    """Live bytes per category and the peak of the step (`peak`) and of its activations + temporaries
+    (`peak_transient`). `phase` is set by the caller ("forward", "backward", "optimizer step")."""
+
+    def __init__(self, block: int = CUDA_BLOCK):
+        super().__init__()
+        self.block = block
+        self.now = Snapshot()
+        self.peak = Snapshot()
+        self.peak_transient = Snapshot()
+        self._phase = "setup"
+        self._storages = WeakIdKeyDictionary()  # storage -> [bytes, category]
+        self._names: dict[int, str] = {}  # id(module) -> qualified name, for the moment of the peak
+        self._stack: list[str] = []  # modules whose forward is running
+        self._backward_module = ""
+        self._hooks: list = []
+
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    @phase.setter
+    def phase(self, value: str) -> None:
+        if value == "backward" and self._phase != "backward":
+            self._backward_module = "the loss (lm_head)"  # backward starts there, before any module's gradients
+        self._phase = value
+
+    # -- registration ------------------------------------------------------------------------------------
+    def register(self, tensor: torch.Tensor, category: str, retag: bool = True) -> None:
+        """Count `tensor`'s storage under `category`; one counted already is retagged (unless `retag` is False:
+        an op's output that aliases an existing storage, a view or an in-place result, keeps its category)."""
+        st = tensor.untyped_storage()
+        entry = self._storages.get(st)
+        if entry is not None:
+            if retag and entry[1] != category:
+                self.now.by_category[entry[1]] -= entry[0]
+                self.now.by_category[category] += entry[0]
+                entry[1] = category
+            return
+        nbytes = allocated_bytes(st.nbytes(), self.block)
+        entry = [nbytes, category]
+        self._storages[st] = entry
+        weakref.finalize(st, self._freed, entry)
+        self.now.total += nbytes
+        self.now.by_category[category] += nbytes
+        self._update_peaks()
+
+    def _freed(self, entry) -> None:
+        self.now.total -= entry[0]
+        self.now.by_category[entry[1]] -= entry[0]
+
+    def register_module(self, module: torch.nn.Module) -> None:
+        self._names.update((id(m), name) for name, m in module.named_modules() if name)
+        for p in module.parameters():
+            self.register(p, "trainable" if p.requires_grad else "weights")
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(lambda p: self.register(p.grad, "gradients"))
+        for b in module.buffers():
+            self.register(b, "weights")
+
+    def register_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        for state in optimizer.state.values():
+            for t in state.values():
+                if isinstance(t, torch.Tensor) and t.dim() > 0:  # a 0-dim `step` counter lives on the host
+                    self.register(t, "optimizer")
+
+    # -- tracking ------------------------------------------------------------------------------------------
+    def _category(self) -> str:
+        return "activations" if self.phase == "forward" else "temporaries"
+
+    def _moment(self) -> str:
+        if self.phase == "forward":
+            return "forward" + (f" of {self._stack[-1]}" if self._stack else "")
+        if self.phase == "backward":
+            return "backward" + (f" of {self._backward_module}" if self._backward_module else "")
+        return self.phase
+
+    # Where the step is: a forward pre/post hook on every module keeps the stack of running modules, and tags
+    # the autograd node of each module's output, so backward knows which module's gradients it computes. (Not
+    # torch's ModuleTracker: its gradient hooks keep recomputed activations alive under checkpointing.)
+    def _pre_forward(self, module, args):
+        name = self._names.get(id(module))
+        if name is not None:
+            self._stack.append(name)
+
+    def _post_forward(self, module, args, output):
+        name = self._names.get(id(module))
+        if name is None:
+            return
+        if self._stack and self._stack[-1] == name:
+            self._stack.pop()
+        for t in tree_leaves(output):
+            if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+                t.grad_fn.metadata.setdefault("module", name)
+
+    def _update_peaks(self) -> None:
+        if self.now.total > self.peak.total:
+            self.peak = self.now.copy(self._moment())
+        if self.now.transient > self.peak_transient.transient:
+            self.peak_transient = self.now.copy(self._moment())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.phase == "backward":
+            node = torch._C._current_autograd_node()
+            if node is not None and "module" in node.metadata:
+                self._backward_module = node.metadata["module"]
+        out = func(*args, **(kwargs or {}))
+        category = self._category()
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.register(t, category, retag=False)
+        return out
+
+    def __enter__(self):
+        self._hooks = [
+            register_module_forward_pre_hook(self._pre_forward),
+            register_module_forward_hook(self._post_forward),
+        ]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        for h in self._hooks:
+            h.remove()
