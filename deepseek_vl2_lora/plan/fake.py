@@ -58,6 +58,12 @@ class HostValues(TorchDispatchMode):
             # A host read of a value computed from weights: the gradient norm (clipping, the finite check) and
             # Adam's step counter. Their values change no allocation; a finite 1 is assumed.
             return True if args[0].dtype == torch.bool else 1 if not args[0].is_floating_point() else 1.0
+        if func is aten._grouped_mm.default and args[0].dtype != torch.bfloat16:
+            # The fake (meta) kernel accepts bf16 only; on CUDA other dtypes run a per-group fallback with the
+            # same output. Shapes from the bf16 rule, dtype the inputs'.
+            a, b, *rest = args
+            out = func(a.to(torch.bfloat16), b.to(torch.bfloat16), *rest, **kwargs)
+            return torch.empty(out.shape, dtype=a.dtype)
         if func in _INDEX_OPS:
             with unset_fake_temporarily():
                 indices = []

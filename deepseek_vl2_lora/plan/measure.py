@@ -64,6 +64,7 @@ def resolve_setting(cfg, target: str = "cuda") -> Setting:
 
 @dataclass
 class StepMeasurement:
+    start: int  # bytes live when the step starts (weights, optimizer state, the batch)
     peak: Snapshot  # the step's peak, by category, and when it happened
     peak_transient: Snapshot  # the peak of activations + temporaries (for ZeRO stages, whose model states differ)
     attention: list[str]  # kernels that ran (descriptions)
@@ -151,6 +152,7 @@ class FakeTrainingModel:
             for value in batch.values():
                 if isinstance(value, torch.Tensor):
                     tracker.register(value, "activations")
+            start = tracker.now.total
             stack.enter_context(HostValues())
             stack.enter_context(tracker)
             stack.enter_context(kernels)
@@ -168,6 +170,7 @@ class FakeTrainingModel:
             attention = ["eager attention (keeps the [B, H, L, L] fp32 probabilities for backward)"]
         accum = cfg.trainer.grad_accum
         return StepMeasurement(
+            start=start,
             peak=tracker.peak,
             peak_transient=tracker.peak_transient,
             attention=attention,
