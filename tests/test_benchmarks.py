@@ -363,3 +363,19 @@ def test_demo_benchmarks_are_reproducible_and_load():
     assert {len(q.options) for q in mcq.questions} == {2, 3, 4}
     assert all(len(q.references) == 10 for q in vqa.questions)
     assert user_message("Q", 1) == [{"role": "user", "content": "<image>\nQ"}]
+
+
+def test_open_rows_in_a_multiple_choice_file_and_question_id_indices(tmp_path, scripted):
+    img = png_b64()
+    header = ["index", "question", "A", "B", "answer", "image"]
+    rows = [["v_1", "Pick one", "cat", "dog", "B", img], ["v_2", "How many legs?", "", "", "4", f"['{img}', '{img}']"]]
+    bench = load_benchmark(BenchmarkSpec(str(write_tsv(tmp_path / "MMMU_DEV_VAL.tsv", header, rows))))
+    assert bench.task == "mcq" and len(bench.questions[1].images) == 2  # a list literal: two images
+    result = _run(bench, *scripted(lambda p: "B" if "Pick" in p else "Four."))
+    assert result.metrics["accuracy"] == 1.0  # the open row: VQA normalisation, "Four." -> "4"
+    assert result.predictions[1]["prompt"] == "How many legs?"
+
+    # VQAv2-style question ids are no circular copies (only multiple-choice files have those).
+    rows = [[262148000, "Q", "", "", "yes", img], [262148001, "Q", "", "", "no", img]]
+    bench = load_benchmark(BenchmarkSpec(str(write_tsv(tmp_path / "VQAv2_VAL.tsv", header, rows))))
+    assert (bench.task, bench.circular) == ("yesno", False)

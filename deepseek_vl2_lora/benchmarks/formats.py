@@ -332,6 +332,7 @@ def load_benchmark(spec: BenchmarkSpec) -> Benchmark:
     """Read and check a benchmark file (the first `spec.limit` questions); every image is checked, none decoded."""
     path = resolve_path(spec.path)
     name = benchmark_name(spec)
+    lname = name.lower()
     columns, rows = read_rows(path)
     if not rows:
         raise BenchmarkError(f"{path}: no rows")
@@ -350,8 +351,11 @@ def load_benchmark(spec: BenchmarkSpec) -> Benchmark:
     task = spec.task
     if task == "mcq" and not has_options:
         raise BenchmarkError(f"{path}: task=mcq but no option columns A, B, ...")
-    has_copies = any(_int(r.get("index")) >= CIRCULAR_OFFSET for r in rows)
-    circular = spec.circular if spec.circular is not None else (has_copies or "mmbench" in name.lower())
+    # Rotated copies: a multiple-choice row at index + k * 1e6 whose original index is in the file too (large
+    # indices alone are no sign: VQA files may use question ids).
+    indices = {_int(r.get("index")) for r in rows}
+    has_copies = has_options and any(i >= CIRCULAR_OFFSET and i % CIRCULAR_OFFSET in indices for i in indices)
+    circular = spec.circular if spec.circular is not None else has_options and (has_copies or "mmbench" in lname)
     lookup = _Rows(path, rows)
 
     def where_for(n: int, row: dict):
@@ -362,7 +366,7 @@ def load_benchmark(spec: BenchmarkSpec) -> Benchmark:
     for n, row in enumerate(rows, start=1):
         where = where_for(n, row)
         index = _text(row.get("index")) or str(n - 1)
-        copy = _int(index) >= CIRCULAR_OFFSET
+        copy = has_copies and _int(index) >= CIRCULAR_OFFSET
         if copy and not circular:
             continue  # a rotated copy, and this evaluation is not circular
         group = str(_int(index) % CIRCULAR_OFFSET) if has_copies and _int(index) >= 0 else index
@@ -399,12 +403,17 @@ def load_benchmark(spec: BenchmarkSpec) -> Benchmark:
                 group=group,
             )
         )
+    if not questions:
+        raise BenchmarkError(f"{path}: no questions to ask (every row is a rotated copy and circular=false?)")
     task = task or detect_task(name, has_options, references)
     if task == "mcq":
         for q in questions:
             where = where_for(q.row, {"index": q.index})
+            if not q.options:  # an open question among multiple-choice ones (MMMU): asked and scored as VQA
+                q.answer = None
+                continue
             if len(q.options) < 2:
-                raise BenchmarkError(f"{where('columns A, B, ...')}: {len(q.options)} option(s); a question needs ≥ 2")
+                raise BenchmarkError(f"{where('columns A, B, ...')}: 1 option; a question needs ≥ 2 (or none: open)")
             if q.answer not in q.options:
                 raise BenchmarkError(
                     f"{where(f'column {answer_col}')}: {q.answer!r} is not one of this row's option letters "

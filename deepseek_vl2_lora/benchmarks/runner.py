@@ -67,7 +67,7 @@ class BenchmarkResult:
 def build_asks(bench: Benchmark) -> list[Ask]:
     asks = []
     for q in bench.questions:
-        if bench.task != "mcq":
+        if bench.task != "mcq" or not q.options:
             asks.append(Ask(q, vqa_prompt(q.question), {}, None))
             continue
         for shift in range(len(q.options) if bench.rotate else 1):
@@ -128,12 +128,12 @@ def run_benchmark(
         for k, reply in generate_replies(model, processor, encode, len(asks), batch_size, max_new, device, autocast):
             a = asks[k]
             q = a.question
-            if bench.task == "mcq":
+            if a.options:
                 parsed = extract_choice(reply, a.options)
                 score = float(parsed == a.answer)
                 reference = a.answer
-            else:
-                score, parsed = score_open(bench.task, reply, q.references)
+            else:  # an open question (in a multiple-choice file too: MMMU's): its task's rule, VQA there
+                score, parsed = score_open(bench.task if bench.task != "mcq" else "vqa", reply, q.references)
                 reference = q.references
             predictions.append(
                 {
