@@ -18,6 +18,8 @@ Columns, all read from the run's files:
     train loss        mean `train/loss` over the last --last train records of metrics.jsonl (default 10)
     eval loss / acc   the run's final eval: summary.json `eval_after` (else the last eval record, else the run's
                       eval.json)
+    <benchmark>       one column per benchmark (`eval/<name>/accuracy`, trainer.eval_benchmarks or eval --benchmark),
+                      with the difference to the untrained baseline in parentheses
     tokens/s          sum of `train/tokens` / sum of `perf/step_time_s` over all train records
     peak mem GB       max `mem/peak_allocated_gb` (CUDA) or `mem/peak_rss_gb` (CPU: process peak RSS, which for
                       Hydra multirun jobs sharing one process is the peak so far)
@@ -88,6 +90,7 @@ class Row:
     peak_mem_kind: str | None  # allocated (CUDA) | rss (CPU)
     wall_s: float | None
     group: str | None = None  # the label without the seed: runs that differ only in their seed share it
+    benchmarks: dict[str, float] = field(default_factory=dict)  # benchmark name -> eval/<name>/accuracy
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -244,7 +247,7 @@ def load_wandb(path: str, group=None, tags=(), run_ids=(), api=None) -> list[Run
             step = row.get("_step")
             if row.get("train/loss") is not None:
                 data.train.append({"step": step, **{k: v for k, v in row.items() if k.split("/")[0] in _TRAIN}})
-            if row.get("eval/accuracy") is not None or row.get("eval/loss") is not None:
+            if row.get("eval/accuracy") is not None or row.get("eval/loss") is not None or benchmark_scores(row):
                 data.evals.append({"step": step, **{k: v for k, v in row.items() if k.startswith("eval/")}})
         data.train.sort(key=lambda x: x["step"])
         data.evals.sort(key=lambda x: x["step"])
@@ -280,6 +283,16 @@ def peak_memory(run: RunData) -> tuple[float | None, str | None]:
     return None, None
 
 
+def benchmark_scores(metrics: dict | None) -> dict[str, float]:
+    """{name: score} of the `eval/<name>/accuracy` keys (deepseek_vl2_lora/benchmarks), in logged order."""
+    out = {}
+    for key, value in (metrics or {}).items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == "eval" and parts[2] == "accuracy" and _num(value) is not None:
+            out[parts[1]] = _num(value)
+    return out
+
+
 def _eval_row(label, kind, source, metrics: dict | None, **kw) -> Row:
     metrics = metrics or {}
     samples = metrics.get("eval/samples")
@@ -293,6 +306,7 @@ def _eval_row(label, kind, source, metrics: dict | None, **kw) -> Row:
         eval_loss=_num(metrics.get("eval/loss")),
         eval_accuracy=_num(metrics.get("eval/accuracy")),
         eval_samples=int(samples) if samples is not None else None,
+        benchmarks=benchmark_scores(metrics),
         **defaults,
     )
 
@@ -341,6 +355,7 @@ def build_rows(runs: list[RunData], last: int = 10) -> list[Row]:
     unique = []
     for name, source, m in baselines:
         key = (round(m.get("eval/loss") or 0.0, 6), round(m.get("eval/accuracy") or 0.0, 6), m.get("eval/samples"))
+        key += tuple(sorted((k, round(v, 6)) for k, v in benchmark_scores(m).items()))
         if key not in seen:
             seen.add(key)
             unique.append((name, source, m))
@@ -391,7 +406,8 @@ def aggregate_table(rows: list[Row]) -> str | None:
             groups.setdefault(row.group or row.label, []).append(row)
     if not any(len(g) > 1 for g in groups.values()):
         return None
-    header = ["runs (mean ± std over seeds)", "policy", "n", "train loss", "eval loss", "eval acc", "tokens/s"]
+    names, base = benchmark_columns(rows)
+    header = ["runs (mean ± std over seeds)", "policy", "n", "train loss", "eval loss", "eval acc", *names, "tokens/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     for group, members in groups.items():
         cells = [
@@ -401,17 +417,39 @@ def aggregate_table(rows: list[Row]) -> str | None:
             _mean_std([m.train_loss for m in members], ".4f"),
             _mean_std([m.eval_loss for m in members], ".4f"),
             _mean_std([m.eval_accuracy for m in members], ".3f"),
+            *[_with_delta(_mean_std([m.benchmarks.get(n) for m in members], ".3f"), members, n, base) for n in names],
             _mean_std([m.tokens_per_s for m in members], ",.0f"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def benchmark_columns(rows: list[Row]) -> tuple[list[str], dict[str, float]]:
+    """(benchmark names in first-seen order, the first baseline row's score of each)."""
+    names: list[str] = []
+    baseline: dict[str, float] = {}
+    for row in rows:
+        for name, value in row.benchmarks.items():
+            if name not in names:
+                names.append(name)
+            if row.kind == "baseline":
+                baseline.setdefault(name, value)
+    return names, baseline
+
+
+def _with_delta(cell: str, members: list[Row], name: str, baseline: dict[str, float]) -> str:
+    """The cell with the mean difference to the untrained baseline, e.g. `0.812 (+0.312)`."""
+    values = [m.benchmarks[name] for m in members if name in m.benchmarks]
+    if not values or name not in baseline or all(m.kind == "baseline" for m in members):
+        return cell
+    return f"{cell} ({sum(values) / len(values) - baseline[name]:+.3f})"
+
+
 def _fmt(v, spec: str, dash: str = "–") -> str:
     return dash if v is None else format(v, spec)
 
 
-def format_row(row: Row) -> list[str]:
+def format_row(row: Row, names: list[str] = (), baseline: dict[str, float] | None = None) -> list[str]:
     params = _fmt(row.trainable_params, ",")
     if row.trainable_params and row.trainable_percent is not None:
         params += f" ({row.trainable_percent:.2f}%)"
@@ -426,6 +464,7 @@ def format_row(row: Row) -> list[str]:
         _fmt(row.train_loss, ".4f"),
         _fmt(row.eval_loss, ".4f"),
         _fmt(row.eval_accuracy, ".3f"),
+        *[_with_delta(_fmt(row.benchmarks.get(n), ".3f"), [row], n, baseline or {}) for n in names],
         _fmt(row.tokens_per_s, ",.0f"),
         mem,
         _fmt(row.wall_s, ".1f"),
@@ -433,6 +472,7 @@ def format_row(row: Row) -> list[str]:
 
 
 def markdown_table(rows: list[Row], last: int = 10) -> str:
+    names, baseline = benchmark_columns(rows)
     header = [
         "run",
         "policy",
@@ -441,12 +481,13 @@ def markdown_table(rows: list[Row], last: int = 10) -> str:
         f"train loss (last {last})",
         "eval loss",
         "eval acc",
+        *names,
         "tokens/s",
         "peak mem GB",
         "wall s",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    lines += ["| " + " | ".join(format_row(r)) + " |" for r in rows]
+    lines += ["| " + " | ".join(format_row(r, names, baseline)) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 

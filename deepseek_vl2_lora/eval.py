@@ -6,6 +6,12 @@
     python -m deepseek_vl2_lora.eval CHECKPOINT_DIR --out DIR/eval.json   # a bare checkpoint: the baseline
     python -m deepseek_vl2_lora.eval --out outputs/baseline/eval.json     # the default (demo) base model
     python -m deepseek_vl2_lora.eval RUN_DIR data.eval_path=other.jsonl data.eval_limit=null   # overrides
+    python -m deepseek_vl2_lora.eval RUN_DIR --benchmark MMBench_DEV_EN.tsv --benchmark TextVQA_VAL.tsv --limit 200
+
+With --benchmark (VLMEvalKit TSV files or their Hub parquet copies; deepseek_vl2_lora/benchmarks) the model is
+scored on those instead of the eval split: eval.json holds `eval/<benchmark>/accuracy` (and per category) and
+eval/<benchmark>.jsonl beside it the per-question predictions. An untrained baseline is read from the baseline
+cache when a training run (or an earlier call) has computed it with the same settings.
 
 What is evaluated and how (eval split, image root, eval_limit, eval_batch_size, eval_max_new_tokens, precision,
 device, CPU threads) comes from the run's `config_resolved.yaml`; for a bare checkpoint or a trained state outside
@@ -21,7 +27,9 @@ import argparse
 import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -106,27 +114,24 @@ def eval_datasets(cfg, processor):
     return eval_file, loss_set, gen_set
 
 
-def evaluate_config(cfg, trained_dir: str | Path | None = None, device: str | None = None) -> dict:
-    """Load cfg's model (+ the trained state in `trained_dir`), evaluate it on cfg's eval split: eval.json's content
-    (plus "predictions")."""
+@contextmanager
+def _loaded(cfg, trained_dir, device):
+    """cfg's model (+ the trained state in `trained_dir`) in eval mode, with its processor and run settings."""
     import torch
 
     from .engine import DistEnv, resolve_device
-    from .evaluation import evaluate
     from .policy import load_trained_state
     from .processor import DeepseekVL2Processor
     from .train_config import check_config
     from .trainer import autocast_for, load_model, resolve_precision
 
     check_config(cfg)
-    t0 = time.perf_counter()
     dev = resolve_device(device or cfg.trainer.device, DistEnv.from_env())
     threads = torch.get_num_threads()
     if dev.type == "cpu" and cfg.trainer.cpu_threads:
         torch.set_num_threads(cfg.trainer.cpu_threads)
     try:
         precision = resolve_precision(cfg.trainer.precision, dev)
-        autocast = autocast_for(precision, dev)
         model, model_dir = load_model(cfg.model, precision, dev)
         report = None
         if trained_dir is not None:
@@ -135,33 +140,53 @@ def evaluate_config(cfg, trained_dir: str | Path | None = None, device: str | No
             model.to(dev)
         model.eval()
         processor = DeepseekVL2Processor.from_pretrained(model_dir)
-        eval_file, loss_set, gen_set = eval_datasets(cfg, processor)
-        result = evaluate(
-            model,
-            processor,
-            loss_set,
-            gen_set,
-            dev,
-            batch_size=cfg.trainer.eval_batch_size,
-            max_new_tokens=cfg.trainer.eval_max_new_tokens,
-            limit=cfg.data.eval_limit,
-            autocast=autocast,
+        yield SimpleNamespace(
+            model=model,
+            processor=processor,
+            device=dev,
+            precision=precision,
+            autocast=autocast_for(precision, dev),
+            model_dir=model_dir,
+            header={
+                "kind": "trained" if trained_dir is not None else "baseline",
+                "label": report.policy if report is not None else BASELINE_LABEL,
+                "policy": report.policy if report is not None else None,
+                "trainable_params": report.trainable_params if report is not None else 0,
+                "model_dir": str(model_dir),
+                "trained_dir": str(trained_dir) if trained_dir is not None else None,
+            },
         )
     finally:
         torch.set_num_threads(threads)
+
+
+def evaluate_config(cfg, trained_dir: str | Path | None = None, device: str | None = None) -> dict:
+    """Load cfg's model (+ the trained state in `trained_dir`), evaluate it on cfg's eval split: eval.json's content
+    (plus "predictions")."""
+    from .evaluation import evaluate
+
+    t0 = time.perf_counter()
+    with _loaded(cfg, trained_dir, device) as m:
+        eval_file, loss_set, gen_set = eval_datasets(cfg, m.processor)
+        result = evaluate(
+            m.model,
+            m.processor,
+            loss_set,
+            gen_set,
+            m.device,
+            batch_size=cfg.trainer.eval_batch_size,
+            max_new_tokens=cfg.trainer.eval_max_new_tokens,
+            limit=cfg.data.eval_limit,
+            autocast=m.autocast,
+        )
     return {
-        "kind": "trained" if trained_dir is not None else "baseline",
-        "label": report.policy if report is not None else BASELINE_LABEL,
-        "policy": report.policy if report is not None else None,
-        "trainable_params": report.trainable_params if report is not None else 0,
-        "model_dir": str(model_dir),
-        "trained_dir": str(trained_dir) if trained_dir is not None else None,
+        **m.header,
         "eval_path": str(Path(eval_file).resolve()),
         "eval_limit": cfg.data.eval_limit,
         "batch_size": cfg.trainer.eval_batch_size,
         "max_new_tokens": cfg.trainer.eval_max_new_tokens,
-        "device": str(dev),
-        "precision": precision,
+        "device": str(m.device),
+        "precision": m.precision,
         "metrics": result.metrics(),
         "loss_tokens": result.loss_tokens,
         "seconds": time.perf_counter() - t0,
@@ -169,13 +194,55 @@ def evaluate_config(cfg, trained_dir: str | Path | None = None, device: str | No
     }
 
 
+def evaluate_benchmarks(cfg, specs, trained_dir: str | Path | None = None, device: str | None = None) -> dict:
+    """Load the model as evaluate_config does and run the benchmarks of `specs` (BenchmarkSpecs) on it: eval.json's
+    content, plus "benchmark_predictions" ({name: predictions}). The untrained baseline comes from (and goes to) the
+    baseline cache the training runs share."""
+    from .benchmarks import BenchmarkSuite, load_benchmark
+
+    t0 = time.perf_counter()
+    benchmarks = [load_benchmark(s) for s in specs]  # a bad file fails before the model loads
+    with _loaded(cfg, trained_dir, device) as m:
+        baseline = trained_dir is None
+        suite = BenchmarkSuite(
+            benchmarks,
+            m.processor,
+            m.device,
+            cfg.trainer.eval_batch_size,
+            cfg.trainer.eval_max_new_tokens,
+            m.autocast,
+            baseline_key=(m.model_dir, {"precision": m.precision}) if baseline else None,
+        )
+        results = [suite.run(m.model, bench, baseline) for bench in suite.benchmarks]
+    metrics = {k: v for r in results for k, v in r.log_metrics().items()}
+    return {
+        **m.header,
+        "benchmarks": {
+            r.name: {"path": r.path, "task": r.task, "circular": r.circular, "cached": r.cached} for r in results
+        },
+        "batch_size": cfg.trainer.eval_batch_size,
+        "max_new_tokens": cfg.trainer.eval_max_new_tokens,
+        "device": str(m.device),
+        "precision": m.precision,
+        "metrics": metrics,
+        "seconds": time.perf_counter() - t0,
+        "benchmark_predictions": {r.name: r.predictions for r in results},
+    }
+
+
 def write_eval(out: dict, path: str | Path) -> Path:
-    """eval.json (everything but the predictions) and <stem>.predictions.jsonl beside it."""
+    """eval.json (everything but the predictions) and <stem>.predictions.jsonl beside it (benchmarks:
+    eval/<benchmark>.jsonl)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    predictions = out.pop("predictions", [])
+    predictions = out.pop("predictions", None)
+    per_benchmark = out.pop("benchmark_predictions", {})
     path.write_text(json.dumps(out, indent=2) + "\n")
-    path.with_suffix(".predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
+    if predictions is not None:
+        path.with_suffix(".predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
+    for name, rows in per_benchmark.items():  # beside the scores: eval/<benchmark>.jsonl
+        (path.parent / "eval").mkdir(exist_ok=True)
+        (path.parent / "eval" / f"{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in rows))
     return path
 
 
@@ -192,16 +259,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", action="store_true", help="evaluate the base model without the trained state")
     ap.add_argument("--out", help="the eval.json to write (default: in the run/trained dir; else outputs/eval/...)")
     ap.add_argument("--device", help="cpu | cuda (default: the config's trainer.device)")
+    ap.add_argument(
+        "--benchmark",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a VLMEvalKit .tsv (or Hub .parquet) benchmark, repeatable: evaluate on these instead of the eval split",
+    )
+    ap.add_argument("--limit", type=int, help="with --benchmark: the first N questions of each")
     args = ap.parse_args(argv)
     if args.path is not None and "=" in args.path and not Path(args.path).exists():  # only overrides were given
         args.overrides.insert(0, args.path)
         args.path = None
 
+    from .benchmarks import parse_specs
     from .trainer import USER_ERRORS
 
     try:
         kind, cfg, trained_dir, default_out = resolve_target(args.path, args.baseline, args.overrides)
-        out = evaluate_config(cfg, trained_dir, args.device)
+        if args.benchmark:
+            out = evaluate_benchmarks(cfg, parse_specs(args.benchmark, args.limit), trained_dir, args.device)
+        else:
+            if args.limit is not None:
+                raise EvalError("--limit goes with --benchmark; for the eval split use data.eval_limit=N")
+            out = evaluate_config(cfg, trained_dir, args.device)
     except (EvalError, FileNotFoundError, *USER_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -219,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     out["source"] = str(args.path) if args.path else None
     write_eval(out, path)
     m = out["metrics"]
+    if args.benchmark:
+        scores = ", ".join(f"{name} {m[f'eval/{name}/accuracy']:.4f}" for name in out["benchmarks"])
+        print(f"{out['label']}: {scores} -> {path}")
+        return 0
     loss = f"loss {m['eval/loss']:.4f}" if "eval/loss" in m else "no loss"
     acc = f"accuracy {m['eval/accuracy']:.4f} ({m['eval/samples']} samples)" if "eval/accuracy" in m else "no accuracy"
     print(f"{out['label']}: {loss}, {acc} -> {path}")

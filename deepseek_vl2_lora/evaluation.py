@@ -64,15 +64,14 @@ def eval_loss(model, dataset, indices, collator, batch_size, device, autocast=nu
 
 
 @torch.no_grad()
-def exact_match(model, dataset, indices, processor, batch_size, max_new_tokens, device, autocast=nullcontext):
-    """(accuracy, accuracy per qtype, predictions) for EvalDataset `dataset[indices]`."""
+def generate_replies(model, processor, encode, n, batch_size, max_new_tokens, device, autocast=nullcontext):
+    """Greedy replies to prompts 0..n-1 (`encode(k)`: the processor's generation encoding of prompt k), in batches
+    with left padding; yields (k, the text before eos, decoded without special tokens)."""
     collator = Collator(processor.pad_id, padding_side="left")
     eos = processor.eos_id
-    predictions, hits, counts = [], defaultdict(int), defaultdict(int)
-    for start in range(0, len(indices), batch_size):
-        chunk = indices[start : start + batch_size]
-        pairs = [dataset[i] for i in chunk]
-        batch = _to(collator([enc for enc, _ in pairs]), device)
+    for start in range(0, n, batch_size):
+        chunk = range(start, min(n, start + batch_size))
+        batch = _to(collator([encode(k) for k in chunk]), device)
         with autocast():
             new = generate(
                 model,
@@ -84,22 +83,32 @@ def exact_match(model, dataset, indices, processor, batch_size, max_new_tokens, 
                 max_new_tokens=max_new_tokens,
                 eos_token_id=eos,
             )
-        for i, (_, reference), row in zip(chunk, pairs, new.tolist()):
+        for k, row in zip(chunk, new.tolist()):
             ids = row[: row.index(eos)] if eos in row else row
-            text = processor.tokenizer.decode(ids, skip_special_tokens=True)
-            correct = normalize_answer(text) == normalize_answer(reference)
-            qtype = dataset.samples[i].meta.get("qtype")
-            predictions.append(
-                {
-                    "location": dataset.samples[i].location,
-                    "prediction": text,
-                    "reference": reference,
-                    "correct": correct,
-                }
-            )
-            for key in ("", str(qtype)) if qtype is not None else ("",):
-                counts[key] += 1
-                hits[key] += int(correct)
+            yield k, processor.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def exact_match(model, dataset, indices, processor, batch_size, max_new_tokens, device, autocast=nullcontext):
+    """(accuracy, accuracy per qtype, predictions) for EvalDataset `dataset[indices]`."""
+    predictions, hits, counts = [], defaultdict(int), defaultdict(int)
+    encode = lambda k: dataset[indices[k]][0]
+    replies = generate_replies(model, processor, encode, len(indices), batch_size, max_new_tokens, device, autocast)
+    for k, text in replies:
+        i = indices[k]
+        reference = dataset.answer(i)
+        correct = normalize_answer(text) == normalize_answer(reference)
+        qtype = dataset.samples[i].meta.get("qtype")
+        predictions.append(
+            {
+                "location": dataset.samples[i].location,
+                "prediction": text,
+                "reference": reference,
+                "correct": correct,
+            }
+        )
+        for key in ("", str(qtype)) if qtype is not None else ("",):
+            counts[key] += 1
+            hits[key] += int(correct)
     accuracy = hits[""] / counts[""] if counts[""] else None
     by_type = {k: hits[k] / counts[k] for k in counts if k}
     return accuracy, by_type, predictions

@@ -11,6 +11,7 @@ which the training function calls first.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -91,6 +92,10 @@ class TrainerConfig:
     eval_before: bool = True  # evaluate the untrained model first (skipped when resuming)
     eval_batch_size: int = 32
     eval_max_new_tokens: int = 8
+    # Benchmarks in VLMEvalKit's TSV (or Hub parquet) format, run at every eval (deepseek_vl2_lora/benchmarks):
+    # paths, or mappings {path, name, limit, task, circular, max_new_tokens}, e.g.
+    # [data/demo/bench_mcq.tsv] or [{path: MMBench_DEV_EN.tsv, limit: 200}]. The untrained baseline is cached.
+    eval_benchmarks: list[Any] = field(default_factory=list)
     save_every: int = 0  # steps between resumable checkpoints; 0: none
     keep_last: int = 2  # resumable checkpoints kept (oldest deleted first)
     save_trained: bool = True  # write the trained state (adapter + trained tensors) to <run dir>/trained

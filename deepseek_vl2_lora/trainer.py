@@ -38,6 +38,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from .benchmarks import BenchmarkError, BenchmarkSuite, parse_specs
 from .data import EvalDataset, SFTDataset
 from .engine import DistEnv, EngineError, build_engine, lr_factor, resolve_device
 from .evaluation import evaluate
@@ -91,6 +92,7 @@ USER_ERRORS = (
     SampleError,
     ProcessorConfigError,
     PlanError,
+    BenchmarkError,
 )
 
 
@@ -416,6 +418,16 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResul
         limit=cfg.data.eval_limit,
         autocast=autocast,
     )
+    benchmarks = BenchmarkSuite(  # loaded and checked now; baseline cached per model (one process only)
+        parse_specs(tc.eval_benchmarks),
+        processor,
+        device,
+        tc.eval_batch_size,
+        tc.eval_max_new_tokens,
+        autocast,
+        baseline_key=(model_dir, {"precision": precision}) if env.world_size == 1 else None,
+        out_dir=run_dir / "eval" if env.is_main else None,
+    )
 
     # -- optimizer, schedule, engine ----------------------------------------------------------------------
     param_groups = optimizer_param_groups(model, cfg.policy, lr=oc.lr, weight_decay=oc.weight_decay)
@@ -443,7 +455,7 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResul
 
     def evaluate_and_log(tag: str) -> dict:
         result = run_eval()
-        out = result.metrics()
+        out = {**result.metrics(), **benchmarks(model, state.step, tag)}
         metrics.log(state.step, "eval", {"eval/tag": tag, **out})
         if env.is_main and result.predictions:
             (run_dir / "eval").mkdir(exist_ok=True)
@@ -464,7 +476,7 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResul
         return path
 
     # -- eval before training -----------------------------------------------------------------------------
-    if resume_from is None and tc.eval_before and data.gen_set is not None:
+    if resume_from is None and tc.eval_before and (data.gen_set is not None or benchmarks):
         state.eval_before = evaluate_and_log("before")
 
     # -- loop -----------------------------------------------------------------------------------------------
@@ -590,7 +602,7 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResul
     bar.close()
 
     # -- finish ---------------------------------------------------------------------------------------------
-    eval_after = evaluate_and_log("after") if cfg.data.eval_path else None
+    eval_after = evaluate_and_log("after") if cfg.data.eval_path or benchmarks else None
     if model.feature_cache is not None:
         metrics.log(state.step, "event", {"event": "vision_cache", **model.feature_cache.stats()})
         log.info(

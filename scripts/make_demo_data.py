@@ -140,32 +140,38 @@ def generate(out_dir: str | Path) -> dict[str, Path]:
     return paths
 
 
-def differences(a: Path, b: Path) -> list[str]:
+def differences(a: Path, b: Path, suffixes=(".png", ".jsonl")) -> list[str]:
     """Relative paths that differ between two generated trees (missing on either side included)."""
-    files_a = {p.relative_to(a) for p in a.rglob("*") if p.is_file() and p.suffix in (".png", ".jsonl")}
-    files_b = {p.relative_to(b) for p in b.rglob("*") if p.is_file() and p.suffix in (".png", ".jsonl")}
+    files_a = {p.relative_to(a) for p in a.rglob("*") if p.is_file() and p.suffix in suffixes}
+    files_b = {p.relative_to(b) for p in b.rglob("*") if p.is_file() and p.suffix in suffixes}
     diff = sorted(str(p) for p in files_a ^ files_b)
     diff += sorted(str(p) for p in files_a & files_b if not filecmp.cmp(a / p, b / p, shallow=False))
     return diff
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def generator_main(doc: str, generate, suffixes, argv: list[str] | None = None) -> int:
+    """The CLI of a demo-file generator: write into --out, or with --check regenerate in a temporary directory and
+    compare the files with `suffixes` byte for byte."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--check", action="store_true", help="compare a fresh generation with --out")
     args = parser.parse_args(argv)
     if not args.check:
         paths = generate(args.out)
-        print("wrote " + ", ".join(str(p) for p in paths.values()))
+        print("wrote " + ", ".join(str(p) for p in (paths.values() if isinstance(paths, dict) else paths)))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         generate(tmp)
-        diff = differences(Path(tmp), args.out)
+        diff = differences(Path(tmp), args.out, suffixes)
     if diff:
         print(f"{len(diff)} file(s) differ, e.g. {diff[:5]}", file=sys.stderr)
         return 1
     print(f"{args.out} matches a fresh generation")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return generator_main(__doc__, generate, (".png", ".jsonl"), argv)
 
 
 if __name__ == "__main__":
