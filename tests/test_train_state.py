@@ -191,3 +191,16 @@ def test_metrics_jsonl_nonfinite_and_truncation(tmp_path):
     assert logger.truncate_after(3) == 3
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
     assert MetricsLogger(tmp_path, jsonl=False).truncate_after(0) == 0
+
+
+def test_metrics_partial_last_line_is_dropped_with_a_warning(tmp_path, caplog):
+    logger = MetricsLogger(tmp_path)
+    for step in range(1, 4):
+        logger.log(step, "train", {"train/loss": 1.0})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "kind": "tr')  # a killed run's last write
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    assert logger.truncate_after(2) == 2
+    assert "metrics.jsonl line 4 is not a whole JSON record, dropped" in caplog.text
+    logger.log(3, "train", {"train/loss": 0.5})
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]  # the file ends with whole lines again
