@@ -58,6 +58,7 @@ from .train_config import ConfigError, as_train_config, check_config
 from .train_state import (
     ResumeError,
     TrainState,
+    agree_on_checkpoint,
     batch_stream,
     batches_per_epoch,
     clean_temporary,
@@ -403,7 +404,9 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResul
     )
     if env.is_main:
         clean_temporary(run_dir)
-    resume_from = find_resume_checkpoint(tc.resume, run_dir)
+    # Rank 0 verifies the checkpoints' manifests (falling back past damaged ones); the others take its choice.
+    resume_from = find_resume_checkpoint(tc.resume, run_dir, verify=env.is_main)
+    resume_from = agree_on_checkpoint(engine, resume_from)
     rng = None
     if resume_from is not None:
         state, rng = load_checkpoint(resume_from, engine, engine.load_trainable)

@@ -1,0 +1,144 @@
+"""Fault injection on real training processes (CPU, one process).
+
+Invariant: however a run is interrupted or its newest checkpoint damaged, the resumed run's logged losses, norms and
+learning rates are bit for bit those of a run that was never interrupted (or resumed by hand from the checkpoint
+it falls back to); what cannot be resumed is a one-line error, never a traceback.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from test_train_resume import ROOT, curve, launch, output
+
+from deepseek_vl2_lora.metrics import read_metrics
+from deepseek_vl2_lora.train_state import CHECKPOINTS
+from deepseek_vl2_lora.trainer import FAULT_ENV
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    return [r["step"] for r in read_metrics(run_dir, "train")] if path.exists() else []
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(s >= step for s in logged_steps(run_dir)):
+        assert proc.poll() is None, f"the run ended before step {step}:\n{output(run_dir)}"
+        assert time.monotonic() < deadline, f"step {step} not reached"
+        time.sleep(0.01)
+
+
+def events(run_dir: Path, name: str) -> list[dict]:
+    return [r for r in read_metrics(run_dir, "event") if r["event"] == name]
+
+
+def assert_one_line_error(text: str, *needles: str) -> str:
+    assert "Traceback" not in text, text[-3000:]
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("error: "), text[-3000:]
+    for needle in needles:
+        assert needle in last, (needle, last)
+    return last
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path):
+    """A process killed inside save_checkpoint (after some files of step 2 are written) leaves step 1 as the
+    checkpoint to resume from and a temporary directory that the next run removes."""
+    code = (
+        "import os, signal, sys, torch\n"
+        "from deepseek_vl2_lora.engine import DistEnv, SingleProcessEngine\n"
+        "from deepseek_vl2_lora.train_config import OptimConfig\n"
+        "from deepseek_vl2_lora.train_state import TrainState, save_checkpoint\n"
+        "model = torch.nn.Linear(3, 2)\n"
+        "groups = [{'name': 'all', 'params': list(model.parameters()), 'lr': 0.1, 'weight_decay': 0.0}]\n"
+        "engine = SingleProcessEngine(model, groups, OptimConfig(), max_steps=10, env=DistEnv())\n"
+        "run = sys.argv[1]\n"
+        "save_checkpoint(run, TrainState(step=1), dict(model.named_parameters()), engine, keep_last=0)\n"
+        "engine.save = lambda directory: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "save_checkpoint(run, TrainState(step=2), dict(model.named_parameters()), engine, keep_last=0)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    from deepseek_vl2_lora.train_state import clean_temporary, find_resume_checkpoint
+
+    leftovers = [p.name for p in (tmp_path / CHECKPOINTS).iterdir() if p.name.startswith(".tmp-")]
+    assert leftovers == [".tmp-step_00000002"]
+    assert find_resume_checkpoint("auto", tmp_path) == tmp_path / CHECKPOINTS / "step_00000001"
+    clean_temporary(tmp_path)
+    assert sorted(p.name for p in (tmp_path / CHECKPOINTS).iterdir()) == ["latest", "step_00000001"]
+
+
+# ------------------------------------------------------------------------------------------------ damage
+SHORT = "trainer.max_steps=12"  # every run of the damage tests: the same (shorter) schedule
+
+
+@pytest.fixture(scope="module")
+def crashed(tmp_path_factory) -> Path:
+    """A run with checkpoints at steps 3 and 6 that crashed at step 8 (FAULT_ENV), as a template to copy."""
+    run = tmp_path_factory.mktemp("crashed") / "run"
+    proc = launch(run, tmp_path_factory.getbasetemp(), SHORT, "trainer.keep_last=0", **{FAULT_ENV: "0:8:raise"})
+    assert proc.wait() != 0
+    assert sorted(p.name for p in (run / CHECKPOINTS).glob("step_*")) == ["step_00000003", "step_00000006"]
+    return run
+
+
+def _copy(template: Path, to: Path) -> Path:
+    shutil.copytree(template, to)
+    return to
+
+
+def _flip_last_bytes(path: Path, n: int = 8) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(1, n + 1):
+        data[-i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_newest_checkpoint_falls_back_exactly(crashed, tmp_path, tmp_path_factory):
+    """Flipped bytes in step 6's tensor data (which safetensors would load silently) and a cut-off last line in
+    metrics.jsonl: resume=auto warns, naming the file, and continues from step 3, bit for bit as a run resumed from
+    step 3 by hand."""
+    tmp_root = tmp_path_factory.getbasetemp()
+    by_hand = _copy(crashed, tmp_path / "by_hand")
+    proc = launch(by_hand, tmp_root, SHORT, f"trainer.resume={by_hand / CHECKPOINTS / 'step_00000003'}")
+    assert proc.wait() == 0, output(by_hand)
+
+    damaged = _copy(crashed, tmp_path / "damaged")
+    _flip_last_bytes(damaged / CHECKPOINTS / "step_00000006" / "trainable.safetensors")
+    with open(damaged / "metrics.jsonl", "a") as f:
+        f.write('{"step": 8, "kind": "tra')
+    proc = launch(damaged, tmp_root, SHORT, "trainer.resume=auto")
+    assert proc.wait() == 0, output(damaged)
+    text = output(damaged)
+    assert "Traceback" not in text
+    assert "step_00000006 is damaged, not using it: trainable.safetensors: checksum mismatch" in text
+    assert "metrics.jsonl line" in text and "not a whole JSON record, dropped" in text
+    assert events(damaged, "resume")[0]["from"] == str(damaged / CHECKPOINTS / "step_00000003")
+    assert [r["step"] for r in curve(damaged)] == list(range(1, 13))
+    assert curve(damaged) == curve(by_hand)
+    a, b = (load_file(r / "trained" / "trained_tensors.safetensors") for r in (by_hand, damaged))
+    assert all(a[k].equal(b[k]) for k in a)
+
+
+def test_no_intact_checkpoint_is_a_one_line_error(crashed, tmp_path, tmp_path_factory):
+    run = _copy(crashed, tmp_path / "run")
+    state = run / CHECKPOINTS / "step_00000003" / "state.json"
+    state.write_text(state.read_text()[:40])  # truncated
+    (run / CHECKPOINTS / "step_00000006" / "rng.pt").write_bytes(b"")  # zero bytes
+    proc = launch(run, tmp_path_factory.getbasetemp(), SHORT, "trainer.resume=auto")
+    assert proc.wait() == 1
+    assert_one_line_error(
+        output(run),
+        "no intact checkpoint in",
+        "step_00000006: rng.pt: empty (0 bytes",
+        "step_00000003: state.json: truncated (40 bytes",
+    )
