@@ -1,4 +1,4 @@
-"""Fault injection on real training processes (CPU, one process).
+"""Fault injection on real training processes (CPU, one process; the 2-rank ZeRO-2 case is in test_deepspeed.py).
 
 Invariant: however a run is interrupted or its newest checkpoint damaged, the resumed run's logged losses, norms and
 learning rates are bit for bit those of a run that was never interrupted (or resumed by hand from the checkpoint
@@ -6,6 +6,7 @@ it falls back to); what cannot be resumed is a one-line error, never a traceback
 """
 
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -15,10 +16,12 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
-from test_train_resume import ROOT, curve, launch, output
+from test_train_resume import MAX_STEPS, ROOT, curve, launch, output
 
+from deepseek_vl2_lora.manifest import MANIFEST_FILE
 from deepseek_vl2_lora.metrics import read_metrics
-from deepseek_vl2_lora.train_state import CHECKPOINTS
+from deepseek_vl2_lora.preemption import PREEMPTED_EXIT
+from deepseek_vl2_lora.train_state import CHECKPOINTS, step_dir_name
 from deepseek_vl2_lora.trainer import FAULT_ENV
 
 
@@ -48,7 +51,66 @@ def assert_one_line_error(text: str, *needles: str) -> str:
     return last
 
 
-# ------------------------------------------------------------------------------------------------ checkpoints
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("uninterrupted") / "run"
+    proc = launch(run, tmp_path_factory.getbasetemp())
+    assert proc.wait() == 0, output(run)
+    return run
+
+
+# ------------------------------------------------------------------------------------------------ signals
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT], ids=lambda s: s.name)
+def test_a_signal_checkpoints_and_the_resumed_run_is_exact(sig, uninterrupted, tmp_path, tmp_path_factory):
+    """The signal arrives at a random step (seeded per signal: reproducible). Periodic checkpoints are off, so the
+    run resumes from the one the signal made."""
+    at = random.Random(int(sig)).randint(2, MAX_STEPS - 8)
+    run, tmp_root = tmp_path / "run", tmp_path_factory.getbasetemp()
+    proc = launch(run, tmp_root, "trainer.save_every=0")
+    wait_for_step(proc, run, at)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=120) == PREEMPTED_EXIT, output(run)
+    text = output(run)
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+    (event,) = events(run, "preempted")
+    stopped = event["step"]
+    assert at <= stopped < MAX_STEPS and event["signal"] == sig.name
+    assert logged_steps(run)[-1] == stopped
+    assert event["checkpoint"] == str(run / CHECKPOINTS / step_dir_name(stopped))
+    assert (run / CHECKPOINTS / step_dir_name(stopped) / MANIFEST_FILE).is_file()
+    assert not (run / "summary.json").exists()
+
+    resumed = launch(run, tmp_root, "trainer.resume=auto", "trainer.save_every=0")
+    assert resumed.wait() == 0, output(run)
+    assert events(run, "resume")[0]["step"] == stopped
+    assert curve(run) == curve(uninterrupted)  # every logged loss, norm and lr, bit for bit
+    for name in ("adapter_model.safetensors", "trained_tensors.safetensors"):
+        a, b = load_file(uninterrupted / "trained" / name), load_file(run / "trained" / name)
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), name
+
+
+def test_a_second_signal_exits_at_once(tmp_path):
+    """No model: the handler alone, in a child process that would otherwise sleep."""
+    code = (
+        "import os, signal, time\n"
+        "from deepseek_vl2_lora.preemption import DUPLICATE_WINDOW_S, Preemption\n"
+        "stop = Preemption()\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)  # at once: the same signal reaching us twice, ignored\n"
+        "assert stop.received == signal.SIGTERM and stop.requested()\n"
+        "print('first handled', flush=True)\n"
+        "time.sleep(DUPLICATE_WINDOW_S + 0.2)\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(5)\n"
+        "print('still running')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == -signal.SIGINT, done.stderr
+    assert done.stdout == "first handled\n" and "Traceback" not in done.stderr
+    assert "SIGINT again: exiting without a checkpoint" in done.stderr
+
+
 def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path):
     """A process killed inside save_checkpoint (after some files of step 2 are written) leaves step 1 as the
     checkpoint to resume from and a temporary directory that the next run removes."""
