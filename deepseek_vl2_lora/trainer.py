@@ -54,6 +54,7 @@ from .policy import (
 )
 from .preemption import Preemption
 from .processor import Collator, DeepseekVL2Processor, ProcessorConfigError, SampleError
+from .run_lock import RunLock, RunLockError
 from .tiny import ensure_tiny_checkpoint
 from .train_config import ConfigError, as_train_config, check_config
 from .train_state import (
@@ -97,6 +98,7 @@ USER_ERRORS = (
     TrainingError,
     SampleError,
     ProcessorConfigError,
+    RunLockError,
 )
 
 
@@ -299,6 +301,7 @@ def train(cfg, run_dir: str | Path) -> TrainResult:
     threads = torch.get_num_threads()
     if device.type == "cpu" and cfg.trainer.cpu_threads:
         torch.set_num_threads(cfg.trainer.cpu_threads)
+    lock = RunLock.acquire(run_dir) if env.is_main else None  # under DeepSpeed rank 0 holds it for the job
     stop = Preemption()  # SIGTERM/SIGUSR1/SIGINT: finish the step, checkpoint, return (result.preempted)
     rank_log = _rank_logging(Path(run_dir), env)
     try:
@@ -318,6 +321,8 @@ def train(cfg, run_dir: str | Path) -> TrainResult:
         raise
     finally:
         stop.close()
+        if lock is not None:
+            lock.release()
         torch.set_num_threads(threads)
         if rank_log is not None:
             logging.getLogger().removeHandler(rank_log)

@@ -21,6 +21,7 @@ from test_train_resume import MAX_STEPS, ROOT, curve, launch, output
 from deepseek_vl2_lora.manifest import MANIFEST_FILE
 from deepseek_vl2_lora.metrics import read_metrics
 from deepseek_vl2_lora.preemption import PREEMPTED_EXIT
+from deepseek_vl2_lora.run_lock import LOCK_FILE
 from deepseek_vl2_lora.train_state import CHECKPOINTS, step_dir_name
 from deepseek_vl2_lora.trainer import FAULT_ENV
 
@@ -78,7 +79,7 @@ def test_a_signal_checkpoints_and_the_resumed_run_is_exact(sig, uninterrupted, t
     assert logged_steps(run)[-1] == stopped
     assert event["checkpoint"] == str(run / CHECKPOINTS / step_dir_name(stopped))
     assert (run / CHECKPOINTS / step_dir_name(stopped) / MANIFEST_FILE).is_file()
-    assert not (run / "summary.json").exists()
+    assert not (run / LOCK_FILE).exists() and not (run / "summary.json").exists()
 
     resumed = launch(run, tmp_root, "trainer.resume=auto", "trainer.save_every=0")
     assert resumed.wait() == 0, output(run)
@@ -150,6 +151,7 @@ def crashed(tmp_path_factory) -> Path:
     proc = launch(run, tmp_path_factory.getbasetemp(), SHORT, "trainer.keep_last=0", **{FAULT_ENV: "0:8:raise"})
     assert proc.wait() != 0
     assert sorted(p.name for p in (run / CHECKPOINTS).glob("step_*")) == ["step_00000003", "step_00000006"]
+    assert not (run / LOCK_FILE).exists()  # released on the way out of a failed run too
     return run
 
 
@@ -204,3 +206,27 @@ def test_no_intact_checkpoint_is_a_one_line_error(crashed, tmp_path, tmp_path_fa
         "step_00000006: rng.pt: empty (0 bytes",
         "step_00000003: state.json: truncated (40 bytes",
     )
+
+
+# ------------------------------------------------------------------------------------------------ run dir lock
+def test_a_second_process_on_a_live_run_dir_is_refused(tmp_path, tmp_path_factory):
+    """The first run goes on until a SIGTERM once the second was refused: the lock is held for the whole run."""
+    run, tmp_root = tmp_path / "run", tmp_path_factory.getbasetemp()
+    first = launch(run, tmp_root, "trainer.max_steps=100000", "trainer.save_every=0")
+    wait_for_step(first, run, 1)
+    second = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run}", "experiment=smoke"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "DEEPSEEK_VL2_LORA_CACHE": str(tmp_root / "tiny_cache")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert second.returncode == 1, second.stdout[-3000:] + second.stderr[-3000:]
+    assert_one_line_error(second.stdout + second.stderr, f"{run} is in use by pid {first.pid} on ")
+    assert first.poll() is None, output(run)
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=120) == PREEMPTED_EXIT, output(run)
+    steps = logged_steps(run)
+    assert steps == list(range(1, steps[-1] + 1))  # one run's records only, in order
+    assert not (run / LOCK_FILE).exists()
