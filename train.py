@@ -26,15 +26,18 @@ register_configs()
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    from deepseek_vl2_lora.preemption import PREEMPTED_EXIT
-    from deepseek_vl2_lora.trainer import USER_ERRORS, train  # here, so --help and --cfg need no torch
-
+    try:  # here, so --help and --cfg need no torch
+        from deepseek_vl2_lora.preemption import PREEMPTED_EXIT, Interrupted
+        from deepseek_vl2_lora.trainer import USER_ERRORS, train
+    except KeyboardInterrupt:  # Ctrl-C while importing, before train() installs its handlers
+        sys.exit("interrupted")
     try:
         result = train(cfg, HydraConfig.get().runtime.output_dir)
+    except Interrupted as e:  # a signal during setup: nothing was trained, nothing to save
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT)
     except USER_ERRORS as e:  # the message says what to change: no traceback
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:  # Ctrl-C before the loop's handler is installed (while importing, say)
-        sys.exit("interrupted")
     if result.preempted:  # stopped by a signal after a checkpoint: a scheduler should run it again
         sys.exit(PREEMPTED_EXIT)
     return (result.eval_after or {}).get("eval/accuracy")  # a sweeper's objective

@@ -4,7 +4,8 @@ SIGTERM is what SLURM (at the time limit, on preemption) and Kubernetes send bef
 `#SBATCH --signal=USR1@120` sends ahead of the time limit (scripts/slurm_train.sbatch); SIGINT is Ctrl-C.
 
     stop = Preemption()              # installs the handlers (main thread only), restores the old ones on close()
-    ...                              # after each optimizer step:
+    ...                              # setup: a signal raises Interrupted (nothing to save yet)
+    stop.arm()                       # the loop starts; before each optimizer step:
     if stop.requested(engine): ...   # every rank gets the same answer (the flag is summed over ranks)
 
 The handler only records the signal: the loop finishes the step it is in, writes a checkpoint, logs a
@@ -37,12 +38,17 @@ PREEMPTED_EXIT = 75
 DUPLICATE_WINDOW_S = 3.0
 
 
+class Interrupted(RuntimeError):
+    """A signal before the training loop started: raised from the handler, the run stops without a checkpoint."""
+
+
 class Preemption:
     """The signal handlers for one run. `received` is the first signal's number (None: none yet)."""
 
     def __init__(self, signals=PREEMPT_SIGNALS):
         self.received: int | None = None
         self._first = 0.0
+        self.armed = False  # set by arm() when the loop starts; until then a signal raises Interrupted
         self._previous: dict[int, object] = {}
         if threading.current_thread() is not threading.main_thread():
             return  # Python delivers signals to the main thread only; train() called from a thread: no handlers
@@ -60,11 +66,18 @@ class Preemption:
             signal.raise_signal(signum)
             return
         self.received, self._first = signum, now
+        if not self.armed:  # setup (model, data, eval before training): nothing to save, stop now
+            name = signal.Signals(signum).name
+            raise Interrupted(f"{name} before the first optimizer step: nothing to save")
         os.write(
             2,
             f"\n{signal.Signals(signum).name}: stopping after this optimizer step with a checkpoint "
             "(send it again to exit at once)\n".encode(),
         )
+
+    def arm(self) -> None:
+        """From now on (the training loop) a signal is a request to checkpoint and stop."""
+        self.armed = True
 
     @property
     def name(self) -> str | None:

@@ -494,6 +494,7 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preempt
     bar = tqdm(total=tc.max_steps, initial=state.step, desc="train", disable=not (tc.progress_bar and env.is_main))
     last_checkpoint = resume_from
     preempted = False
+    stop.arm()  # a signal from now on: checkpoint and stop (before: Interrupted, at once)
     with logging_redirect_tqdm():
         while state.step < tc.max_steps:
             if stop.requested(engine):  # a signal on any rank, agreed by all: stop before the next step

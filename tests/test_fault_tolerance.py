@@ -20,7 +20,7 @@ from test_train_resume import MAX_STEPS, ROOT, curve, launch, output
 
 from deepseek_vl2_lora.manifest import MANIFEST_FILE
 from deepseek_vl2_lora.metrics import read_metrics
-from deepseek_vl2_lora.preemption import PREEMPTED_EXIT
+from deepseek_vl2_lora.preemption import PREEMPTED_EXIT, Interrupted, Preemption
 from deepseek_vl2_lora.run_lock import LOCK_FILE
 from deepseek_vl2_lora.train_state import CHECKPOINTS, step_dir_name
 from deepseek_vl2_lora.trainer import FAULT_ENV
@@ -96,6 +96,7 @@ def test_a_second_signal_exits_at_once(tmp_path):
         "import os, signal, time\n"
         "from deepseek_vl2_lora.preemption import DUPLICATE_WINDOW_S, Preemption\n"
         "stop = Preemption()\n"
+        "stop.arm()  # the training loop has started\n"
         "os.kill(os.getpid(), signal.SIGTERM)\n"
         "os.kill(os.getpid(), signal.SIGTERM)  # at once: the same signal reaching us twice, ignored\n"
         "assert stop.received == signal.SIGTERM and stop.requested()\n"
@@ -110,6 +111,19 @@ def test_a_second_signal_exits_at_once(tmp_path):
     assert done.returncode == -signal.SIGINT, done.stderr
     assert done.stdout == "first handled\n" and "Traceback" not in done.stderr
     assert "SIGINT again: exiting without a checkpoint" in done.stderr
+
+
+def test_a_signal_during_setup_stops_at_once():
+    """Before the loop (model loading, data, eval before training) there is nothing to save: the handler raises
+    Interrupted, which train.py reports in one line (exit 75)."""
+    stop = Preemption()
+    try:
+        with pytest.raises(Interrupted, match="SIGUSR1 before the first optimizer step: nothing to save"):
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(5)  # the handler runs in this (the main) thread, between two bytecodes
+    finally:
+        stop.close()
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
 
 
 def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path):
