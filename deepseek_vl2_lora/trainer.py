@@ -493,7 +493,7 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preempt
     fault = _injected_fault(env)
     bar = tqdm(total=tc.max_steps, initial=state.step, desc="train", disable=not (tc.progress_bar and env.is_main))
     last_checkpoint = resume_from
-    preempted = False
+    preempted = False  # by a signal, before max_steps
     stop.arm()  # a signal from now on: checkpoint and stop (before: Interrupted, at once)
     with logging_redirect_tqdm():
         while state.step < tc.max_steps:
@@ -611,7 +611,7 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preempt
             if tc.save_every and (state.step % tc.save_every == 0 or state.step == tc.max_steps):
                 last_checkpoint = save() or last_checkpoint
     bar.close()
-    if preempted:
+    if preempted or stop.requested(engine):  # (a signal in the last step: the final eval etc. on the next run)
         if last_checkpoint is None or last_checkpoint.name != step_dir_name(state.step):
             last_checkpoint = save() or last_checkpoint
         where = str(last_checkpoint) if last_checkpoint else None
