@@ -19,6 +19,7 @@ from deepseek_vl2_lora.train_state import (
     EpochBatchSampler,
     ResumeError,
     TrainState,
+    agree_on_checkpoint,
     batch_stream,
     clean_temporary,
     epoch_order,
@@ -277,3 +278,26 @@ def test_the_manifest_lists_every_file_and_is_written_last(tmp_path):
     assert sorted(manifest["files"]) == ["optimizer.pt", "rng.pt", "state.json", "trainable.safetensors"]
     assert all(e["size"] == (path / n).stat().st_size for n, e in manifest["files"].items())
     assert (path / MANIFEST_FILE).stat().st_mtime_ns >= max((path / n).stat().st_mtime_ns for n in manifest["files"])
+
+
+def test_every_rank_takes_rank_0s_verified_choice(tmp_path):
+    """Under DeepSpeed rank 0 verifies and may fall back; the other ranks (verify=False) found the newest one and
+    take rank 0's step instead (agree_on_checkpoint, with a stand-in for the engine's all-gather)."""
+    older, newest = _saved_run(tmp_path)
+    _flip(newest / "trainable.safetensors")
+
+    class Rank:
+        def __init__(self, rank, rank0_step):
+            self.env, self.rank0_step = DistEnv(rank=rank, local_rank=rank, world_size=2), rank0_step
+
+        def gather_from_ranks(self, values):
+            return [[self.rank0_step], values]
+
+    on_rank0 = find_resume_checkpoint("auto", tmp_path)
+    on_rank1 = find_resume_checkpoint("auto", tmp_path, verify=False)
+    assert (on_rank0, on_rank1) == (older, newest)
+    assert agree_on_checkpoint(Rank(1, 1), on_rank1) == older
+    assert agree_on_checkpoint(Rank(0, 1), on_rank0) == older
+    assert agree_on_checkpoint(Rank(1, -1), None) is None  # nothing to resume anywhere
+    with pytest.raises(ResumeError, match="rank 0 another one"):
+        agree_on_checkpoint(Rank(1, -1), on_rank1)
