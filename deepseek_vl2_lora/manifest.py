@@ -7,6 +7,11 @@ A checkpoint is intact when its manifest parses, every file it lists is there wi
 no file it does not list is there. A missing manifest means the checkpoint was cut short or was not written by
 this code: it is not intact either. Only intact checkpoints are ever loaded (train_state.find_resume_checkpoint),
 which is what keeps DeepSpeed's pickle loading to files this code wrote.
+
+A checkpoint written before manifests existed can be vouched for by hand (its files are then trusted as they are):
+
+    python -m deepseek_vl2_lora.manifest <run dir>/checkpoints/step_XXXXXXXX      # writes its manifest.json
+    python -m deepseek_vl2_lora.manifest --verify <checkpoint dir>                # exit 1 if damaged
 """
 
 from __future__ import annotations
@@ -49,7 +54,10 @@ def verify_manifest(directory: Path) -> list[str]:
     directory = Path(directory)
     path = directory / MANIFEST_FILE
     if not path.is_file():
-        return [f"{MANIFEST_FILE}: missing (the save was cut short, or an older version wrote it)"]
+        return [
+            f"{MANIFEST_FILE}: missing (the save was cut short, or an older version wrote it: to trust it as it is, "
+            f"python -m deepseek_vl2_lora.manifest {directory})"
+        ]
     try:
         files = json.loads(path.read_text())["files"]
         expected = {name: (int(e["size"]), str(e["sha256"])) for name, e in files.items()}
@@ -69,3 +77,26 @@ def verify_manifest(directory: Path) -> list[str]:
             problems.append(f"{name}: checksum mismatch (the contents changed since it was written)")
     problems += [f"{name}: not in the manifest" for name in _files(directory) if name not in expected]
     return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write (or --verify) a checkpoint directory's manifest.json.")
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--verify", action="store_true", help="only check it; exit status 1 if damaged")
+    args = parser.parse_args(argv)
+    if not args.checkpoint.is_dir():
+        parser.error(f"{args.checkpoint} is not a directory")
+    if args.verify:
+        problems = verify_manifest(args.checkpoint)
+        print("\n".join(problems) if problems else f"{args.checkpoint}: intact")
+        return 1 if problems else 0
+    if (args.checkpoint / MANIFEST_FILE).exists():
+        parser.error(f"{args.checkpoint / MANIFEST_FILE} exists already (--verify checks it)")
+    print(write_manifest(args.checkpoint))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

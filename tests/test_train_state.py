@@ -11,6 +11,7 @@ import torch
 
 from deepseek_vl2_lora.engine import DistEnv, SingleProcessEngine, lr_factor
 from deepseek_vl2_lora.manifest import MANIFEST_FILE, verify_manifest
+from deepseek_vl2_lora.manifest import main as manifest_main
 from deepseek_vl2_lora.metrics import FlopModel, MetricsLogger, read_metrics
 from deepseek_vl2_lora.train_config import OptimConfig
 from deepseek_vl2_lora.train_state import (
@@ -301,3 +302,16 @@ def test_every_rank_takes_rank_0s_verified_choice(tmp_path):
     assert agree_on_checkpoint(Rank(1, -1), None) is None  # nothing to resume anywhere
     with pytest.raises(ResumeError, match="rank 0 another one"):
         agree_on_checkpoint(Rank(1, -1), on_rank1)
+
+
+def test_a_checkpoint_from_before_manifests_is_used_once_vouched_for(tmp_path, capsys):
+    (path,) = _saved_run(tmp_path, steps=(1,))
+    (path / MANIFEST_FILE).unlink()  # as an older version wrote it
+    with pytest.raises(ResumeError, match=f"python -m deepseek_vl2_lora.manifest {path}"):
+        find_resume_checkpoint("auto", tmp_path)
+    assert manifest_main([str(path)]) == 0
+    assert find_resume_checkpoint("auto", tmp_path) == path
+    assert manifest_main(["--verify", str(path)]) == 0
+    _flip(path / "rng.pt")
+    assert manifest_main(["--verify", str(path)]) == 1
+    assert "rng.pt: checksum mismatch" in capsys.readouterr().out
