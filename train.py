@@ -5,6 +5,9 @@
     python train.py experiment=vl2_small model.path=/path/to/deepseek-vl2-small data.train_path=...
     python train.py trainer.max_steps=50 optim.lr=1e-3 policy=mla_lowrank_lora logger=wandb
     python train.py hydra.run.dir=outputs/default/<time> trainer.resume=auto   # continue a killed run
+
+SIGTERM, SIGUSR1 or Ctrl-C: the run finishes its optimizer step, writes a checkpoint and exits with status 75
+(deepseek_vl2_lora/preemption.py); a second signal ends it at once.
     python train.py -m optim.lr=1e-3,3e-3,1e-2      # a sweep, one run dir each under multirun/
 
 Multi-GPU (DeepSpeed ZeRO): scripts/launch_*.sh, which pass `--no_local_rank` and one `hydra.run.dir` to all ranks.
@@ -23,12 +26,20 @@ register_configs()
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    from deepseek_vl2_lora.trainer import USER_ERRORS, train  # here, so --help and --cfg need no torch
-
+    try:  # here, so --help and --cfg need no torch
+        from deepseek_vl2_lora.preemption import PREEMPTED_EXIT, Interrupted
+        from deepseek_vl2_lora.trainer import USER_ERRORS, train
+    except KeyboardInterrupt:  # Ctrl-C while importing, before train() installs its handlers
+        sys.exit("interrupted")
     try:
         result = train(cfg, HydraConfig.get().runtime.output_dir)
+    except Interrupted as e:  # a signal during setup: nothing was trained, nothing to save
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT)
     except USER_ERRORS as e:  # the message says what to change: no traceback
         sys.exit(f"error: {e}")
+    if result.preempted:  # stopped by a signal after a checkpoint: a scheduler should run it again
+        sys.exit(PREEMPTED_EXIT)
     return (result.eval_after or {}).get("eval/accuracy")  # a sweeper's objective
 
 

@@ -26,6 +26,7 @@ from `PEAK_FLOPS` below by device name; None on CPU and on unknown devices (set 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import resource
@@ -33,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 # Dense (no sparsity) peak FLOP/s by device-name substring, first match wins (so PCIe/NVL before the SXM name).
 # Sources: NVIDIA datasheets. fp32 = plain FP32 (no tensor cores), tf32 = TF32 tensor cores.
@@ -175,6 +178,16 @@ def _jsonable(value):
     return value
 
 
+def _parse(line: str) -> dict | None:
+    """A metrics.jsonl line as a record; None for a blank line and for one that is not a whole record (the last
+    line of a killed run can be cut off)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
 class MetricsLogger:
     """Writes records to <run dir>/metrics.jsonl (one JSON object per line) and, optionally, to W&B.
 
@@ -202,8 +215,14 @@ class MetricsLogger:
         """Drop records past `step` (left by a killed run that is now resumed from `step`); returns how many."""
         if self.path is None or not self.path.exists():
             return 0
-        lines = self.path.read_text().splitlines()
-        keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        lines = self.path.read_text(errors="replace").splitlines()
+        keep = []
+        for number, line in enumerate(lines, start=1):
+            record = _parse(line)
+            if record is None and line.strip():  # a line cut off by a killed run (or damaged)
+                log.warning("%s line %d is not a whole JSON record, dropped: %.80r", self.path, number, line)
+            elif record is not None and record["step"] <= step:
+                keep.append(line)
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, self.path)
@@ -213,7 +232,7 @@ class MetricsLogger:
 def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict]:
     """The records of a run's metrics.jsonl, optionally of one kind."""
     path = Path(run_dir) / MetricsLogger.FILE
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [r for r in map(_parse, path.read_text(errors="replace").splitlines()) if r is not None]
     return [r for r in records if kind is None or r["kind"] == kind]
 
 

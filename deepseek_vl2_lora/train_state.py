@@ -8,6 +8,7 @@ from its config and the base checkpoint:
     rng.pt                  python, numpy, torch and CUDA generator states (rank 0; rank r: rng_rank{r}.pt)
     state.json              loop state: step, data position (epoch, batch), sampler, counters, W&B run id, and
                             the layout that wrote it (dist kind, world size)
+    manifest.json           size and SHA-256 of every other file, written last (manifest.py)
 
 DeepSpeed engines write, instead of optimizer.pt, `deepspeed/` (DeepSpeed's checkpoint: each rank's optimizer
 shard with the fp32 master copies of its slice of the trainable parameters; frozen parameters excluded) and
@@ -20,6 +21,11 @@ checkpoint or none), then `checkpoints/latest` is replaced atomically; older che
 rank writes its own files in between (barriers around); the run directory must be on a file system all nodes
 share. All our files load with `torch.load(weights_only=True)` or as JSON.
 
+Resume verifies the manifest first and loads nothing from a checkpoint that fails it: a damaged newest checkpoint
+is reported (which file, what is wrong) and the newest intact one is used instead (find_resume_checkpoint). So
+DeepSpeed's `load_checkpoint`, which unpickles its files (`torch.load(weights_only=False)`), only ever reads files
+this code wrote and whose checksums still match.
+
 The training order is a function of (seed, epoch) only: epoch e visits `randperm(n)` drawn from a generator
 seeded with `seed * 1_000_003 + e`, cut into global batches of `micro_batch_size × world_size` (the last partial
 batch is dropped); rank r takes the interleaved slice `global_batch[r::world_size]`. So 2 ranks × micro batch m
@@ -30,6 +36,7 @@ the whole sampler state, and a resumed run sees exactly the batches the uninterr
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -44,6 +51,9 @@ from safetensors.torch import load_file, save_file
 
 from .checkpoint import replace_dir
 from .engine import DistEnv
+from .manifest import verify_manifest, write_manifest
+
+log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -238,6 +248,7 @@ def save_checkpoint(run_dir: Path, state: TrainState, trainable: dict[str, torch
         if env.is_main:
             record = {**asdict(state), "saved_at": time.time()}
             (tmp / STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+            write_manifest(tmp)  # last: a checkpoint with a verified manifest has all its files
             replace_dir(tmp, final)
     finally:
         if env.is_main:
@@ -268,6 +279,7 @@ def clean_temporary(run_dir: str | Path) -> None:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint (by `latest`, else by step), unverified."""
     root = Path(run_dir) / CHECKPOINTS
     pointer = root / LATEST
     if pointer.is_file():
@@ -278,22 +290,72 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
-    """`trainer.resume` -> the checkpoint directory to load, or None to start fresh."""
+def _step_dirs(run_dir: Path) -> list[Path]:
+    """Every step directory of a run, newest first, whole or not."""
+    root = Path(run_dir) / CHECKPOINTS
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and p.is_dir()] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)), reverse=True)
+
+
+def newest_intact_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint of a run whose manifest verifies; each newer damaged one is logged as a warning.
+    None when the run has no checkpoint; a ResumeError naming the damaged files when it has only damaged ones."""
+    damaged = []
+    for path in _step_dirs(run_dir):
+        problems = verify_manifest(path)
+        if not problems:
+            if damaged:
+                log.warning("resuming from %s, the newest intact checkpoint", path)
+            return path
+        damaged.append(f"{path.name}: {'; '.join(problems)}")
+        log.warning("checkpoint %s is damaged, not using it: %s", path, "; ".join(problems))
+    if damaged:
+        raise ResumeError(
+            f"no intact checkpoint in {Path(run_dir) / CHECKPOINTS} ({' | '.join(damaged)}); move the run dir aside "
+            "to start from scratch"
+        )
+    return None
+
+
+def find_resume_checkpoint(resume: str | None, run_dir: Path, verify: bool = True) -> Path | None:
+    """`trainer.resume` -> the checkpoint directory to load, or None to start fresh.
+
+    `auto` (this run dir) and a run dir: its newest intact checkpoint (see newest_intact_checkpoint); a checkpoint
+    directory: that one, which must be intact. `verify=False` (ranks other than 0, which take rank 0's choice):
+    the newest one, unchecked."""
     if resume is None:
         return None
-    if resume == "auto":
-        return latest_checkpoint(run_dir)
-    path = Path(resume)
-    if (path / STATE_FILE).is_file():
+    path = Path(run_dir) if resume == "auto" else Path(resume)
+    if resume != "auto" and ((path / STATE_FILE).is_file() or _STEP_DIR.match(path.name)):
+        problems = verify_manifest(path) if verify else []
+        if problems:
+            raise ResumeError(f"trainer.resume={resume}: the checkpoint is damaged: {'; '.join(problems)}")
         return path
-    found = latest_checkpoint(path)
-    if found is None:
+    if not verify:
+        found = _step_dirs(path)
+        return found[0] if found else None
+    found = newest_intact_checkpoint(path)
+    if found is None and resume != "auto":
         raise ResumeError(
             f"trainer.resume={resume}: neither a checkpoint directory (with {STATE_FILE}) nor a run directory "
             f"with checkpoints under {CHECKPOINTS}/"
         )
     return found
+
+
+def agree_on_checkpoint(engine, path: Path | None) -> Path | None:
+    """With several ranks: rank 0's choice of checkpoint (it verified the manifests), on every rank. A collective."""
+    _, env = _layout(engine)
+    if env.world_size == 1:
+        return path
+    match = _STEP_DIR.match(path.name) if path is not None else None
+    mine = -1 if path is None else int(match.group(1)) if match else -2  # -2: a checkpoint dir named otherwise
+    chosen = int(engine.gather_from_ranks([mine])[0][0])
+    if chosen == mine:
+        return path
+    if chosen < 0 or path is None:
+        raise ResumeError(f"rank {env.rank} found checkpoint {path}, rank 0 another one (step {chosen})")
+    return path.with_name(step_dir_name(chosen))
 
 
 def load_checkpoint(path: Path, engine, load_trainable) -> tuple[TrainState, dict]:

@@ -48,13 +48,16 @@ from .model import IGNORE_INDEX, DeepseekVL2ForCausalLM
 from .packing import sample_lengths
 from .plan.batch import PlanError
 from .policy import PolicyError, optimizer_param_groups, save_trained_state
+from .preemption import Preemption
 from .processor import Collator, DeepseekVL2Processor, ProcessorConfigError, SampleError
+from .run_lock import RunLock, RunLockError
 from .step import autocast_for, micro_step, prepare_model, resolve_dtype, resolve_precision
 from .tiny import ensure_tiny_checkpoint
 from .train_config import ConfigError, as_train_config, check_config
 from .train_state import (
     ResumeError,
     TrainState,
+    agree_on_checkpoint,
     batch_stream,
     batches_per_epoch,
     clean_temporary,
@@ -63,6 +66,7 @@ from .train_state import (
     save_checkpoint,
     seed_everything,
     set_rng_state,
+    step_dir_name,
 )
 
 log = logging.getLogger(__name__)
@@ -93,6 +97,7 @@ USER_ERRORS = (
     ProcessorConfigError,
     PlanError,
     BenchmarkError,
+    RunLockError,
 )
 
 
@@ -105,6 +110,7 @@ class TrainResult:
     eval_after: dict | None
     nonfinite_skipped: int
     trained_dir: Path | None
+    preempted: str | None = None  # the signal that stopped the run early (after a checkpoint), by name
 
 
 # ------------------------------------------------------------------------------------------------ setup helpers
@@ -334,7 +340,9 @@ def _resume_or_start(cfg, run_dir: Path, env: DistEnv, engine, num_samples: int)
     )
     if env.is_main:
         clean_temporary(run_dir)
-    resume_from = find_resume_checkpoint(tc.resume, run_dir)
+    # Rank 0 verifies the checkpoints' manifests (falling back past damaged ones); the others take its choice.
+    resume_from = find_resume_checkpoint(tc.resume, run_dir, verify=env.is_main)
+    resume_from = agree_on_checkpoint(engine, resume_from)
     rng = None
     if resume_from is not None:
         state, rng = load_checkpoint(resume_from, engine, engine.load_trainable)
@@ -372,9 +380,11 @@ def train(cfg, run_dir: str | Path) -> TrainResult:
     threads = torch.get_num_threads()
     if device.type == "cpu" and cfg.trainer.cpu_threads:
         torch.set_num_threads(cfg.trainer.cpu_threads)
+    lock = RunLock.acquire(run_dir) if env.is_main else None  # under DeepSpeed rank 0 holds it for the job
+    stop = Preemption()  # SIGTERM/SIGUSR1/SIGINT: finish the step, checkpoint, return (result.preempted)
     rank_log = _rank_logging(Path(run_dir), env)
     try:
-        result = _train(cfg, Path(run_dir), env, device)
+        result = _train(cfg, Path(run_dir), env, device, stop)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # Tear the process group down while every rank is alive: left to interpreter exit, gloo's threads can
             # abort the process ("terminate called without an active exception") after a successful run.
@@ -389,13 +399,16 @@ def train(cfg, run_dir: str | Path) -> TrainResult:
             )
         raise
     finally:
+        stop.close()
+        if lock is not None:
+            lock.release()
         torch.set_num_threads(threads)
         if rank_log is not None:
             logging.getLogger().removeHandler(rank_log)
             rank_log.close()
 
 
-def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResult:
+def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preemption) -> TrainResult:
     t_start = time.perf_counter()
     tc, oc = cfg.trainer, cfg.optim
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -498,8 +511,13 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResul
     fault = _injected_fault(env)
     bar = tqdm(total=tc.max_steps, initial=state.step, desc="train", disable=not (tc.progress_bar and env.is_main))
     last_checkpoint = resume_from
+    preempted = False  # by a signal, before max_steps
+    stop.arm()  # a signal from now on: checkpoint and stop (before: Interrupted, at once)
     with logging_redirect_tqdm():
         while state.step < tc.max_steps:
+            if stop.requested(engine):  # a signal on any rank, agreed by all: stop before the next step
+                preempted = True
+                break
             if fault == (state.step + 1, "raise"):
                 raise RuntimeError(f"injected failure ({FAULT_ENV}) on rank {env.rank} at step {state.step + 1}")
             t0 = time.perf_counter()
@@ -600,6 +618,30 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResul
             if tc.save_every and (state.step % tc.save_every == 0 or state.step == tc.max_steps):
                 last_checkpoint = save() or last_checkpoint
     bar.close()
+    if preempted or stop.requested(engine):  # (a signal in the last step: the final eval etc. on the next run)
+        if last_checkpoint is None or last_checkpoint.name != step_dir_name(state.step):
+            last_checkpoint = save() or last_checkpoint
+        where = str(last_checkpoint) if last_checkpoint else None
+        metrics.log(state.step, "event", {"event": "preempted", "signal": stop.name, "checkpoint": where})
+        log.warning(
+            "%s: stopped after step %d, checkpoint %s; continue with trainer.resume=auto",
+            stop.name or "a signal on another rank",
+            state.step,
+            where,
+        )
+        if wandb_run is not None:
+            wandb_run.finish()
+        seconds = time.perf_counter() - t_start
+        return TrainResult(
+            run_dir,
+            state.step,
+            seconds,
+            state.eval_before,
+            None,
+            state.nonfinite_total,
+            None,
+            preempted=stop.name or "signal",
+        )
 
     # -- finish ---------------------------------------------------------------------------------------------
     eval_after = evaluate_and_log("after") if cfg.data.eval_path or benchmarks else None

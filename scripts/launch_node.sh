@@ -29,6 +29,9 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$RUN_DIR/logs"
 HOSTFILE="$RUN_DIR/logs/hostfile.node$NODE_RANK"
 for ((i = 0; i < NUM_NODES; i++)); do echo "node$i slots=$GPUS_PER_NODE"; done > "$HOSTFILE"
+# Preemption (deepseek_vl2_lora/preemption.py): the launchers ignore SIGTERM, SIGINT and SIGUSR1, so a signal to
+# the whole job (SLURM's, Ctrl-C's) is the ranks' to handle: they finish the step, checkpoint together and exit 75.
+trap '' TERM INT USR1
 exec deepspeed --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" --num_nodes "$NUM_NODES" \
     --num_gpus "$GPUS_PER_NODE" --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}" --no_local_rank \
     "$ROOT/train.py" "hydra.run.dir=$RUN_DIR" "$@"

@@ -19,6 +19,8 @@ NUM_GPUS=$1
 RUN_DIR=$(realpath -m "$2")
 shift 2
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# The launchers ignore the preemption signals, which are the ranks' to handle (see launch_node.sh).
+trap '' TERM INT USR1
 # --no_local_rank: Hydra would reject the --local_rank argument deepspeed appends otherwise (ranks read
 # LOCAL_RANK from the environment).
 exec deepspeed --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29500}" --no_local_rank \

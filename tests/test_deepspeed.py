@@ -22,6 +22,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import random
+import signal
 import socket
 import subprocess
 import sys
@@ -31,10 +33,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_fault_tolerance import events, wait_for_step
 from test_train_config import compose_cfg
 
 from deepseek_vl2_lora.engine import DistEnv, EngineError, SingleProcessEngine, deepspeed_config
+from deepseek_vl2_lora.manifest import verify_manifest
 from deepseek_vl2_lora.metrics import read_metrics
+from deepseek_vl2_lora.preemption import PREEMPTED_EXIT
+from deepseek_vl2_lora.run_lock import LOCK_FILE
 from deepseek_vl2_lora.tiny import ensure_tiny_checkpoint
 from deepseek_vl2_lora.train_config import OptimConfig
 from deepseek_vl2_lora.train_state import (
@@ -46,6 +52,7 @@ from deepseek_vl2_lora.train_state import (
     epoch_order,
     load_checkpoint,
     save_checkpoint,
+    step_dir_name,
 )
 from deepseek_vl2_lora.trainer import FAULT_ENV
 
@@ -125,17 +132,22 @@ def single(run_dir: Path, tiny_root: Path, *extra: str) -> Path:
     return run_dir
 
 
-def two_ranks(run_dir: Path, tiny_root: Path, dist: str, *extra: str, **env: str) -> Path:
-    """README's one-node command (scripts/launch_single_node.sh) with 2 CPU ranks (`env`: extra variables)."""
-    cmd = [
+def two_ranks_cmd(run_dir: Path, dist: str, *extra: str) -> list[str]:
+    """README's one-node command (scripts/launch_single_node.sh) with 2 CPU ranks."""
+    return [
         "scripts/launch_single_node.sh",
         "2",
         str(run_dir),
         f"dist={dist}",
         *ARGS,
         f"trainer.micro_batch_size={MICRO}",
+        *extra,
     ]
-    rc, out, _ = _run([*cmd, *extra], _env(tiny_root, **env), run_dir.with_suffix(".out"))
+
+
+def two_ranks(run_dir: Path, tiny_root: Path, dist: str, *extra: str, **env: str) -> Path:
+    """two_ranks_cmd, run to a successful end (`env`: extra variables)."""
+    rc, out, _ = _run(two_ranks_cmd(run_dir, dist, *extra), _env(tiny_root, **env), run_dir.with_suffix(".out"))
     assert rc == 0, out[-4000:]
     return run_dir
 
@@ -284,34 +296,58 @@ def test_two_nodes_over_loopback(tmp_path, tiny_root, reference):
     assert sorted(p.name for p in (run_dir / "logs").glob("rank*.log")) == ["rank0.log", "rank1.log"]
 
 
-@needs_deepspeed
-@pytest.mark.slow
-def test_slurm_script_with_a_stub_srun(tmp_path, tiny_root, reference):
-    """scripts/slurm_train.sbatch as SLURM would run it on 2 nodes, with `srun` and `scontrol` replaced by stubs that
-    start the per-node command twice on this machine (SLURM_NODEID 0 and 1)."""
+# srun on one machine: the per-node command once per node (SLURM_NODEID 0 .. SLURM_NNODES-1), each in a session of
+# its own; a signal to srun goes to every process of every node, as slurmstepd delivers it to a step's processes.
+STUB_SRUN = """#!/usr/bin/env bash
+while [[ $1 == -* ]]; do shift; done
+pids=()
+for ((n = 0; n < SLURM_NNODES; n++)); do SLURM_NODEID=$n setsid "$@" & pids+=($!); done
+forward() { for p in "${pids[@]}"; do kill -s "$1" -- "-$p" 2>/dev/null; done; }
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+rc=0
+for p in "${pids[@]}"; do
+    while :; do wait "$p" && r=0 || r=$?; kill -0 "$p" 2>/dev/null || break; done
+    wait "$p" && r=0 || r=$?
+    rc=$((rc | r))
+done
+exit $rc
+"""
+# scontrol: every node is this machine; `scontrol requeue JOB` is written to bin/requeued.
+STUB_SCONTROL = """#!/bin/sh
+case "$1" in
+    show) echo 127.0.0.1; echo 127.0.0.1 ;;
+    requeue) echo "requeue $2" >> "$(dirname "$0")/requeued" ;;
+esac
+"""
+
+
+def _slurm_env(tmp_path: Path, tiny_root: Path, run_dir: Path, **extra: str) -> dict:
+    """The environment SLURM gives scripts/slurm_train.sbatch, with stub `srun` and `scontrol` in tmp_path/bin."""
     stubs = tmp_path / "bin"
-    stubs.mkdir()
-    (stubs / "scontrol").write_text("#!/bin/sh\necho 127.0.0.1\necho 127.0.0.1\n")
-    (stubs / "srun").write_text(
-        "#!/usr/bin/env bash\n"
-        "while [[ $1 == -* ]]; do shift; done\n"  # srun's own options
-        'SLURM_NODEID=0 "$@" & a=$!\nSLURM_NODEID=1 "$@" & b=$!\n'
-        "wait $a; ra=$?; wait $b; rb=$?\nexit $((ra | rb))\n"
-    )
-    for stub in stubs.iterdir():
-        stub.chmod(0o755)
-    run_dir = tmp_path / "run"
-    env = _env(
+    stubs.mkdir(exist_ok=True)
+    for name, text in (("srun", STUB_SRUN), ("scontrol", STUB_SCONTROL)):
+        (stubs / name).write_text(text)
+        (stubs / name).chmod(0o755)
+    return _env(
         tiny_root,
         PATH=f"{stubs}{os.pathsep}{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         SLURM_SUBMIT_DIR=str(ROOT),
         SLURM_JOB_NAME="test",
         SLURM_JOB_ID="1",
-        SLURM_NNODES="2",
         SLURM_JOB_NODELIST="node[0-1]",
-        GPUS_PER_NODE="1",
         RUN_DIR=str(run_dir),
+        **extra,
     )
+
+
+@needs_deepspeed
+@pytest.mark.slow
+def test_slurm_script_with_a_stub_srun(tmp_path, tiny_root, reference):
+    """scripts/slurm_train.sbatch as SLURM would run it on 2 nodes, with `srun` and `scontrol` replaced by stubs that
+    start the per-node command twice on this machine (SLURM_NODEID 0 and 1)."""
+    run_dir = tmp_path / "run"
+    env = _slurm_env(tmp_path, tiny_root, run_dir, SLURM_NNODES="2", GPUS_PER_NODE="1")
     cmd = ["scripts/slurm_train.sbatch", "dist=zero3", SAME, *ARGS, f"trainer.micro_batch_size={MICRO}"]
     rc, out, _ = _run(cmd, env, tmp_path / "slurm.out")
     assert rc == 0, out[-4000:]
@@ -359,6 +395,89 @@ def test_a_nan_on_one_rank_skips_the_update_on_every_rank(tmp_path, tiny_root, d
     saved = {p.name: p for p in (run_dir / CHECKPOINTS).glob("step_*")}
     assert sorted(saved) == ["step_00000001", "step_00000003", "step_00000004"]
     assert [_adam_steps(saved[f"step_0000000{s}"]) for s in (1, 3, 4)] == [{1}, {2}, {3}]
+
+
+# ------------------------------------------------------------------------------------------------ preemption
+LONG = ["trainer.max_steps=14", "trainer.save_every=0"]  # enough steps to signal at a random one; no periodic saves
+
+
+@pytest.fixture(scope="module")
+def zero2_long(tmp_path_factory, tiny_root) -> Path:
+    """An uninterrupted 2-rank ZeRO-2 run of LONG, the reference for the preempted ones."""
+    return two_ranks(tmp_path_factory.mktemp("zero2_long") / "run", tiny_root, "zero2", SAME, *LONG)
+
+
+def _assert_preempted_on_both_ranks(run_dir: Path, at: int, sig: str) -> int:
+    """The `preempted` event at a step >= at, its checkpoint with both ranks' files and a manifest that verifies;
+    returns the step."""
+    text = run_dir.with_suffix(".out").read_text()
+    assert "Traceback" not in text, text[-4000:]
+    (event,) = events(run_dir, "preempted")
+    assert at <= event["step"] < 14 and event["signal"] == sig
+    ckpt = run_dir / CHECKPOINTS / step_dir_name(event["step"])
+    assert event["checkpoint"] == str(ckpt) and verify_manifest(ckpt) == []
+    assert (ckpt / "rng.pt").is_file() and (ckpt / "rng_rank1.pt").is_file()
+    assert len(list((ckpt / "deepspeed").glob("*optim_states.pt"))) == 2
+    assert not (run_dir / LOCK_FILE).exists()
+    return event["step"]
+
+
+def _assert_resumed_exactly(run_dir: Path, reference: Path, stopped: int) -> None:
+    assert events(run_dir, "resume")[-1]["step"] == stopped
+    keys = ("step", "train/loss", "train/aux_loss", "train/grad_norm", *EXACT)
+    assert [{k: r[k] for k in keys} for r in curve(run_dir)] == [{k: r[k] for k in keys} for r in curve(reference)]
+    assert_same_trained(reference, run_dir, atol=0)
+
+
+@needs_deepspeed
+def test_zero2_sigterm_to_the_job_checkpoints_every_rank_and_resumes_exactly(zero2_long, tmp_path, tiny_root):
+    """SIGTERM to every process of the job (SLURM at the time limit, Ctrl-C in a terminal: the process group) at a
+    seeded random step: the ranks agree on the step, save together and exit; the resumed run is bit for bit the
+    uninterrupted one. DeepSpeed's launcher forwards the SIGTERM to its ranks (the same event: ignored), waits
+    for them and exits 1: the ranks' own status, 75, shows with SIGUSR1 (the SLURM test below)."""
+    at = random.Random(15).randint(2, 8)
+    run_dir = tmp_path / "run"
+    with open(run_dir.with_suffix(".out"), "w") as out:
+        proc = subprocess.Popen(
+            two_ranks_cmd(run_dir, "zero2", SAME, *LONG),
+            cwd=ROOT,
+            env=_env(tiny_root),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    wait_for_step(proc, run_dir, at)
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) in (1, PREEMPTED_EXIT), run_dir.with_suffix(".out").read_text()[-4000:]
+    stopped = _assert_preempted_on_both_ranks(run_dir, at, "SIGTERM")
+    two_ranks(run_dir, tiny_root, "zero2", SAME, *LONG, "trainer.resume=auto")
+    _assert_resumed_exactly(run_dir, zero2_long, stopped)
+
+
+@needs_deepspeed
+def test_slurm_usr1_before_the_time_limit_checkpoints_requeues_and_resumes(zero2_long, tmp_path, tiny_root):
+    """scripts/slurm_train.sbatch (1 node × 2 ranks, stub srun/scontrol) gets SIGUSR1 (`--signal=B:USR1@...`) at a
+    seeded random step: it forwards it through srun to the ranks, which checkpoint and exit 75, and requeues the
+    job. SLURM then runs the same script again (same job id, SLURM_RESTART_COUNT=1): it resumes by itself and the
+    run is bit for bit the uninterrupted one."""
+    at = random.Random(16).randint(2, 8)
+    run_dir = tmp_path / "run"
+    env = _slurm_env(tmp_path, tiny_root, run_dir, SLURM_NNODES="1", GPUS_PER_NODE="2")
+    cmd = ["scripts/slurm_train.sbatch", "dist=zero2", SAME, *ARGS, f"trainer.micro_batch_size={MICRO}", *LONG]
+    with open(run_dir.with_suffix(".out"), "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for_step(proc, run_dir, at)
+    proc.send_signal(signal.SIGUSR1)  # to the batch script only, as --signal=B:USR1 does
+    assert proc.wait(timeout=120) == 0, run_dir.with_suffix(".out").read_text()[-4000:]
+    text = run_dir.with_suffix(".out").read_text()
+    assert "preempted (exit status 75): requeueing job 1" in text
+    assert (tmp_path / "bin" / "requeued").read_text() == "requeue 1\n"
+    stopped = _assert_preempted_on_both_ranks(run_dir, at, "SIGUSR1")
+
+    rc, out, _ = _run(cmd, {**env, "SLURM_RESTART_COUNT": "1"}, tmp_path / "requeued.out")
+    assert rc == 0, out[-4000:]
+    assert (tmp_path / "bin" / "requeued").read_text() == "requeue 1\n"  # done: not requeued again
+    _assert_resumed_exactly(run_dir, zero2_long, stopped)
 
 
 # ------------------------------------------------------------------------------------------------ pieces

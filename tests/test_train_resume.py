@@ -36,13 +36,15 @@ ARGS = [
 COMPARED = ("train/loss", "train/aux_loss", "train/grad_norm", "train/lr", "train/tokens", "train/epoch")
 
 
-def launch(run_dir: Path, tmp_root: Path, *extra: str) -> subprocess.Popen:
+def launch(run_dir: Path, tmp_root: Path, *extra: str, **extra_env: str) -> subprocess.Popen:
+    """train.py with ARGS and `extra` overrides in the background (output: output(run_dir))."""
     env = {
         **os.environ,
         "DEEPSEEK_VL2_LORA_CACHE": str(tmp_root / "tiny_cache"),
         "WANDB_MODE": "disabled",
         "OMP_NUM_THREADS": "1",  # two runs side by side on two cores, without thread oversubscription
         "PYTHONPATH": str(ROOT),
+        **extra_env,
     }
     log = open(run_dir.parent / f"{run_dir.name}.out", "w")
     cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *ARGS, *extra]

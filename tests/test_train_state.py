@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import random
 
 import numpy as np
@@ -9,13 +10,17 @@ import pytest
 import torch
 
 from deepseek_vl2_lora.engine import DistEnv, SingleProcessEngine, lr_factor
+from deepseek_vl2_lora.manifest import MANIFEST_FILE, verify_manifest
+from deepseek_vl2_lora.manifest import main as manifest_main
 from deepseek_vl2_lora.metrics import FlopModel, MetricsLogger, read_metrics
 from deepseek_vl2_lora.train_config import OptimConfig
 from deepseek_vl2_lora.train_state import (
     CHECKPOINTS,
     LATEST,
     EpochBatchSampler,
+    ResumeError,
     TrainState,
+    agree_on_checkpoint,
     batch_stream,
     clean_temporary,
     epoch_order,
@@ -191,3 +196,122 @@ def test_metrics_jsonl_nonfinite_and_truncation(tmp_path):
     assert logger.truncate_after(3) == 3
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
     assert MetricsLogger(tmp_path, jsonl=False).truncate_after(0) == 0
+
+
+def test_metrics_partial_last_line_is_dropped_with_a_warning(tmp_path, caplog):
+    logger = MetricsLogger(tmp_path)
+    for step in range(1, 4):
+        logger.log(step, "train", {"train/loss": 1.0})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "kind": "tr')  # a killed run's last write
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    assert logger.truncate_after(2) == 2
+    assert "metrics.jsonl line 4 is not a whole JSON record, dropped" in caplog.text
+    logger.log(3, "train", {"train/loss": 0.5})
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]  # the file ends with whole lines again
+
+
+# ------------------------------------------------------------------------------------------------ verified resume
+def _saved_run(tmp_path, steps=(1, 2)):
+    model, engine = _engine()
+    for step in steps:
+        _train_one(model, engine)
+        save_checkpoint(tmp_path, TrainState(step=step), dict(model.named_parameters()), engine, keep_last=0)
+    return [tmp_path / CHECKPOINTS / f"step_{s:08d}" for s in steps]
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "truncated": (_truncate, "truncated ("),
+    "zero-byte": (lambda p: p.write_bytes(b""), "empty (0 bytes"),
+    "garbage": (lambda p: p.write_bytes(os.urandom(p.stat().st_size)), "checksum mismatch"),
+    "deleted": (lambda p: p.unlink(), "missing"),
+    "flipped": (_flip, "checksum mismatch"),
+}
+FILES = ["trainable.safetensors", "optimizer.pt", "rng.pt", "state.json", "manifest.json"]
+
+
+@pytest.mark.parametrize("file", FILES)
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_newest_checkpoint_is_reported_and_the_older_one_used(tmp_path, caplog, damage, file):
+    older, newest = _saved_run(tmp_path)
+    assert verify_manifest(older) == verify_manifest(newest) == []
+    how, what = DAMAGE[damage]
+    how(newest / file)
+    problems = verify_manifest(newest)
+    if file == "manifest.json":  # its own damage: unreadable or gone
+        what = "missing" if damage == "deleted" else ("unreadable" if damage != "flipped" else "")
+    assert len(problems) == 1 and problems[0].startswith(f"{file}: ") and what in problems[0], problems
+    assert find_resume_checkpoint("auto", tmp_path) == older
+    assert find_resume_checkpoint(str(tmp_path), tmp_path) == older
+    assert f"checkpoint {newest} is damaged, not using it: {file}: " in caplog.text
+    with pytest.raises(ResumeError, match=f"trainer.resume={newest}: the checkpoint is damaged: {file}: "):
+        find_resume_checkpoint(str(newest), tmp_path)  # named by hand: no fallback
+
+
+def test_no_intact_checkpoint_names_every_damaged_file(tmp_path):
+    older, newest = _saved_run(tmp_path)
+    (older / "extra.pt").write_bytes(b"not ours")
+    _truncate(newest / "optimizer.pt")
+    with pytest.raises(ResumeError) as err:
+        find_resume_checkpoint("auto", tmp_path)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"no intact checkpoint in {tmp_path / CHECKPOINTS}")
+    assert (
+        "step_00000002: optimizer.pt: truncated" in message
+        and "step_00000001: extra.pt: not in the manifest" in message
+    )
+    assert find_resume_checkpoint("auto", tmp_path, verify=False) == newest  # other ranks: rank 0 decides
+
+
+def test_the_manifest_lists_every_file_and_is_written_last(tmp_path):
+    (path,) = _saved_run(tmp_path, steps=(1,))
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    assert sorted(manifest["files"]) == ["optimizer.pt", "rng.pt", "state.json", "trainable.safetensors"]
+    assert all(e["size"] == (path / n).stat().st_size for n, e in manifest["files"].items())
+    assert (path / MANIFEST_FILE).stat().st_mtime_ns >= max((path / n).stat().st_mtime_ns for n in manifest["files"])
+
+
+def test_every_rank_takes_rank_0s_verified_choice(tmp_path):
+    """Under DeepSpeed rank 0 verifies and may fall back; the other ranks (verify=False) found the newest one and
+    take rank 0's step instead (agree_on_checkpoint, with a stand-in for the engine's all-gather)."""
+    older, newest = _saved_run(tmp_path)
+    _flip(newest / "trainable.safetensors")
+
+    class Rank:
+        def __init__(self, rank, rank0_step):
+            self.env, self.rank0_step = DistEnv(rank=rank, local_rank=rank, world_size=2), rank0_step
+
+        def gather_from_ranks(self, values):
+            return [[self.rank0_step], values]
+
+    on_rank0 = find_resume_checkpoint("auto", tmp_path)
+    on_rank1 = find_resume_checkpoint("auto", tmp_path, verify=False)
+    assert (on_rank0, on_rank1) == (older, newest)
+    assert agree_on_checkpoint(Rank(1, 1), on_rank1) == older
+    assert agree_on_checkpoint(Rank(0, 1), on_rank0) == older
+    assert agree_on_checkpoint(Rank(1, -1), None) is None  # nothing to resume anywhere
+    with pytest.raises(ResumeError, match="rank 0 another one"):
+        agree_on_checkpoint(Rank(1, -1), on_rank1)
+
+
+def test_a_checkpoint_from_before_manifests_is_used_once_vouched_for(tmp_path, capsys):
+    (path,) = _saved_run(tmp_path, steps=(1,))
+    (path / MANIFEST_FILE).unlink()  # as an older version wrote it
+    with pytest.raises(ResumeError, match=f"python -m deepseek_vl2_lora.manifest {path}"):
+        find_resume_checkpoint("auto", tmp_path)
+    assert manifest_main([str(path)]) == 0
+    assert find_resume_checkpoint("auto", tmp_path) == path
+    assert manifest_main(["--verify", str(path)]) == 0
+    _flip(path / "rng.pt")
+    assert manifest_main(["--verify", str(path)]) == 1
+    assert "rng.pt: checksum mismatch" in capsys.readouterr().out
