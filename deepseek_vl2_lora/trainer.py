@@ -127,7 +127,8 @@ def resolve_model_dir(model_cfg) -> Path:
     if model_cfg.path is None:
         raise ConfigError(
             f"model={model_cfg.name} needs its checkpoint: {where}. "
-            "(To try the pipeline without a download: model=tiny_random, the default.)"
+            "(To try the pipeline without a download: model=tiny_random, the default; to plan GPU memory for this "
+            "model without its weights: trainer.dry_run=true.)"
         )
     path = Path(model_cfg.path).expanduser()
     if not (path / "config.json").is_file():

@@ -37,6 +37,7 @@ def cell(peak: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(EXPERIMENT))
+    ap.add_argument("--policies", nargs="+", help="only these presets (default: those that fit each model)")
     ap.add_argument("--micro-batches", nargs="+", type=int, default=[1, 4])
     ap.add_argument("--length", type=int, default=4096)
     ap.add_argument("--ranks", type=int, default=8)
@@ -45,7 +46,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- |")
     t0 = time.perf_counter()
     for model in args.models:
-        for policy in POLICIES[model]:
+        for policy in [p for p in POLICIES[model] if not args.policies or p in args.policies]:
             with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
                 overrides = [f"experiment={EXPERIMENT[model]}", f"policy={policy}", f"data.max_length={args.length}"]
                 cfg = as_train_config(compose("train", overrides=overrides))

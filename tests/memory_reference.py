@@ -63,8 +63,9 @@ def _live_bytes(tensors) -> int:
     return sum(seen.values())
 
 
-def measure_real_step(cfg, model, device="cpu", autocast=nullcontext) -> int:
-    """Peak bytes of one steady-state training step (weights, optimizer state and batch included)."""
+def measure_real_step(cfg, model, device="cpu", autocast=nullcontext, around_step=nullcontext) -> int:
+    """Peak bytes of one steady-state training step (weights, optimizer state and batch included). `around_step`:
+    a context entered around the step alone (e.g. to watch resident memory)."""
     tc = cfg.trainer
     prepare_model(model, cfg, compile_layers=False)
     groups = optimizer_param_groups(model, cfg.policy, lr=cfg.optim.lr)
@@ -92,8 +93,9 @@ def measure_real_step(cfg, model, device="cpu", autocast=nullcontext) -> int:
         with assume_routing(model, skew):
             step()
         return torch.cuda.max_memory_allocated()
-    with assume_routing(model, skew), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
+    with assume_routing(model, skew), around_step():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     running = peak = 0
     for e in sorted(events, key=lambda e: e.start_ns()):

@@ -66,7 +66,8 @@ def resolve_setting(cfg, target: str = "cuda") -> Setting:
 class StepMeasurement:
     start: int  # bytes live when the step starts (weights, optimizer state, the batch)
     peak: Snapshot  # the step's peak, by category, and when it happened
-    peak_transient: Snapshot  # the peak of activations + temporaries (for ZeRO stages, whose model states differ)
+    peak_transient: Snapshot  # peak activations + temporaries in forward/backward (ZeRO: the same on every rank)
+    step_temporaries: int  # peak scratch of the optimizer step (ZeRO: over the rank's shard only)
     attention: list[str]  # kernels that ran (descriptions)
     counts: ParamCounts
     tokens: int  # real tokens per optimizer step on this rank
@@ -173,6 +174,7 @@ class FakeTrainingModel:
             start=start,
             peak=tracker.peak,
             peak_transient=tracker.peak_transient,
+            step_temporaries=tracker.peak_step_temporaries,
             attention=attention,
             counts=self.counts,
             tokens=sum(lengths) * accum,

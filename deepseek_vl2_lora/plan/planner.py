@@ -91,12 +91,19 @@ def _single_column(m: StepMeasurement, gpu_gb: float) -> Column:
 
 
 def _zero_column(m: StepMeasurement, stage: int, ranks: int, ds_config: dict, offload: bool, gpu_gb: float) -> Column:
+    """Model states by ZeRO's rules; forward/backward activations and temporaries as measured (every rank runs its
+    own micro batch); the optimizer step's scratch over this rank's shard (none on the GPU when offloaded). The
+    peak is the larger of backward and the optimizer step."""
     states = zero_model_states(m.counts, stage, ranks, ds_config, offload)
-    by = {**states, "activations": m.peak_transient.by_category["activations"]}
-    by["temporaries"] = m.peak_transient.by_category["temporaries"]
+    backward = {**states, "activations": m.peak_transient.by_category["activations"]}
+    backward["temporaries"] = m.peak_transient.by_category["temporaries"]
+    step = {**states, "activations": 0, "temporaries": 0 if offload else m.step_temporaries // ranks}
+    by, moment = (backward, m.peak_transient.moment)
+    if sum(step.values()) > sum(backward.values()):
+        by, moment = step, "optimizer step"
     peak = sum(by.values())
     name = f"ZeRO-{stage} ×{ranks}" + (" offload" if offload else "")
-    return Column(name, f"zero{stage}", ranks, by, peak, m.peak_transient.moment, fits(peak, gpu_gb))
+    return Column(name, f"zero{stage}", ranks, by, peak, moment, fits(peak, gpu_gb))
 
 
 @dataclass
@@ -266,7 +273,7 @@ def format_plan(plan: Plan) -> str:
     lines.append("  " + "peak".ljust(width) + "".join(f"{c.peak / GIB:14.2f}" for c in cols))
     fit_label = f"fits {s['gpu memory GiB']:g} GB"
     lines.append("  " + fit_label.ljust(width) + "".join(("yes" if c.fits else "no").rjust(14) for c in cols))
-    lines.append(f"  peak at: {cols[0].moment} (1 GPU); {cols[1].moment} (activations + temporaries, ZeRO)")
+    lines.append("  peak at: " + "; ".join(f"{c.moment} ({c.name})" for c in cols))
     meas = plan.measurement
     lines.append(
         f"  per step and GPU: {meas['tokens per step']:,} tokens, {meas['samples per step']} samples, "

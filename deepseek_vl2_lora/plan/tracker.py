@@ -47,8 +47,10 @@ class Snapshot:
 
 
 class MemoryTracker(TorchDispatchMode):
-    """Live bytes per category and the peak of the step (`peak`) and of its activations + temporaries
-    (`peak_transient`). `phase` is set by the caller ("forward", "backward", "optimizer step")."""
+    """Live bytes per category and the peak of the step (`peak`), of its activations + temporaries in forward and
+    backward (`peak_transient`) and of the optimizer step's temporaries (`peak_step_temporaries`: the foreach
+    AdamW's scratch, which spans all trainable parameters). `phase` is set by the caller ("forward", "backward",
+    "optimizer step")."""
 
     def __init__(self, block: int = CUDA_BLOCK):
         super().__init__()
@@ -56,6 +58,7 @@ class MemoryTracker(TorchDispatchMode):
         self.now = Snapshot()
         self.peak = Snapshot()
         self.peak_transient = Snapshot()
+        self.peak_step_temporaries = 0
         self._phase = "setup"
         self._storages = WeakIdKeyDictionary()  # storage -> [bytes, category]
         self._names: dict[int, str] = {}  # id(module) -> qualified name, for the moment of the peak
@@ -144,7 +147,9 @@ class MemoryTracker(TorchDispatchMode):
     def _update_peaks(self) -> None:
         if self.now.total > self.peak.total:
             self.peak = self.now.copy(self._moment())
-        if self.now.transient > self.peak_transient.transient:
+        if self._phase == "optimizer step":
+            self.peak_step_temporaries = max(self.peak_step_temporaries, self.now.by_category["temporaries"])
+        elif self.now.transient > self.peak_transient.transient:
             self.peak_transient = self.now.copy(self._moment())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
