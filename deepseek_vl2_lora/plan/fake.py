@@ -13,6 +13,8 @@ allocates nothing. Three things stand between it and the real code path; this mo
 - **Which CUDA kernel runs.** Fused attention keeps the output and a logsumexp, not the [L, L] probabilities the
   math fallback would keep; `CudaAttentionKernels` sends `scaled_dot_product_attention` to the fake kernel of
   the fused kernel PyTorch picks on an H100 for these shapes (cuDNN; memory-efficient when a mask is given).
+  `torch._grouped_mm`'s fake kernel takes bf16 only; other dtypes (the CUDA per-group fallback) get the same
+  output shape in their own dtype.
 - **The device.** On a CPU build of torch, autograd aborts the process on a fake CUDA leaf (it asks for the CUDA
   device guard, which is not linked), so the step runs on a fake *CPU* device with the CUDA kernels' memory
   accounting (those attention kernels, the grouped expert GEMM, bf16 storage and autocast, the caching
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_leaves
 
 aten = torch.ops.aten
 # Ops that take a list of index tensors, where a boolean mask means "the positions where it is true".
@@ -166,10 +168,3 @@ def assume_routing(model: torch.nn.Module, skew: float = 0.0):
     finally:
         for router in routers:
             del router.choose  # back to the class's method
-
-
-def materialize(tree):
-    """Real tensors in `tree` become fake ones of the active fake mode (e.g. the batch's pixels, which live on the
-    GPU in training and are too large to keep real)."""
-    mode = torch._guards.detect_fake_mode()
-    return tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, tree)

@@ -9,7 +9,6 @@ run, so gradients already exist during the second one: the measured step is a st
 
 from __future__ import annotations
 
-import dataclasses
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 
@@ -75,10 +74,6 @@ class StepMeasurement:
     flops: float  # model FLOPs per optimizer step on this rank
     layout: dict
     micro_batches_run: int
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        return d
 
 
 class _PhaseEngine:

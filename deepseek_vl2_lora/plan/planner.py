@@ -187,6 +187,9 @@ class Planner:
                     overrides["trainer.grad_accum"] = tc.grad_accum * factor  # keeps the global batch
                 if "dist" in overrides and overrides["dist"] != "single":
                     overrides["dist.world_size"] = self.ranks
+                    if kind == "single":  # N ranks each run a micro batch: fewer accumulation steps, same batch
+                        accum = overrides.get("trainer.grad_accum", tc.grad_accum)
+                        overrides["trainer.grad_accum"] = max(1, accum // self.ranks)
                 return {"overrides": overrides, "column": column}
         return None
 
@@ -225,7 +228,12 @@ class Planner:
             configured=configured.name,
             fits=configured.fits,
             change=change,
-            notes=setting.notes,
+            notes=setting.notes
+            + (
+                ["dist.offload_params=true is not modelled: weight shards are planned on the GPU"]
+                if dist.offload_params
+                else []
+            ),
         )
 
     def _model_name(self) -> str:
