@@ -261,8 +261,8 @@ def ranks_for(cfg) -> int:
 def format_plan(plan: Plan) -> str:
     s, lay = plan.setting, plan.layout
     lines = [
-        f"Memory plan for {plan.model} ({plan.source}): {plan.params_total / 1e9:.2f}B parameters, "
-        f"{plan.params_trainable / 1e6:.1f}M trainable (policy {plan.policy})",
+        f"Memory plan for {plan.model} ({plan.source}): {_count(plan.params_total)} parameters, "
+        f"{_count(plan.params_trainable)} trainable (policy {plan.policy})",
         f"  step: micro batch {s['micro batch']} × {s['sequence length']} tokens"
         + (f", packed into rows of {s['packing']}" if s["packing"] else "")
         + f", grad accum {s['grad accum']}, {s['precision']} (weights {s['storage dtype']}),"
@@ -301,6 +301,10 @@ def format_plan(plan: Plan) -> str:
             args = " ".join(f"{k}={_override(v)}" for k, v in plan.change["overrides"].items())
             lines.append(f"Smallest change that fits: {args}  ({c.name}: peak {c.peak / GIB:.2f} GiB)")
     return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
 
 
 def _override(value) -> str:
