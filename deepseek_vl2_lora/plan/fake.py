@@ -159,8 +159,9 @@ def assume_routing(model: torch.nn.Module, skew: float = 0.0):
     for layer, router in enumerate(routers):
 
         def choose(scores, router=router, layer=layer):
-            with unset_fake_temporarily():
-                return routing_assumption(scores.shape[0], router.n_experts, router.top_k, skew, seed=layer)
+            with unset_fake_temporarily():  # real indices (on the scores' device when that is real, e.g. a GPU run)
+                idx = routing_assumption(scores.shape[0], router.n_experts, router.top_k, skew, seed=layer)
+                return idx if isinstance(scores, FakeTensor) else idx.to(scores.device)
 
         router.choose = choose
     try:
