@@ -536,6 +536,24 @@ def resolve_trained_dir(path: str | Path) -> Path:
     raise FileNotFoundError(f"{p}: not a trained-state directory ({POLICY_FILE}) or a run directory with trained/")
 
 
+def resolve_trained_model(path: str | Path) -> tuple[Path, Path | None]:
+    """(base checkpoint dir, trained-state dir or None) for what a trained model is asked for by: a checkpoint dir
+    (a base or a merged one: no trained state), a run dir or a trained-state dir (the base is the adapter's
+    `base_model_name_or_path`, the checkpoint training loaded). A one-line error otherwise."""
+    p = Path(path).expanduser()
+    if (p / "config.json").is_file():
+        return p, None
+    trained = resolve_trained_dir(p)
+    config = json.loads((trained / ADAPTER_CONFIG).read_text()) if (trained / ADAPTER_CONFIG).is_file() else {}
+    base = config.get("base_model_name_or_path")
+    if not base or not (Path(base) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{trained}: the base checkpoint ({ADAPTER_CONFIG} base_model_name_or_path={base!r}) is not here; "
+            "pass the base checkpoint dir and this trained dir separately"
+        )
+    return Path(base), trained
+
+
 def read_trained_state(trained_dir: str | Path) -> tuple[dict, dict]:
     """(LoRA tensors under PEFT's names without the PeftModel prefix, fully trained tensors by parameter name) of a
     trained-state directory, in this format or the previous one (LoRA keys without prefix, everything trained in

@@ -2,6 +2,9 @@
 trained model, for every policy preset; our loader, merge and the older trained-state format read it too."""
 
 import json
+import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -11,6 +14,7 @@ from helpers import make_batch
 from safetensors.torch import load_file, save_file
 from test_train_config import compose_cfg
 
+from deepseek_vl2_lora import eval as eval_mod
 from deepseek_vl2_lora.merge import merge_checkpoint
 from deepseek_vl2_lora.model import DeepseekVL2ForCausalLM
 from deepseek_vl2_lora.policy import (
@@ -27,6 +31,7 @@ from deepseek_vl2_lora.policy import (
 from deepseek_vl2_lora.train_state import TRAINABLE_FILE, list_checkpoints
 from deepseek_vl2_lora.trainer import resolve_model_dir, train
 
+ROOT = Path(__file__).resolve().parents[1]
 STEPS = 2
 PRESETS = {  # preset -> tiny family it fits (mha_lora needs the MHA family)
     "mla_lowrank": "full-noaux",
@@ -164,3 +169,52 @@ def test_trained_dir_resolution_errors_are_one_line(tmp_path):
     (tmp_path / ADAPTER_CONFIG).write_text("{}")
     with pytest.raises(FileNotFoundError, match="PeftModel.from_pretrained"):
         resolve_trained_dir(tmp_path)
+
+
+def _script(*args: str) -> str:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_merge_chat_and_eval_take_a_run_dir_a_trained_dir_or_a_merged_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    base = _train(run_dir, "mla_lowrank_lora")
+    # merge.py without BASE: the adapter's base_model_name_or_path.
+    _script("scripts/merge.py", str(run_dir), str(tmp_path / "merged"))
+    batch = make_batch(DeepseekVL2ForCausalLM.from_pretrained(base).config)
+    with torch.no_grad():
+        merged = DeepseekVL2ForCausalLM.from_pretrained(tmp_path / "merged").eval()(**batch).logits
+        reference = _end_of_training_model(base, run_dir)(**batch).logits
+    assert _rel(merged, reference) <= 1e-5
+
+    record = json.loads((ROOT / "data" / "demo" / "eval.jsonl").read_text().splitlines()[1])
+    ask = ["--image", str(ROOT / "data" / "demo" / record["images"][0]), "--prompt", record["messages"][0]["content"]]
+    ask += ["--attn", "eager", "--device", "cpu", "--max-new-tokens", "4"]
+    answers = {
+        what: _script("scripts/chat.py", *where, *ask)
+        for what, where in {
+            "run dir": [str(run_dir)],
+            "trained dir": [str(run_dir / "trained")],
+            "base + --trained": [str(base), "--trained", str(run_dir)],
+            "merged": [str(tmp_path / "merged")],
+        }.items()
+    }
+    assert len(set(answers.values())) == 1, answers
+
+    # eval: a trained dir outside its run evaluates on the adapter's base checkpoint.
+    shutil.copytree(run_dir / "trained", tmp_path / "moved")
+    kind, cfg, trained, _ = eval_mod.resolve_target(str(tmp_path / "moved"), False, ["experiment=smoke"])
+    assert (kind, trained, Path(cfg.model.path)) == ("trained", tmp_path / "moved", base.resolve())
+
+
+def test_merge_cli_errors_are_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "scripts/merge.py", str(tmp_path), str(tmp_path / "out")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0
+    assert "not a trained-state directory" in proc.stderr
