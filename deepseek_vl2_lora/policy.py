@@ -453,7 +453,13 @@ def peft_modules_to_save(model: nn.Module) -> tuple[list[str], list[str]]:
             rest.append(name)
         elif owner_name not in modules:
             modules.append(owner_name)
-    return modules, rest
+    # A module inside another one to save is saved with it (PEFT must not wrap twice); PEFT matches by name suffix,
+    # so a name that is the suffix of another module's name would wrap that one too.
+    modules = [m for m in modules if not any(m.startswith(f"{o}.") for o in modules)]
+    names = [n for n, _ in model.named_modules()]
+    ambiguous = {m for m in modules if sum(n.endswith(m) for n in names) > 1}
+    rest += [n for n, p in model.named_parameters() if p.requires_grad and n.rpartition(".")[0] in ambiguous]
+    return [m for m in modules if m not in ambiguous], rest
 
 
 def _adapter_config(model: nn.Module, modules_to_save: list[str], base_model):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_batch
+from helpers import build_model, make_batch
 from safetensors.torch import load_file, save_file
 from test_train_config import compose_cfg
 
@@ -27,6 +27,7 @@ from deepseek_vl2_lora.policy import (
     load_trained_state,
     read_trained_state,
     resolve_trained_dir,
+    save_trained_state,
 )
 from deepseek_vl2_lora.train_state import TRAINABLE_FILE, list_checkpoints
 from deepseek_vl2_lora.trainer import resolve_model_dir, train
@@ -218,3 +219,38 @@ def test_merge_cli_errors_are_one_line(tmp_path):
     )
     assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0
     assert "not a trained-state directory" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "groups",
+    [
+        {"vision": {"mode": "train"}, "projector": {"mode": "train"}},  # a whole tower as one module to save
+        {"routed_experts": {"mode": "train"}, "router": {"mode": "train"}},  # stacked experts, router: their modules
+        {"view_tokens": {"mode": "train"}},  # held by the top-level model: no module PEFT can wrap
+    ],
+    ids=["vision", "experts", "view_tokens"],
+)
+def test_groups_outside_the_presets(tmp_path, groups):
+    model = build_model("full-noaux")
+    model.save_pretrained(tmp_path / "base")
+    apply_policy(model, {"name": "x", "groups": {"kv_low_rank": {"mode": "train"}, **groups}})
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    save_trained_state(model, tmp_path / "trained", base_model=tmp_path / "base")
+    batch = make_batch(model.config)
+    ours = DeepseekVL2ForCausalLM.from_pretrained(tmp_path / "base")
+    load_trained_state(ours, tmp_path / "trained")
+    with torch.no_grad():
+        reference = model.eval()(**batch).logits
+        assert torch.equal(ours.eval()(**batch).logits, reference)
+        peft_logits = _stock_peft(tmp_path / "base", tmp_path / "trained")(**batch).logits
+    outside = (tmp_path / "trained" / TRAINED_TENSORS).exists()
+    assert outside == ("view_tokens" in groups)
+    if outside:  # stock PEFT has everything but the view tokens
+        assert set(load_file(tmp_path / "trained" / TRAINED_TENSORS)) == {"image_newline", "view_seperator"}
+        assert _rel(peft_logits, reference) > 1e-3
+    else:
+        assert _rel(peft_logits, reference) <= 1e-5
