@@ -401,10 +401,6 @@ def optimizer_param_groups(model: nn.Module, cfg=None, lr: float = 1e-4, weight_
     ]
 
 
-def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "state") -> None:
     """Copy trainable tensors in; the names must be exactly the model's trainable set."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
