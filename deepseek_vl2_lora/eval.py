@@ -2,7 +2,8 @@
 
     python -m deepseek_vl2_lora.eval RUN_DIR                   # its trained model -> RUN_DIR/eval.json
     python -m deepseek_vl2_lora.eval RUN_DIR --baseline        # its base model -> RUN_DIR/eval_baseline.json
-    python -m deepseek_vl2_lora.eval RUN_DIR/trained           # a trained-state dir (base model from its run)
+    python -m deepseek_vl2_lora.eval RUN_DIR/trained           # a trained-state dir (base model from its run, or
+                                                               # the adapter's base_model_name_or_path)
     python -m deepseek_vl2_lora.eval CHECKPOINT_DIR --out DIR/eval.json   # a bare checkpoint: the baseline
     python -m deepseek_vl2_lora.eval --out outputs/baseline/eval.json     # the default (demo) base model
     python -m deepseek_vl2_lora.eval RUN_DIR data.eval_path=other.jsonl data.eval_limit=null   # overrides
@@ -86,6 +87,11 @@ def resolve_target(path: str | None, baseline: bool, overrides: list[str]):
     if (p / "policy.json").is_file():  # a trained-state dir
         run = p.parent if (p.parent / RUN_CONFIG).is_file() else None
         cfg = run_config(run, overrides) if run else default_config(overrides)
+        if run is None:  # outside its run: the base is the adapter's base_model_name_or_path, when it is here
+            adapter = p / "adapter_config.json"
+            base = json.loads(adapter.read_text()).get("base_model_name_or_path") if adapter.is_file() else None
+            if base and (Path(base) / "config.json").is_file():
+                OmegaConf.update(cfg, "model.path", base)
         where = run or p
         if baseline:
             return "baseline", cfg, None, where / "eval_baseline.json"

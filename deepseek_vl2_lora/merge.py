@@ -1,4 +1,4 @@
-"""Merge a trained-state directory into its base checkpoint: a full checkpoint in the official layout."""
+"""Merge a trained-state directory (or a run dir) into its base checkpoint: a full checkpoint in the official layout."""
 
 from __future__ import annotations
 
@@ -8,14 +8,18 @@ import torch
 
 from .checkpoint import CONFIG_NAME, INDEX_FILE
 from .model import DeepseekVL2ForCausalLM
-from .policy import load_trained_state, merge_lora
+from .policy import load_trained_state, merge_lora, resolve_trained_dir, resolve_trained_model
 
 
-def merge_checkpoint(base: str | Path, trained: str | Path, out: str | Path, torch_dtype=None) -> Path:
+def merge_checkpoint(base: str | Path | None, trained: str | Path, out: str | Path, torch_dtype=None) -> Path:
     """LoRA folded in, trained tensors in place, config.json unchanged; tokenizer and processor files copied.
 
+    `trained` is a trained-state dir or its run dir; `base` None means the adapter's base_model_name_or_path.
     Merging happens in float32; the result is saved in `torch_dtype` (default: the base weights' dtype)."""
-    base, out = Path(base), Path(out)
+    if (Path(trained) / CONFIG_NAME).is_file():
+        raise ValueError(f"{trained}: a full checkpoint (already merged?), not a trained-state or run dir")
+    base, trained = (Path(base), resolve_trained_dir(trained)) if base is not None else resolve_trained_model(trained)
+    out = Path(out)
     model = DeepseekVL2ForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
     load_trained_state(model, trained)
     merge_lora(model)

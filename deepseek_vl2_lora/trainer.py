@@ -656,7 +656,7 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preempt
     if tc.save_trained:
         with engine.full_trainable_params():  # DeepSpeed: the fp32 master values, gathered on rank 0
             if env.is_main:
-                trained_dir = save_trained_state(model, run_dir / "trained")
+                trained_dir = save_trained_state(model, run_dir / "trained", base_model=model_dir)
     seconds = time.perf_counter() - t_start
     result = TrainResult(
         run_dir, state.step, seconds, state.eval_before, eval_after, state.nonfinite_total, trained_dir

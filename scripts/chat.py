@@ -2,6 +2,7 @@
 """Ask a DeepSeek-VL2 checkpoint (optionally with trained state on top) about images; tokens stream as they come.
 
     python scripts/chat.py CHECKPOINT_DIR --image a.png --prompt "<image>\\nWhat colour is the shape?"
+    python scripts/chat.py RUN_DIR --image a.png --prompt "<image>\\nColour?"   # or RUN_DIR/trained, or a merged dir
     python scripts/chat.py CHECKPOINT_DIR --trained outputs/run/trained --image a.png --image b.png \\
         --prompt "<image><image>\\nCompare them." --sample --temperature 0.7 --top-p 0.9
     python scripts/chat.py CHECKPOINT_DIR --image a.png --prompt "<image>\\nColour?" --prompt "<image>\\nShape?"
@@ -22,12 +23,16 @@ def main() -> None:
     from deepseek_vl2_lora.data import load_image
     from deepseek_vl2_lora.generation import generate
     from deepseek_vl2_lora.model import DeepseekVL2ForCausalLM
-    from deepseek_vl2_lora.policy import load_trained_state
+    from deepseek_vl2_lora.policy import load_trained_state, resolve_trained_model
     from deepseek_vl2_lora.processor import Collator, DeepseekVL2Processor
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint")
-    ap.add_argument("--trained", help="a trained-state directory (adapter + trained tensors + policy.json)")
+    ap.add_argument(
+        "checkpoint",
+        help="a checkpoint dir (base or merged), or a run dir / trained-state dir (its base is the adapter's "
+        "base_model_name_or_path)",
+    )
+    ap.add_argument("--trained", help="a trained-state directory (PEFT adapter + policy.json) or its run dir")
     ap.add_argument("--image", action="append", default=[], help="image path; repeat for several")
     ap.add_argument("--prompt", action="append", required=True, help="user turn with <image> placeholders")
     ap.add_argument("--system", default=None)
@@ -42,10 +47,18 @@ def main() -> None:
     args = ap.parse_args()
 
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    processor = DeepseekVL2Processor.from_pretrained(args.checkpoint)
-    model = DeepseekVL2ForCausalLM.from_pretrained(args.checkpoint, torch_dtype=dtype, attn_implementation=args.attn)
+    try:
+        checkpoint, trained = resolve_trained_model(args.checkpoint)
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}")
     if args.trained:
-        load_trained_state(model, args.trained)
+        if trained is not None:
+            sys.exit(f"error: {args.checkpoint} already is a trained model; --trained goes with a base checkpoint")
+        trained = args.trained
+    processor = DeepseekVL2Processor.from_pretrained(checkpoint)
+    model = DeepseekVL2ForCausalLM.from_pretrained(checkpoint, torch_dtype=dtype, attn_implementation=args.attn)
+    if trained is not None:
+        load_trained_state(model, trained)
     model.to(args.device).eval()
 
     images = [load_image(Path(p)) for p in args.image]

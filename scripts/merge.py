@@ -1,10 +1,13 @@
 #!/usr/bin/env python
-"""Merge trained state (LoRA adapter + trained tensors) into a base checkpoint, writing the official layout.
+"""Merge trained state (the PEFT adapter in RUN_DIR/trained) into its base checkpoint, writing the official layout.
 
-python scripts/merge.py BASE_CHECKPOINT_DIR TRAINED_STATE_DIR OUT_DIR [--dtype bfloat16|float32]
+python scripts/merge.py [BASE_CHECKPOINT_DIR] TRAINED_STATE_DIR|RUN_DIR OUT_DIR [--dtype bfloat16|float32]
+
+Without BASE_CHECKPOINT_DIR the base is the adapter's base_model_name_or_path (the checkpoint training loaded).
 """
 
 import argparse
+import sys
 
 import torch
 
@@ -13,9 +16,7 @@ from deepseek_vl2_lora.merge import merge_checkpoint
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("base")
-    ap.add_argument("trained")
-    ap.add_argument("out")
+    ap.add_argument("paths", nargs="+", metavar="[BASE] TRAINED OUT")
     ap.add_argument(
         "--dtype",
         choices=["bfloat16", "float16", "float32"],
@@ -23,7 +24,13 @@ def main() -> None:
         help="dtype of the written weights (default: the base checkpoint's)",
     )
     args = ap.parse_args()
-    print(merge_checkpoint(args.base, args.trained, args.out, getattr(torch, args.dtype) if args.dtype else None))
+    if len(args.paths) not in (2, 3):
+        ap.error("expected [BASE] TRAINED OUT")
+    base, trained, out = [None, *args.paths][-3:]
+    try:
+        print(merge_checkpoint(base, trained, out, getattr(torch, args.dtype) if args.dtype else None))
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

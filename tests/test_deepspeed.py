@@ -167,10 +167,7 @@ def assert_same_curve(expected: list[dict], got: list[dict], rtol: float = RTOL,
 
 
 def assert_same_trained(a: Path, b: Path, atol: float) -> None:
-    x, y = (
-        load_file(a / "trained" / "trained_tensors.safetensors"),
-        load_file(b / "trained" / "trained_tensors.safetensors"),
-    )
+    x, y = (load_file(r / "trained" / "adapter_model.safetensors") for r in (a, b))  # LoRA and modules_to_save
     assert x.keys() == y.keys() and x
     for k in x:
         torch.testing.assert_close(y[k], x[k], rtol=0, atol=atol, msg=k)

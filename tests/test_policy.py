@@ -155,7 +155,7 @@ def test_trained_state_round_trip_and_merge(tmp_path):
         trained = model(**batch).logits
     save_trained_state(model, tmp_path / "trained")
     files = {p.name for p in (tmp_path / "trained").iterdir()}
-    assert files == {"adapter_config.json", "adapter_model.safetensors", "trained_tensors.safetensors", "policy.json"}
+    assert files == {"adapter_config.json", "adapter_model.safetensors", "policy.json"}  # a PEFT adapter + policy
 
     base = build_model("full-noaux")
     base.save_pretrained(tmp_path / "base")

@@ -12,6 +12,7 @@ from test_train_config import compose_cfg
 from deepseek_vl2_lora.data import SFTDataset
 from deepseek_vl2_lora.metrics import read_metrics
 from deepseek_vl2_lora.model import DeepseekVL2ForCausalLM
+from deepseek_vl2_lora.policy import read_trained_state
 from deepseek_vl2_lora.processor import DeepseekVL2Processor
 from deepseek_vl2_lora.train_state import ResumeError, list_checkpoints
 from deepseek_vl2_lora.trainer import NonFiniteError, resolve_data_file, resolve_model_dir, train
@@ -70,7 +71,7 @@ def test_smoke_run(tmp_path):
     # The trained state holds exactly the policy's trainable tensors, and each of them moved.
     trainable = json.loads((tmp_path / "trainable_parameters.json").read_text())["trainable_names"]
     assert trainable and all(("q_a_" in n or "q_b_" in n or "kv_a_" in n or "kv_b_" in n) for n in trainable)
-    trained = load_file(tmp_path / "trained" / "trained_tensors.safetensors")
+    _, trained = read_trained_state(tmp_path / "trained")
     assert set(trained) == set(trainable)
     base = DeepseekVL2ForCausalLM.from_pretrained(resolve_model_dir(cfg.model)).state_dict()
     moved = [n for n in trained if not torch.equal(trained[n], base[n])]
@@ -187,9 +188,8 @@ def test_bf16_weights_train_with_fp32_master_copies(tmp_path):
     overrides = ["model.dtype=bfloat16", "trainer.precision=bf16", "trainer.max_steps=2", "trainer.eval_before=false"]
     run(tmp_path, *overrides, "policy=mla_lowrank_lora")
     assert all(math.isfinite(r["train/loss"]) for r in read_metrics(tmp_path, "train"))
-    for name in ("trained_tensors.safetensors", "adapter_model.safetensors"):
-        tensors = load_file(tmp_path / "trained" / name)
-        assert tensors and {t.dtype for t in tensors.values()} == {torch.float32}
+    tensors = load_file(tmp_path / "trained" / "adapter_model.safetensors")  # LoRA and modules_to_save
+    assert tensors and {t.dtype for t in tensors.values()} == {torch.float32}
 
 
 def test_resume_auto_without_checkpoint_starts_fresh(tmp_path, caplog):
