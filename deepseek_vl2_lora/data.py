@@ -1,4 +1,4 @@
-"""SFT and eval datasets: JSONL "messages" records and LLaVA-style JSON, validated eagerly.
+"""SFT and eval datasets: JSONL or JSON-list files of records in one of several layouts, validated eagerly.
 
 Two file layouts are read:
 
@@ -6,16 +6,11 @@ Two file layouts are read:
   (1-based).
 * ``*.json``: a JSON list of records. Positions are reported as ``file[INDEX]`` (0-based).
 
-Each record is either
-
-* ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...],
-  "images": ["rel/path.png", ...]}`` with one ``<image>`` placeholder in the user turns per image, in
-  order; or
-* LLaVA-style ``{"image": "x.png" | ["a.png", ...],
-  "conversations": [{"from": "human"|"gpt", "value": str}]}`` (``"system"``, ``"user"`` and ``"assistant"``
-  are accepted as ``from`` values too). Following LLaVA, a sample with images but no ``<image>`` anywhere gets
-  ``"<image>\\n"`` per image prepended to its first human turn; if placeholders are present their count must
-  match the images.
+The record layout (native ``messages``, OpenAI list content, LLaVA, ShareGPT, the_cauldron, ms-swift) is detected
+per file from its first record that has one, after ``columns`` renamed keys, and reported in `DataReport`;
+`deepseek_vl2_lora.layouts` describes them and the placeholder rule. Native records are
+``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...], "images": ["rel/path.png", ...]}``
+with one ``<image>`` placeholder in the user turns per image, in order.
 
 Image paths are relative to the data file's directory, or to ``image_root`` when given. Other keys of a record
 are kept as ``meta`` (the demo data stores its question type there).
@@ -41,16 +36,11 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
-from .processor import IMAGE_TOKEN, DeepseekVL2Processor, SampleError
+from . import layouts
+from .processor import DeepseekVL2Processor, SampleError
 
 ON_BAD_SAMPLE = ("error", "skip")
-LLAVA_ROLES = {
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "system": "system",
-}
+LLAVA_ROLES = layouts.LLAVA_ROLES
 OVERLONG_REASONS = ("overlong",)  # decided by the `overlong` policy; all other reasons by `on_bad_sample`
 
 
@@ -67,6 +57,8 @@ class DataReport:
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> first few error messages
+    layout: str | None = None  # the record layout detected (`layouts`); None: no record had one
+    placeholders_added: int = 0  # <image> placeholders put at the start of the first user turn (kept records)
 
     max_examples = 3
 
@@ -85,9 +77,20 @@ class DataReport:
             "source": self.source,
             "total": self.total,
             "kept": self.kept,
+            "layout": self.layout,
+            "placeholders_added": self.placeholders_added,
             "skipped": dict(sorted(self.skipped.items())),
             "examples": {k: list(v) for k, v in sorted(self.examples.items())},
         }
+
+    def summary(self) -> str:
+        """One line: source, layout, records kept, placeholders added (and skipped records, if any)."""
+        parts = [f"{self.kept} records"]
+        if self.placeholders_added:
+            parts.append(f"{self.placeholders_added} placeholders added")
+        if self.num_skipped:
+            parts.append(f"{self.num_skipped} skipped")
+        return f"{self.source}: layout {self.layout or 'none'} ({', '.join(parts)})"
 
     def __str__(self) -> str:
         lines = [f"{self.source}: {self.total} records, {self.kept} kept, {self.num_skipped} skipped"]
@@ -150,54 +153,16 @@ def _read_json_list(path: Path) -> list[tuple[str, Any]]:
     return [(f"{path}[{i}]", record) for i, record in enumerate(data)]
 
 
-def _string_list(value: Any, what: str) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise SampleError("bad_schema", f"{what} must be a list of non-empty path strings")
-    return value
-
-
 def convert_llava(record: dict) -> tuple[list[dict], list[str]]:
-    """LLaVA `conversations` -> (messages, image paths); see the module docstring for the placeholder rule."""
-    images = _string_list(record.get("image"), "'image'")
-    turns = record["conversations"]
-    if not isinstance(turns, list):
-        raise SampleError("bad_schema", "'conversations' must be a list")
-    messages = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-            msg = f"conversation turn {i} must be an object with 'from' and 'value'"
-            raise SampleError("bad_schema", msg)
-        role = turn["from"]
-        if not isinstance(role, str) or role not in LLAVA_ROLES:
-            raise SampleError("unknown_role", f"conversation turn {i}: unknown 'from' value {role!r}")
-        messages.append({"role": LLAVA_ROLES[role], "content": turn["value"]})
-    text = "".join(m["content"] for m in messages if isinstance(m["content"], str))
-    if images and IMAGE_TOKEN not in text:
-        users = [m for m in messages if m["role"] == "user" and isinstance(m["content"], str)]
-        first_user = users[0] if users else None
-        if first_user is not None:
-            first_user["content"] = f"{IMAGE_TOKEN}\n" * len(images) + first_user["content"]
-    return messages, images
+    """LLaVA `conversations` -> (messages, image paths), missing placeholders added (see `layouts`)."""
+    parsed = layouts.parse(record, "llava")
+    return parsed.messages, parsed.images
 
 
-def parse_record(record: Any) -> tuple[list[dict], list[str], dict]:
-    """A record in either format -> (messages, image paths, meta); raises SampleError."""
-    if not isinstance(record, dict):
-        raise SampleError("bad_schema", "a record must be a JSON object")
-    if "messages" in record:
-        messages, images = record["messages"], _string_list(record.get("images"), "'images'")
-        meta_skip = ("messages", "images")
-    elif "conversations" in record:
-        messages, images = convert_llava(record)
-        meta_skip = ("conversations", "image")
-    else:
-        raise SampleError("bad_schema", "a record needs 'messages' (or LLaVA 'conversations')")
-    meta = {k: v for k, v in record.items() if k not in meta_skip}
-    return messages, images, meta
+def parse_record(record: Any, layout: str | None = None) -> tuple[list[dict], list[str], dict]:
+    """A record in any layout (`layouts`) -> (messages, image paths, meta); raises SampleError."""
+    parsed = layouts.parse(record, layout)
+    return parsed.messages, parsed.images, parsed.meta
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -248,6 +213,7 @@ class _ValidatedData:
         max_length: int | None = None,
         overlong: str = "error",
         image_root: str | Path | None = None,
+        columns: dict[str, str] | None = None,
     ):
         if on_bad_sample not in ON_BAD_SAMPLE:
             raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
@@ -259,6 +225,7 @@ class _ValidatedData:
         self.max_length = max_length
         self.overlong = overlong
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
+        self.columns = dict(columns or {})
         self.report = DataReport(str(self.path))
         self.samples: list[Sample] = []
         for location, record in read_records(self.path):
@@ -266,8 +233,13 @@ class _ValidatedData:
             try:
                 if isinstance(record, SampleError):
                     raise record
-                self.samples.append(self._validate(location, record))
+                record = layouts.rename_columns(record, self.columns)
+                if self.report.layout is None:  # the file's layout: the first record's that has one
+                    self.report.layout = layouts.detect_layout(record)
+                sample, added = self._validate(location, record)
+                self.samples.append(sample)
                 self.report.kept += 1
+                self.report.placeholders_added += added
             except SampleError as e:
                 self._handle(e.at(location))
 
@@ -279,12 +251,12 @@ class _ValidatedData:
             raise error
         self.report.skip(error)
 
-    def _validate(self, location: str, record: Any) -> Sample:
-        messages, paths, meta = parse_record(record)
-        resolved = [self.image_root / p for p in paths]
+    def _validate(self, location: str, record: Any) -> tuple[Sample, int]:
+        parsed = layouts.parse(record, self.report.layout)
+        resolved = [self.image_root / p for p in parsed.images]
         sizes = [load_image(p).size for p in resolved]
-        self._check_sample(messages, sizes)
-        return Sample(location, messages, resolved, meta)
+        self._check_sample(parsed.messages, sizes)
+        return Sample(location, parsed.messages, resolved, parsed.meta), parsed.placeholders_added
 
     def _check_sample(self, messages: list[dict], sizes: list[tuple[int, int]]) -> None:
         self.processor.check(messages, sizes, self.generation, self.max_length, self.overlong)
@@ -312,8 +284,9 @@ class SFTDataset(_ValidatedData):
         max_length: int | None = None,
         overlong: str = "error",
         image_root: str | Path | None = None,
+        columns: dict[str, str] | None = None,
     ):
-        super().__init__(path, processor, on_bad_sample, max_length, overlong, image_root)
+        super().__init__(path, processor, on_bad_sample, max_length, overlong, image_root, columns)
 
     def __getitem__(self, index: int) -> dict:
         return self._encode(index)
@@ -336,8 +309,9 @@ class EvalDataset(_ValidatedData):
         on_bad_sample: str = "error",
         max_length: int | None = None,
         image_root: str | Path | None = None,
+        columns: dict[str, str] | None = None,
     ):
-        super().__init__(path, processor, on_bad_sample, max_length, "skip", image_root)
+        super().__init__(path, processor, on_bad_sample, max_length, "skip", image_root, columns)
 
     def _handle(self, error: SampleError) -> None:
         # Over-long prompts cannot be truncated, so they follow on_bad_sample like any other bad record.
