@@ -54,6 +54,9 @@ class DataConfig:
     train_limit: int | None = None  # use only the first N valid training records (debugging, overfitting)
     eval_limit: int | None = None  # evaluate on the first N valid eval records
     num_workers: int = 0
+    # Rename a file's keys to the ones the record layouts use (deepseek_vl2_lora/layouts.py), ours: theirs,
+    # e.g. {messages: conv, images: pics}; applied to every record before its layout is detected.
+    columns: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -70,7 +73,11 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 100  # optimizer steps (a skipped non-finite step counts as a step)
+    max_steps: int | None = 100  # optimizer steps (a skipped non-finite step counts as a step)
+    # Train for this many passes over the training set instead: when set it decides the step count (max_steps is
+    # then ignored): ceil(epochs × batches per epoch / grad_accum) optimizer steps, batches of micro batch × ranks
+    # (train_state.total_steps). Computed from the data, so a resumed run with the same data gets the same count.
+    epochs: int | None = None
     micro_batch_size: int = 8
     grad_accum: int = 1  # micro batches per optimizer step
     precision: str = "auto"  # auto (bf16 autocast on CUDA with bf16 support, else fp32) | bf16 | fp32
@@ -204,7 +211,7 @@ _CHOICES = {
     "plan.routing": ("uniform", "zipf"),
     "logger.mode": ("offline", "online", "disabled"),
 }
-_POSITIVE = ("trainer.max_steps", "trainer.micro_batch_size", "trainer.grad_accum", "trainer.eval_batch_size")
+_POSITIVE = ("trainer.micro_batch_size", "trainer.grad_accum", "trainer.eval_batch_size")
 _NON_NEGATIVE = (
     "trainer.eval_every",
     "trainer.save_every",
@@ -250,6 +257,11 @@ def check_config(cfg: DictConfig) -> None:
     for key in _POSITIVE:
         if OmegaConf.select(cfg, key) < 1:
             problems.append(f"{key}={OmegaConf.select(cfg, key)}: must be ≥ 1")
+    if cfg.trainer.epochs is None and cfg.trainer.max_steps is None:
+        problems.append("trainer.max_steps and trainer.epochs are both null: set one of them")
+    for key in ("trainer.max_steps", "trainer.epochs"):
+        if OmegaConf.select(cfg, key) is not None and OmegaConf.select(cfg, key) < 1:
+            problems.append(f"{key}={OmegaConf.select(cfg, key)}: must be ≥ 1 (or null)")
     for key in _NON_NEGATIVE:
         if OmegaConf.select(cfg, key) < 0:
             problems.append(f"{key}={OmegaConf.select(cfg, key)}: must be ≥ 0")

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -76,6 +77,15 @@ def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
 def batches_per_epoch(num_samples: int, batch_size: int) -> int:
     """Whole batches of `batch_size` (with several ranks: the global batch, micro batch × world size)."""
     return num_samples // batch_size
+
+
+def total_steps(max_steps: int | None, epochs: int | None, num_samples: int, global_batch: int, grad_accum: int) -> int:
+    """The run's optimizer steps: `max_steps`, or with `epochs` set (it wins) ceil(epochs × batches per epoch /
+    grad_accum), batches of `global_batch` = micro batch × ranks. A function of the config and the data size only,
+    so a resumed run computes the same number."""
+    if epochs is None:
+        return int(max_steps)
+    return max(1, math.ceil(epochs * batches_per_epoch(num_samples, global_batch) / grad_accum))
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):

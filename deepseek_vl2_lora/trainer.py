@@ -67,6 +67,7 @@ from .train_state import (
     seed_everything,
     set_rng_state,
     step_dir_name,
+    total_steps,
 )
 
 log = logging.getLogger(__name__)
@@ -293,7 +294,12 @@ def _setup_data(cfg, model, model_dir: Path, env: DistEnv) -> _Data:
     """The processor, the training and eval sets (bad samples reported) and the training collator."""
     tc = cfg.trainer
     processor = DeepseekVL2Processor.from_pretrained(model_dir)
-    data_kw = dict(processor=processor, on_bad_sample=cfg.data.on_bad_sample, max_length=cfg.data.max_length)
+    data_kw = dict(
+        processor=processor,
+        on_bad_sample=cfg.data.on_bad_sample,
+        max_length=cfg.data.max_length,
+        columns=dict(cfg.data.columns),
+    )
     image_root = resolve_data_file(cfg.data.image_root) if cfg.data.image_root else None
     train_set = SFTDataset(
         resolve_data_file(cfg.data.train_path), overlong=cfg.data.overlong, image_root=image_root, **data_kw
@@ -327,6 +333,35 @@ def _setup_data(cfg, model, model_dir: Path, env: DistEnv) -> _Data:
         pack_length=tc.pack_length,
     )
     return _Data(processor, train_set, loss_set, gen_set, reports, collator)
+
+
+def _plan_steps(cfg, num_samples: int, env: DistEnv, reports: dict, run_dir: Path) -> int:
+    """The run's optimizer steps (trainer.max_steps, or trainer.epochs over the data); logs the run dir, the data
+    per split and source (layout, records, placeholders added) and the step plan."""
+    tc = cfg.trainer
+    per_step = tc.micro_batch_size * env.world_size * tc.grad_accum
+    steps = total_steps(tc.max_steps, tc.epochs, num_samples, tc.micro_batch_size * env.world_size, tc.grad_accum)
+    log.info("run dir: %s", run_dir)
+    limits = {"train": (num_samples, "data.train_limit"), "eval": (cfg.data.eval_limit, "data.eval_limit")}
+    for name, data_report in reports.items():
+        limit, key = limits[name]
+        used = f", using the first {limit} ({key})" if limit is not None and limit < data_report.kept else ""
+        log.info("%s data: %s%s", name, data_report.summary(), used)
+    rule = f"trainer.epochs={tc.epochs}" if tc.epochs is not None else f"trainer.max_steps={tc.max_steps}"
+    if tc.epochs is not None and tc.max_steps is not None:
+        rule += f" (trainer.max_steps={tc.max_steps} ignored)"
+    log.info(
+        "steps: %d by %s, %.2f epochs of %d samples, %d samples per step (micro batch %d × grad accum %d × %d rank(s))",
+        steps,
+        rule,
+        steps * per_step / num_samples,
+        num_samples,
+        per_step,
+        tc.micro_batch_size,
+        tc.grad_accum,
+        env.world_size,
+    )
+    return steps
 
 
 def _resume_or_start(cfg, run_dir: Path, env: DistEnv, engine, num_samples: int):
@@ -443,9 +478,10 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preempt
         out_dir=run_dir / "eval" if env.is_main else None,
     )
 
-    # -- optimizer, schedule, engine ----------------------------------------------------------------------
+    # -- step plan, optimizer, schedule, engine -----------------------------------------------------------
+    max_steps = _plan_steps(cfg, len(train_set), env, data.reports, run_dir)
     param_groups = optimizer_param_groups(model, cfg.policy, lr=oc.lr, weight_decay=oc.weight_decay)
-    engine = build_engine(cfg.dist, model, param_groups, oc, tc.max_steps, env, tc, precision)
+    engine = build_engine(cfg.dist, model, param_groups, oc, max_steps, env, tc, precision)
 
     # -- resume -------------------------------------------------------------------------------------------
     state, resume_from, rng = _resume_or_start(cfg, run_dir, env, engine, len(train_set))
@@ -510,12 +546,12 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preempt
     )
     per_epoch = batches_per_epoch(len(train_set), tc.micro_batch_size * env.world_size)
     fault = _injected_fault(env)
-    bar = tqdm(total=tc.max_steps, initial=state.step, desc="train", disable=not (tc.progress_bar and env.is_main))
+    bar = tqdm(total=max_steps, initial=state.step, desc="train", disable=not (tc.progress_bar and env.is_main))
     last_checkpoint = resume_from
     preempted = False  # by a signal, before max_steps
     stop.arm()  # a signal from now on: checkpoint and stop (before: Interrupted, at once)
     with logging_redirect_tqdm():
-        while state.step < tc.max_steps:
+        while state.step < max_steps:
             if stop.requested(engine):  # a signal on any rank, agreed by all: stop before the next step
                 preempted = True
                 break
@@ -570,13 +606,13 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preempt
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
 
-            if state.step % tc.log_every == 0 or not finite or state.step == tc.max_steps:
+            if state.step % tc.log_every == 0 or not finite or state.step == max_steps:
                 record = {
                     "train/loss": lm_loss,
                     "train/aux_loss": aux_loss,
                     "train/objective": lm_loss + aux_loss,
                     "train/grad_norm": grad_norm,
-                    "train/lr": oc.lr * lr_factor(state.step - 1, tc.max_steps, oc.warmup_steps, oc.min_lr_ratio),
+                    "train/lr": oc.lr * lr_factor(state.step - 1, max_steps, oc.warmup_steps, oc.min_lr_ratio),
                     **{f"train/lr/{name}": lr for name, lr in lrs.items()},
                     "train/epoch": state.epoch + state.batch / per_epoch,
                     "train/tokens": tokens,
@@ -595,14 +631,18 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preempt
             bar.update(1)
             bar.set_postfix(loss=f"{lm_loss:.4f}", lr=f"{lrs[next(iter(lrs))]:.2e}", refresh=False)
             if state.step % tc.print_every == 0:
+                memory = peak_memory_gb(device)
+                mfu = f" MFU {flops / dt / peak:.1%}" if peak else ""
                 log.info(
-                    "step %d/%d loss %.4f aux %.4f grad norm %.3f tokens/s %.0f",
+                    "step %d/%d loss %.4f aux %.4f grad norm %.3f tokens/s %.0f peak memory %.2f GB%s",
                     state.step,
-                    tc.max_steps,
+                    max_steps,
                     lm_loss,
                     aux_loss,
                     grad_norm,
                     tokens / dt,
+                    next(iter(memory.values())),
+                    mfu,
                 )
 
             if state.nonfinite_streak >= tc.max_consecutive_nonfinite > 0:
@@ -614,9 +654,9 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preempt
                     f"{last_checkpoint or 'none'}. Try a lower optim.lr, optim.grad_clip, trainer.precision=fp32, "
                     "or check the data."
                 )
-            if tc.eval_every and state.step % tc.eval_every == 0 and state.step < tc.max_steps:
+            if tc.eval_every and state.step % tc.eval_every == 0 and state.step < max_steps:
                 evaluate_and_log("periodic")
-            if tc.save_every and (state.step % tc.save_every == 0 or state.step == tc.max_steps):
+            if tc.save_every and (state.step % tc.save_every == 0 or state.step == max_steps):
                 last_checkpoint = save() or last_checkpoint
     bar.close()
     if preempted or stop.requested(engine):  # (a signal in the last step: the final eval etc. on the next run)

@@ -14,6 +14,7 @@ from deepseek_vl2_lora.metrics import read_metrics
 from deepseek_vl2_lora.model import DeepseekVL2ForCausalLM
 from deepseek_vl2_lora.policy import read_trained_state
 from deepseek_vl2_lora.processor import DeepseekVL2Processor
+from deepseek_vl2_lora.train_config import ConfigError
 from deepseek_vl2_lora.train_state import ResumeError, list_checkpoints
 from deepseek_vl2_lora.trainer import NonFiniteError, resolve_data_file, resolve_model_dir, train
 
@@ -230,3 +231,37 @@ def test_compiled_blocks_train_like_eager(tmp_path):
     for a, b in zip(eager, compiled, strict=True):
         assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-4)
         assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-3)
+
+
+def test_epochs_decide_the_steps_and_resume_exactly(tmp_path, caplog):
+    """trainer.epochs=2 on 20 samples, global batch 4, grad accum 2: 5 batches per epoch, ceil(2 × 5 / 2) = 5 steps
+    (the smoke experiment's max_steps=3 is ignored); a run resumed from step 4 computes the same plan."""
+    overrides = [
+        "data.train_limit=20",
+        "trainer.micro_batch_size=4",
+        "trainer.grad_accum=2",
+        "trainer.epochs=2",
+        "trainer.eval_before=false",
+        "data.eval_path=null",
+        "trainer.save_every=2",
+        "trainer.print_every=1",
+        "trainer.peak_flops=1e12",
+    ]
+    with caplog.at_level("INFO", logger="deepseek_vl2_lora.trainer"):
+        _, result = run(tmp_path / "a", *overrides)
+    assert result.steps == 5
+    records = read_metrics(tmp_path / "a", "train")
+    assert [r["train/epoch"] for r in records] == [0.4, 0.8, 1.2, 1.6, 2.0]
+    text = caplog.text
+    assert f"run dir: {tmp_path / 'a'}" in text
+    assert "train data: " in text and ": layout messages (512 records), using the first 20 (data.train_limit)" in text
+    assert "steps: 5 by trainer.epochs=2 (trainer.max_steps=3 ignored), 2.00 epochs of 20 samples, 8 samples" in text
+    assert "step 5/5 loss" in text and " GB MFU " in text
+    checkpoint = tmp_path / "a" / "checkpoints" / "step_00000004"
+    _, resumed = run(tmp_path / "b", *overrides, f"trainer.resume={checkpoint}")
+    assert resumed.steps == 5
+    assert read_metrics(tmp_path / "b", "train")[-1]["train/loss"] == records[-1]["train/loss"]
+    with pytest.raises(ConfigError, match="trainer.max_steps and trainer.epochs are both null"):
+        run(tmp_path / "c", "trainer.max_steps=null")
+    with pytest.raises(ConfigError, match=r"trainer.epochs=0: must be ≥ 1"):
+        run(tmp_path / "c", "trainer.epochs=0")

@@ -118,7 +118,7 @@ class FakeTrainingModel:
             groups = optimizer_param_groups(model, cfg.policy, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
             # foreach AdamW, as PyTorch picks for CUDA tensors (its temporaries span all parameters at once)
             self.engine = SingleProcessEngine(
-                model, groups, cfg.optim, cfg.trainer.max_steps, DistEnv(), foreach=target == "cuda"
+                model, groups, cfg.optim, cfg.trainer.max_steps or 1, DistEnv(), foreach=target == "cuda"
             )
             with HostValues():  # the first step allocates the optimizer state; the measured step starts with it
                 for p in self.engine.params:
