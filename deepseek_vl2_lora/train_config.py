@@ -55,8 +55,9 @@ class DataConfig:
     eval_limit: int | None = None  # evaluate on the first N valid eval records
     num_workers: int = 0
     # Rename a file's keys to the ones the record layouts use (deepseek_vl2_lora/layouts.py), ours: theirs,
-    # e.g. {messages: conv, images: pics}; applied to every record before its layout is detected.
-    columns: dict[str, str] = field(default_factory=dict)
+    # e.g. data.columns={messages:conv,images:pics}; applied to every record before its layout is detected.
+    # null: none. (Typed Any, checked in check_config: a typed dict would refuse new keys under Hydra's struct mode.)
+    columns: Any = None
 
 
 @dataclass
@@ -67,7 +68,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     warmup_steps: int = 0  # linear warmup from lr/warmup_steps to lr
-    min_lr_ratio: float = 0.1  # cosine decay ends at lr × min_lr_ratio at trainer.max_steps
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr × min_lr_ratio at the last step
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still measured)
 
 
@@ -257,6 +258,11 @@ def check_config(cfg: DictConfig) -> None:
     for key in _POSITIVE:
         if OmegaConf.select(cfg, key) < 1:
             problems.append(f"{key}={OmegaConf.select(cfg, key)}: must be ≥ 1")
+    columns = cfg.data.columns
+    if columns is not None and not (
+        isinstance(columns, DictConfig) and all(isinstance(k, str) and isinstance(v, str) for k, v in columns.items())
+    ):
+        problems.append(f"data.columns={columns}: must be a mapping of our key to the file's, e.g. {{messages: conv}}")
     if cfg.trainer.epochs is None and cfg.trainer.max_steps is None:
         problems.append("trainer.max_steps and trainer.epochs are both null: set one of them")
     for key in ("trainer.max_steps", "trainer.epochs"):

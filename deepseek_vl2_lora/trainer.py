@@ -298,7 +298,7 @@ def _setup_data(cfg, model, model_dir: Path, env: DistEnv) -> _Data:
         processor=processor,
         on_bad_sample=cfg.data.on_bad_sample,
         max_length=cfg.data.max_length,
-        columns=dict(cfg.data.columns),
+        columns=dict(cfg.data.columns or {}),
     )
     image_root = resolve_data_file(cfg.data.image_root) if cfg.data.image_root else None
     train_set = SFTDataset(

@@ -10,6 +10,7 @@ from test_data import png, proc, write_jsonl  # noqa: F401  (proc: a session fix
 from deepseek_vl2_lora.data import SFTDataset
 from deepseek_vl2_lora.layouts import detect_layout, parse
 from deepseek_vl2_lora.processor import SampleError
+from deepseek_vl2_lora.train_config import ConfigError, check_config
 
 SYSTEM = "You answer briefly."
 Q1, A1, Q2, A2 = "What colour is the shape?", "red", "And its shape?", "circle"
@@ -173,3 +174,13 @@ def test_detect_layout():
     # the native layout stays strict: a missing placeholder is an error, not an insertion
     assert parse(native(first_q=Q1)).placeholders_added == 0
     assert json.loads(json.dumps(parse(native()).meta)) == {}
+
+
+def test_columns_compose_from_the_command_line():
+    from test_train_config import compose_cfg
+
+    cfg = compose_cfg("data.columns={messages:conv,images:pics}")
+    assert dict(cfg.data.columns) == {"messages": "conv", "images": "pics"}
+    check_config(cfg)
+    with pytest.raises(ConfigError, match="data.columns=.*must be a mapping"):
+        check_config(compose_cfg("data.columns=conv"))
