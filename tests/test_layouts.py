@@ -184,3 +184,21 @@ def test_columns_compose_from_the_command_line():
     check_config(cfg)
     with pytest.raises(ConfigError, match="data.columns=.*must be a mapping"):
         check_config(compose_cfg("data.columns=conv"))
+
+
+def test_openai_image_parts():
+    def user(*parts):
+        return {"messages": [{"role": "user", "content": list(parts)}, {"role": "assistant", "content": "a"}]}
+
+    text = {"type": "text", "text": "Which?"}
+    parsed = parse(
+        user({"type": "image_url", "image_url": {"url": "a.png"}}, text, {"type": "image", "image": "b.png"})
+    )
+    assert parsed.images == ["a.png", "b.png"] and parsed.messages[0]["content"] == "<image>\nWhich?<image>\n"
+    assert parse(user({"type": "image_url", "image_url": "a.png"}, text)).images == ["a.png"]
+    with pytest.raises(SampleError, match="not both"):
+        parse({**user({"type": "image", "image": "a.png"}, text), "images": ["b.png"]})
+    with pytest.raises(SampleError, match="content parts must be"):
+        parse(user({"type": "audio"}))
+    bare = {**user({"type": "image"}, text), "images": ["a.png", "b.png"]}  # one part for two images: one added
+    assert parse(bare).messages[0]["content"] == "<image>\n<image>\nWhich?" and parse(bare).placeholders_added == 1
