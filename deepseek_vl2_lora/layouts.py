@@ -11,7 +11,8 @@ openai          ``messages`` whose ``content`` is a list of parts: ``{"type": "t
                 ``{"type": "image_url", "image_url": {"url": path}}``; an image part becomes ``<image>\\n``
                 at its position
 llava           ``{"image": path | [paths], "conversations": [{"from": "human"|"gpt", "value"}]}``
-sharegpt        ``{"images": [paths], "conversations": [{"from": "user"|"assistant", "value"}]}``
+sharegpt        ``{"images": [paths], "conversations": [{"from": "user"|"assistant", "value"}]}`` (LLaVA and
+                ShareGPT records may carry the system prompt as a top-level ``"system"``)
 the_cauldron    ``{"images": [paths], "texts": [{"user", "assistant"}, ...]}`` (a user and an assistant turn
                 per pair)
 swift           ms-swift's ``{"system"?, "history"?: [[query, response], ...], "query", "response",
@@ -256,7 +257,9 @@ def convert_conversations(record: dict) -> Parsed:
         if not isinstance(role, str) or role not in LLAVA_ROLES:
             raise SampleError("unknown_role", f"conversation turn {i}: unknown 'from' value {role!r}")
         messages.append({"role": LLAVA_ROLES[role], "content": turn["value"]})
-    return Parsed(messages, images, _meta(record, ("conversations", key)))
+    if record.get("system") is not None:  # LLaMA-Factory's ShareGPT keeps the system prompt at the top level
+        messages.insert(0, {"role": "system", "content": _text(record["system"], "'system'")})
+    return Parsed(messages, images, _meta(record, ("conversations", key, "system")))
 
 
 def convert_cauldron(record: dict) -> Parsed:

@@ -43,6 +43,13 @@ LAYOUTS = {
         native(),
         0,
     ),
+    "sharegpt_system": (  # LLaMA-Factory's ShareGPT: system prompt at the top level, from human/gpt
+        {"system": SYSTEM, "images": ["a.png"], "conversations": [
+            {"from": "human", "value": f"<image>\n{Q1}"}, {"from": "gpt", "value": A1},
+            {"from": "human", "value": Q2}, {"from": "gpt", "value": A2}]},
+        native(),
+        0,
+    ),
     "the_cauldron": (
         {"images": ["a.png"], "texts": [{"user": Q1, "assistant": A1, "source": "x"}, {"user": Q2, "assistant": A2}]},
         native(system=False),
@@ -72,6 +79,7 @@ LAYOUTS = {
         0,
     ),
 }  # fmt: skip
+DETECTED = {"openai_paths": "openai", "sharegpt_system": "sharegpt"}  # variants: the layout detected
 
 
 @pytest.fixture
@@ -92,7 +100,7 @@ def test_layout_encodes_like_messages(name, data_dir, proc):  # noqa: F811
     record, equivalent, added = LAYOUTS[name]
     ds = SFTDataset(write_jsonl(data_dir / f"{name}.jsonl", [record, record]), proc)
     ref = SFTDataset(write_jsonl(data_dir / "native.jsonl", [equivalent]), proc)
-    assert ds.report.layout == name.removesuffix("_paths") and ref.report.layout == "messages"
+    assert ds.report.layout == DETECTED.get(name, name) and ref.report.layout == "messages"
     assert ds.report.placeholders_added == 2 * added and ds.report.kept == 2
     assert_same_encoding(ds[0], ref[0])
     assert ds.samples[0].messages == ref.samples[0].messages
