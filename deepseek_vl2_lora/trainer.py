@@ -364,6 +364,63 @@ def _plan_steps(cfg, num_samples: int, env: DistEnv, reports: dict, run_dir: Pat
     return steps
 
 
+@dataclass
+class _StepStats:
+    """One optimizer step as the logs see it (losses averaged, counts summed over ranks)."""
+
+    lm_loss: float
+    aux_loss: float
+    grad_norm: float
+    finite: bool
+    tokens: int  # real tokens
+    positions: int  # computed positions (padding included)
+    samples: int
+    flops: float
+    seconds: float
+
+
+def _log_step(metrics, state, cfg, max_steps: int, per_epoch: int, s: _StepStats, lrs: dict, peak, device) -> None:
+    """The step's metrics record (every `log_every` steps, and on non-finite and last steps) and console line
+    (every `print_every` steps)."""
+    tc, oc = cfg.trainer, cfg.optim
+    if state.step % tc.log_every == 0 or not s.finite or state.step == max_steps:
+        record = {
+            "train/loss": s.lm_loss,
+            "train/aux_loss": s.aux_loss,
+            "train/objective": s.lm_loss + s.aux_loss,
+            "train/grad_norm": s.grad_norm,
+            "train/lr": oc.lr * lr_factor(state.step - 1, max_steps, oc.warmup_steps, oc.min_lr_ratio),
+            **{f"train/lr/{name}": lr for name, lr in lrs.items()},
+            "train/epoch": state.epoch + state.batch / per_epoch,
+            "train/tokens": s.tokens,
+            "train/samples": s.samples,
+            "train/padding": 1.0 - s.tokens / s.positions,  # share of computed positions that are padding
+            "train/skipped": int(not s.finite),
+            "train/nonfinite_total": state.nonfinite_total,
+            "perf/step_time_s": s.seconds,
+            "perf/tokens_per_s": s.tokens / s.seconds,
+            "perf/samples_per_s": s.samples / s.seconds,
+            "perf/tflops_per_s": s.flops / s.seconds / 1e12,
+            "perf/mfu": s.flops / s.seconds / peak if peak else None,
+            **peak_memory_gb(device),
+        }
+        metrics.log(state.step, "train", record)
+    if state.step % tc.print_every == 0:
+        memory = peak_memory_gb(device)
+        mfu = f" MFU {s.flops / s.seconds / peak:.1%}" if peak else ""
+        log.info(
+            "step %d/%d loss %.4f aux %.4f grad norm %.3f tokens/s %.0f peak memory %.2f GB%s",
+            state.step,
+            max_steps,
+            s.lm_loss,
+            s.aux_loss,
+            s.grad_norm,
+            s.tokens / s.seconds,
+            next(iter(memory.values())),
+            mfu,
+        )
+
+
 def _resume_or_start(cfg, run_dir: Path, env: DistEnv, engine, num_samples: int):
     """(train state, checkpoint resumed from or None, its RNG state or None) as `trainer.resume` says."""
     tc = cfg.trainer
@@ -606,44 +663,10 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preempt
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
 
-            if state.step % tc.log_every == 0 or not finite or state.step == max_steps:
-                record = {
-                    "train/loss": lm_loss,
-                    "train/aux_loss": aux_loss,
-                    "train/objective": lm_loss + aux_loss,
-                    "train/grad_norm": grad_norm,
-                    "train/lr": oc.lr * lr_factor(state.step - 1, max_steps, oc.warmup_steps, oc.min_lr_ratio),
-                    **{f"train/lr/{name}": lr for name, lr in lrs.items()},
-                    "train/epoch": state.epoch + state.batch / per_epoch,
-                    "train/tokens": tokens,
-                    "train/samples": samples,
-                    "train/padding": 1.0 - tokens / positions,  # share of computed positions that are padding
-                    "train/skipped": int(not finite),
-                    "train/nonfinite_total": state.nonfinite_total,
-                    "perf/step_time_s": dt,
-                    "perf/tokens_per_s": tokens / dt,
-                    "perf/samples_per_s": samples / dt,
-                    "perf/tflops_per_s": flops / dt / 1e12,
-                    "perf/mfu": flops / dt / peak if peak else None,
-                    **peak_memory_gb(device),
-                }
-                metrics.log(state.step, "train", record)
+            step = _StepStats(lm_loss, aux_loss, grad_norm, finite, tokens, positions, samples, flops, dt)
+            _log_step(metrics, state, cfg, max_steps, per_epoch, step, lrs, peak, device)
             bar.update(1)
             bar.set_postfix(loss=f"{lm_loss:.4f}", lr=f"{lrs[next(iter(lrs))]:.2e}", refresh=False)
-            if state.step % tc.print_every == 0:
-                memory = peak_memory_gb(device)
-                mfu = f" MFU {flops / dt / peak:.1%}" if peak else ""
-                log.info(
-                    "step %d/%d loss %.4f aux %.4f grad norm %.3f tokens/s %.0f peak memory %.2f GB%s",
-                    state.step,
-                    max_steps,
-                    lm_loss,
-                    aux_loss,
-                    grad_norm,
-                    tokens / dt,
-                    next(iter(memory.values())),
-                    mfu,
-                )
 
             if state.nonfinite_streak >= tc.max_consecutive_nonfinite > 0:
                 metrics.log(state.step, "event", {"event": "stopped_nonfinite", "streak": state.nonfinite_streak})
