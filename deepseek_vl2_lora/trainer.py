@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .benchmarks import BenchmarkError, BenchmarkSuite, parse_specs
-from .data import EvalDataset, SFTDataset
+from .data import CollateItems, EvalDataset, SFTDataset, SkipBadSamples, unwrap_batch
 from .engine import DistEnv, EngineError, build_engine, lr_factor, resolve_device
 from .evaluation import evaluate
 from .feature_cache import VisionFeatureCache
@@ -532,9 +532,9 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preempt
     # -- loop -----------------------------------------------------------------------------------------------
     if rng is not None:
         set_rng_state(rng)  # last, so nothing in setup shifts the restored streams
-    stream = batch_stream(
-        train_set,
-        data.collator,
+    stream = batch_stream(  # a sample gone bad since validation: replaced (skip) or one error line (SkipBadSamples)
+        SkipBadSamples(train_set, cfg.data.on_bad_sample),
+        CollateItems(data.collator, cfg.data.on_bad_sample),
         tc.micro_batch_size,
         cfg.seed,
         state.epoch,
@@ -560,7 +560,11 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preempt
             t0 = time.perf_counter()
             lm_losses, aux_losses, tokens, positions, samples, flops = [], [], 0, 0, 0, 0.0
             for micro in range(tc.grad_accum):
-                epoch, index, batch = next(stream)
+                epoch, index, collated = next(stream)
+                skipped_before = sum(data.reports["train"].skipped_at_train.values())
+                batch = unwrap_batch(collated, data.reports["train"])
+                skipped = sum(data.reports["train"].skipped_at_train.values()) - skipped_before
+                state.extra["skipped_at_train"] = state.extra.get("skipped_at_train", 0) + skipped
                 state.advance(epoch, index)
                 batch, weight = _sync_micro_batch(engine, env, batch, cfg.dist.global_padding, processor.pad_id)
                 # Counted on the host batch, once: no device sync for them after the step.
@@ -620,6 +624,7 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preempt
                     "train/padding": 1.0 - tokens / positions,  # share of computed positions that are padding
                     "train/skipped": int(not finite),
                     "train/nonfinite_total": state.nonfinite_total,
+                    "data/skipped_at_train": state.extra.get("skipped_at_train", 0),  # so far (rank 0's share)
                     "perf/step_time_s": dt,
                     "perf/tokens_per_s": tokens / dt,
                     "perf/samples_per_s": samples / dt,
@@ -692,6 +697,9 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preempt
             "vision feature cache: %(vision_cache/hits)d hits, %(vision_cache/misses)d misses",
             model.feature_cache.stats(),
         )
+    if env.is_main and state.extra.get("skipped_at_train"):  # the data report, with this run's train-time skips
+        _write_json(run_dir / "data_report.json", {name: r.to_dict() for name, r in data.reports.items()})
+        log.warning("train data: %d samples went bad during training and were skipped", state.extra["skipped_at_train"])
     trained_dir = None
     if tc.save_trained:
         with engine.full_trainable_params():  # DeepSpeed: the fp32 master values, gathered on rank 0
