@@ -66,17 +66,20 @@ def from_official(tensors: dict[str, torch.Tensor], n_experts_by_prefix: dict[st
     return out
 
 
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
+    """The shards the index lists (all must exist), or model.safetensors; errors name the file and the fix."""
     index = path / INDEX_FILE
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
-        files = sorted({path / f for f in weight_map.values()})
-        missing = [str(f) for f in files if not f.exists()]
+            files = sorted({path / f for f in weight_map.values()})
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index ({e}); restore the checkpoint's own") from None
+        missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise FileNotFoundError(f"{index} lists shards that do not exist: {missing}")
+            raise FileNotFoundError(
+                f"{index} lists shards that are not in {path}: {', '.join(missing)}; copy them over"
+            )
         return files
     if (path / SINGLE_FILE).exists():
         return [path / SINGLE_FILE]
@@ -130,7 +133,7 @@ def load_pretrained(cls, path: Path, torch_dtype, attn_implementation, experts_k
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a directory; pass a local DeepSeek-VL2 checkpoint directory")
     config = VL2Config.from_file(path / CONFIG_NAME)
-    files = _weight_files(path)
+    files = weight_files(path)
     with torch.device("meta"):  # no time or memory spent on an init that the weights replace
         model = cls(config, attn_implementation=attn_implementation, experts_kernel=experts_kernel)
     expected = official_shapes(model)

@@ -275,6 +275,22 @@ def check_config(cfg: DictConfig) -> None:
         problems.append(f"optim.min_lr_ratio={cfg.optim.min_lr_ratio}: must be in [0, 1]")
     if len(cfg.optim.betas) != 2:
         problems.append(f"optim.betas={list(cfg.optim.betas)}: needs two values")
+    elif not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        problems.append(f"optim.betas={list(cfg.optim.betas)}: each must be in [0, 1), e.g. [0.9, 0.95]")
+    if not cfg.optim.lr > 0:
+        problems.append(f"optim.lr={cfg.optim.lr}: must be > 0, e.g. 1e-4")
+    if not cfg.optim.eps > 0:
+        problems.append(f"optim.eps={cfg.optim.eps}: must be > 0, e.g. 1e-8")
+    for name, group in cfg.policy.groups.items():
+        if group.mode != "lora":
+            continue
+        key = f"policy.groups.{name}"
+        if group.r < 1:
+            problems.append(f"{key}.r={group.r}: the LoRA rank must be ≥ 1, e.g. 16")
+        if not group.alpha > 0:
+            problems.append(f"{key}.alpha={group.alpha}: must be > 0, e.g. 2 × r")
+        if not 0.0 <= group.dropout < 1.0:
+            problems.append(f"{key}.dropout={group.dropout}: must be in [0, 1)")
     if cfg.model.dtype == "bfloat16" and cfg.trainer.precision == "fp32":
         problems.append("model.dtype=bfloat16 needs bf16 autocast: set trainer.precision=bf16 (or auto on CUDA)")
     if cfg.trainer.vision_feature_cache and cfg.dist.kind != "single":
@@ -299,4 +315,6 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.trainer.cpu_threads is not None and cfg.trainer.cpu_threads < 1:
         problems.append(f"trainer.cpu_threads={cfg.trainer.cpu_threads}: must be ≥ 1 (or null)")
     if problems:
+        if len(problems) == 1:  # one line
+            raise ConfigError(f"invalid config: {problems[0]}")
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

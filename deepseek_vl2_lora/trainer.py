@@ -49,10 +49,10 @@ from .packing import sample_lengths
 from .plan.batch import PlanError
 from .policy import PolicyError, optimizer_param_groups, save_trained_state
 from .preemption import Preemption
+from .preflight import REPO_ROOT, Preflight, preflight, resolve_data_file, resolve_model_dir  # noqa: F401 (eval.py)
 from .processor import Collator, DeepseekVL2Processor, ProcessorConfigError, SampleError
 from .run_lock import RunLock, RunLockError
 from .step import autocast_for, micro_step, prepare_model, resolve_dtype, resolve_precision
-from .tiny import ensure_tiny_checkpoint
 from .train_config import ConfigError, as_train_config, check_config
 from .train_state import (
     ResumeError,
@@ -71,7 +71,6 @@ from .train_state import (
 )
 
 log = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parent.parent
 # Fault injection for the multi-process tests (tests/test_deepspeed.py): FAULT_ENV=<rank>:<step>:raise makes that
 # rank raise when it starts optimizer step <step> (1-based); <rank>:<step>:nan makes its LM loss NaN in that step's
 # first micro batch. They check that one failing rank ends the whole job, and that one rank's NaN skips the update
@@ -115,40 +114,6 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------------------------------ setup helpers
-def resolve_model_dir(model_cfg) -> Path:
-    """The checkpoint directory: `model.path` (checked for a config.json) when set, else a generated tiny one."""
-    if model_cfg.path is None and model_cfg.tiny_family is not None:
-        return ensure_tiny_checkpoint(model_cfg.tiny_family, seed=model_cfg.tiny_seed)
-    hub = model_cfg.hub_id or "deepseek-ai/deepseek-vl2-tiny"
-    where = (
-        f"download {hub} from https://huggingface.co/{hub} on a machine with access "
-        f"(`huggingface-cli download {hub} --local-dir {hub.split('/')[-1]}`), copy the directory over and pass "
-        f"model.path=/path/to/{hub.split('/')[-1]}"
-    )
-    if model_cfg.path is None:
-        raise ConfigError(
-            f"model={model_cfg.name} needs its checkpoint: {where}. "
-            "(To try the pipeline without a download: model=tiny_random, the default; to plan GPU memory for this "
-            "model without its weights: trainer.dry_run=true.)"
-        )
-    path = Path(model_cfg.path).expanduser()
-    if not (path / "config.json").is_file():
-        raise ConfigError(
-            f"model.path={path}: no config.json there; expected a DeepSeek-VL2 checkpoint directory: {where}"
-        )
-    return path
-
-
-def resolve_data_file(path: str) -> Path:
-    """A data path as given (absolute, or relative to the working directory), else relative to the repo root."""
-    p = Path(path).expanduser()
-    if p.is_absolute() or p.exists():
-        return p
-    if (REPO_ROOT / p).exists():
-        return REPO_ROOT / p
-    raise ConfigError(f"data file {path} not found (looked in {Path.cwd()} and {REPO_ROOT})")
-
-
 def load_model(model_cfg, precision: str, device: torch.device) -> tuple[DeepseekVL2ForCausalLM, Path]:
     """The configured checkpoint (real or generated tiny) on `device`, in the dtype `precision` implies."""
     model_dir = resolve_model_dir(model_cfg)
@@ -290,29 +255,13 @@ class _Data:
     collator: Collator
 
 
-def _setup_data(cfg, model, model_dir: Path, env: DistEnv) -> _Data:
-    """The processor, the training and eval sets (bad samples reported) and the training collator."""
+def _setup_data(cfg, model, pre: Preflight, env: DistEnv) -> _Data:
+    """The processor, the training and eval sets (validated by preflight) and the training collator."""
     tc = cfg.trainer
-    processor = DeepseekVL2Processor.from_pretrained(model_dir)
-    data_kw = dict(
-        processor=processor,
-        on_bad_sample=cfg.data.on_bad_sample,
-        max_length=cfg.data.max_length,
-        columns=dict(cfg.data.columns or {}),
-    )
-    image_root = resolve_data_file(cfg.data.image_root) if cfg.data.image_root else None
-    train_set = SFTDataset(
-        resolve_data_file(cfg.data.train_path), overlong=cfg.data.overlong, image_root=image_root, **data_kw
-    )
-    reports = {"train": train_set.report}
+    processor, train_set, reports = pre.processor, pre.train_set, pre.reports
     if cfg.data.train_limit is not None:
         train_set = torch.utils.data.Subset(train_set, range(min(cfg.data.train_limit, len(train_set))))
-    loss_set = gen_set = None
-    if cfg.data.eval_path:
-        eval_file = resolve_data_file(cfg.data.eval_path)
-        loss_set = SFTDataset(eval_file, overlong="skip", image_root=image_root, **data_kw)
-        gen_set = EvalDataset(eval_file, image_root=image_root, **data_kw)
-        reports["eval"] = gen_set.report
+    loss_set, gen_set = pre.loss_set, pre.gen_set
     for name, data_report in reports.items():
         if data_report.num_skipped:
             log.warning("%s data: %s", name, data_report)
@@ -452,8 +401,9 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preempt
     autocast = autocast_for(precision, device)
 
     # -- model, freezing policy, data -----------------------------------------------------------------------
+    pre = preflight(cfg, run_dir, env)  # files, data, resume path: all checked before the (slow) model load
     model, model_dir, report, flop_model = _setup_model(cfg, device, env, precision)
-    data = _setup_data(cfg, model, model_dir, env)
+    data = _setup_data(cfg, model, pre, env)
     processor, train_set = data.processor, data.train_set
     run_eval = partial(
         evaluate,
