@@ -16,8 +16,9 @@ Image paths are relative to the data file's directory, or to ``image_root`` when
 are kept as ``meta`` (the demo data stores its question type there).
 
 Every record is checked when the dataset is built: the JSON parses, the schema and roles are valid, each image
-opens and decodes (after ``ImageOps.exif_transpose``), the placeholder count matches, there is an assistant
-turn, and the token length fits ``max_length`` under the ``overlong`` policy. A bad record either raises a
+opens and decodes (rotated by its EXIF orientation only with ``exif_transpose``, off by default as in the official
+loader), the placeholder count matches, there is an assistant turn, and the token length fits ``max_length``
+under the ``overlong`` policy. A bad record either raises a
 `SampleError` naming ``file:line`` and the reason (``on_bad_sample="error"``) or is skipped and counted by
 reason in the dataset's `DataReport` (``"skip"``). The ``overlong`` policy decides for over-long samples
 (``"error"`` raises, ``"skip"`` skips and counts, ``"truncate"`` cuts the tail); when truncation is impossible
@@ -175,8 +176,9 @@ def parse_record(record: Any, layout: str | None = None) -> tuple[list[dict], li
 # Images
 
 
-def load_image(path: Path) -> Image.Image:
-    """Open, apply the EXIF orientation and decode to RGB; failures become SampleErrors by kind."""
+def load_image(path: Path, exif_transpose: bool = False) -> Image.Image:
+    """Open and decode to RGB, as DeepSeek-VL2's official loader (`Image.open(p).convert("RGB")`); with
+    `exif_transpose`, rotated by the EXIF orientation tag first. Failures become SampleErrors by kind."""
     if not path.is_file():  # is_file() is False (not an exception) for unrepresentable paths too
         raise SampleError("missing_image", f"image not found: {path}")
     try:
@@ -186,7 +188,8 @@ def load_image(path: Path) -> Image.Image:
         raise SampleError("missing_image", f"cannot access image {path} ({e})") from e
     try:
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
+            if exif_transpose:
+                im = ImageOps.exif_transpose(im)
             return im.convert("RGB")  # convert() decodes the whole image, so truncation shows up here
     except SampleError:
         raise
@@ -220,6 +223,7 @@ class _ValidatedData:
         overlong: str = "error",
         image_root: str | Path | None = None,
         columns: dict[str, str] | None = None,
+        exif_transpose: bool = False,
     ):
         if on_bad_sample not in ON_BAD_SAMPLE:
             raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
@@ -232,6 +236,7 @@ class _ValidatedData:
         self.overlong = overlong
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
         self.columns = dict(columns or {})
+        self.exif_transpose = exif_transpose
         self.report = DataReport(str(self.path))
         self.samples: list[Sample] = []
         for location, record in read_records(self.path):
@@ -260,7 +265,7 @@ class _ValidatedData:
     def _validate(self, location: str, record: Any) -> tuple[Sample, int]:
         parsed = layouts.parse(record, self.report.layout)
         resolved = [self.image_root / p for p in parsed.images]
-        sizes = [load_image(p).size for p in resolved]
+        sizes = [load_image(p, self.exif_transpose).size for p in resolved]
         self._check_sample(parsed.messages, sizes)
         return Sample(location, parsed.messages, resolved, parsed.meta), parsed.placeholders_added
 
@@ -273,7 +278,7 @@ class _ValidatedData:
     def _encode(self, index: int) -> dict:
         sample = self.samples[index]
         try:
-            images = [load_image(p) for p in sample.image_paths]
+            images = [load_image(p, self.exif_transpose) for p in sample.image_paths]
             return self.processor.encode(sample.messages, images, self.generation, self.max_length, self.overlong)
         except SampleError as e:  # the file changed since validation: still say where
             raise e.at(sample.location) from e
@@ -291,8 +296,9 @@ class SFTDataset(_ValidatedData):
         overlong: str = "error",
         image_root: str | Path | None = None,
         columns: dict[str, str] | None = None,
+        exif_transpose: bool = False,
     ):
-        super().__init__(path, processor, on_bad_sample, max_length, overlong, image_root, columns)
+        super().__init__(path, processor, on_bad_sample, max_length, overlong, image_root, columns, exif_transpose)
 
     def __getitem__(self, index: int) -> dict:
         return self._encode(index)
@@ -316,8 +322,9 @@ class EvalDataset(_ValidatedData):
         max_length: int | None = None,
         image_root: str | Path | None = None,
         columns: dict[str, str] | None = None,
+        exif_transpose: bool = False,
     ):
-        super().__init__(path, processor, on_bad_sample, max_length, "skip", image_root, columns)
+        super().__init__(path, processor, on_bad_sample, max_length, "skip", image_root, columns, exif_transpose)
 
     def _handle(self, error: SampleError) -> None:
         # Over-long prompts cannot be truncated, so they follow on_bad_sample like any other bad record.

@@ -62,6 +62,7 @@ def preflight(cfg, run_dir: Path, env: DistEnv | None = None) -> Preflight:
         on_bad_sample=cfg.data.on_bad_sample,
         max_length=cfg.data.max_length,
         columns=dict(cfg.data.columns or {}),
+        exif_transpose=cfg.data.exif_transpose,
     )
     image_root = resolve_data_file(cfg.data.image_root, "data.image_root") if cfg.data.image_root else None
     train_file = resolve_data_file(cfg.data.train_path, "data.train_path")
