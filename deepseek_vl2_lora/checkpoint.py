@@ -163,7 +163,7 @@ def save_pretrained(model, path: Path, max_shard_bytes: int | None = None, extra
     state = {k: v.detach().contiguous().cpu() for k, v in to_official(model.state_dict()).items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = make_temp_dir(path.parent, f".{path.name}.tmp-")
     try:
         (tmp / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
         write_safetensors(state, tmp, max_shard_bytes)
@@ -178,7 +178,7 @@ def write_safetensors(state: dict[str, torch.Tensor], out: Path, max_shard_bytes
     meta = {"format": "pt"}
     total = sum(t.numel() * t.element_size() for t in state.values())
     if not max_shard_bytes or total <= max_shard_bytes:
-        save_file(state, str(out / SINGLE_FILE), metadata=meta)
+        save_safetensors(state, out / SINGLE_FILE, metadata=meta)
         return
     shards, current, size = [], {}, 0
     for key in sorted(state):
@@ -192,10 +192,35 @@ def write_safetensors(state: dict[str, torch.Tensor], out: Path, max_shard_bytes
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / name), metadata=meta)
+        save_safetensors(shard, out / name, metadata=meta)
         weight_map.update(dict.fromkeys(shard, name))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it: set, then restore
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | Path, directory: bool = False) -> None:
+    """Give `path` the mode a plain open()/mkdir() would (0666 / 0777 minus the umask): tempfile's mkstemp and
+    mkdtemp make them 0600 / 0700, unreadable to the rest of a team on a shared file system."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, the file then given the mode the umask says (save_file makes it 0600)."""
+    save_file(tensors, str(path), metadata=metadata)
+    honour_umask(path)
+
+
+def make_temp_dir(parent: Path, prefix: str) -> Path:
+    """A fresh uniquely named directory in `parent` (for a write then rename into place), mode as umask says."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    honour_umask(tmp, directory=True)
+    return tmp
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
