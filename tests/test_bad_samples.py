@@ -52,9 +52,10 @@ def compose(data_dir, *overrides):
     )
 
 
-def test_image_deleted_mid_run_is_a_counted_skip(tmp_path, data_dir, monkeypatch):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_image_deleted_mid_run_is_a_counted_skip(tmp_path, data_dir, monkeypatch, workers):
     delete_images_after_setup(monkeypatch, data_dir, 8)  # half the set: every step's batch meets one
-    cfg = compose(data_dir, "data.on_bad_sample=skip", "trainer.log_every=1")
+    cfg = compose(data_dir, "data.on_bad_sample=skip", "trainer.log_every=1", f"data.num_workers={workers}")
     result = train(cfg, tmp_path / "run")
     assert result.steps == 3
     records = read_metrics(tmp_path / "run", "train")
