@@ -49,6 +49,7 @@ class Preflight:
     loss_set: SFTDataset | None  # the eval split, for the eval loss
     gen_set: EvalDataset | None  # the eval split, for generation
     reports: dict[str, DataReport]
+    resume_from: Path | None = None  # the checkpoint an explicit trainer.resume path names, verified (not `auto`)
 
 
 def preflight(cfg, run_dir: Path, env: DistEnv | None = None) -> Preflight:
@@ -67,7 +68,7 @@ def preflight(cfg, run_dir: Path, env: DistEnv | None = None) -> Preflight:
     image_root = resolve_data_file(cfg.data.image_root, "data.image_root") if cfg.data.image_root else None
     train_file = resolve_data_file(cfg.data.train_path, "data.train_path")
     eval_file = resolve_data_file(cfg.data.eval_path, "data.eval_path") if cfg.data.eval_path else None
-    check_resume(cfg.trainer.resume, run_dir, cfg.dist.kind, env)
+    resume_from = check_resume(cfg.trainer.resume, run_dir, cfg.dist.kind, env)
     train_set = SFTDataset(train_file, overlong=cfg.data.overlong, image_root=image_root, **data_kw)
     reports = {"train": train_set.report}
     loss_set = gen_set = None
@@ -75,7 +76,7 @@ def preflight(cfg, run_dir: Path, env: DistEnv | None = None) -> Preflight:
         loss_set = SFTDataset(eval_file, overlong="skip", image_root=image_root, **data_kw)
         gen_set = EvalDataset(eval_file, image_root=image_root, **data_kw)
         reports["eval"] = gen_set.report
-    return Preflight(model_dir, processor, train_set, loss_set, gen_set, reports)
+    return Preflight(model_dir, processor, train_set, loss_set, gen_set, reports, resume_from)
 
 
 # ------------------------------------------------------------------------------------------------ paths
@@ -170,11 +171,11 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
 
 
 # ------------------------------------------------------------------------------------------------ resume
-def check_resume(resume: str | None, run_dir: Path, dist_kind: str, env: DistEnv) -> None:
-    """`trainer.resume` names an intact checkpoint (or a run dir with one) of this engine kind and rank count.
-    (`auto` is checked when the run resumes: an empty run dir starts from scratch.)"""
+def check_resume(resume: str | None, run_dir: Path, dist_kind: str, env: DistEnv) -> Path | None:
+    """The checkpoint `trainer.resume` names: an intact one (or a run dir's newest intact one) of this engine kind
+    and rank count. None for null and `auto` (checked when the run resumes: an empty run dir starts from scratch)."""
     if resume in (None, "auto"):
-        return
+        return None
     path = Path(resume).expanduser()
     if not path.is_dir():
         raise ResumeError(
@@ -194,6 +195,7 @@ def check_resume(resume: str | None, run_dir: Path, dist_kind: str, env: DistEnv
             f"{found} was written by dist={layout[0]} with {layout[1]} rank(s); this run is dist={dist_kind} with "
             f"{env.world_size}: resume with dist={layout[0]} on {layout[1]} rank(s)"
         )
+    return found
 
 
 def _one_line(error: BaseException) -> str:

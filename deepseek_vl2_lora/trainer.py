@@ -313,8 +313,9 @@ def _plan_steps(cfg, num_samples: int, env: DistEnv, reports: dict, run_dir: Pat
     return steps
 
 
-def _resume_or_start(cfg, run_dir: Path, env: DistEnv, engine, num_samples: int):
-    """(train state, checkpoint resumed from or None, its RNG state or None) as `trainer.resume` says."""
+def _resume_or_start(cfg, run_dir: Path, env: DistEnv, engine, num_samples: int, checked: Path | None = None):
+    """(train state, checkpoint resumed from or None, its RNG state or None) as `trainer.resume` says; `checked`:
+    the checkpoint preflight found (and verified) for an explicit path."""
     tc = cfg.trainer
     state = TrainState(
         num_samples=num_samples,
@@ -326,7 +327,10 @@ def _resume_or_start(cfg, run_dir: Path, env: DistEnv, engine, num_samples: int)
     if env.is_main:
         clean_temporary(run_dir)
     # Rank 0 verifies the checkpoints' manifests (falling back past damaged ones); the others take its choice.
-    resume_from = find_resume_checkpoint(tc.resume, run_dir, verify=env.is_main)
+    if checked is None:  # (an explicit path was verified by preflight: its checksums are not read twice)
+        resume_from = find_resume_checkpoint(tc.resume, run_dir, verify=env.is_main)
+    else:
+        resume_from = checked
     resume_from = agree_on_checkpoint(engine, resume_from)
     rng = None
     if resume_from is not None:
@@ -434,7 +438,7 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preempt
     engine = build_engine(cfg.dist, model, param_groups, oc, max_steps, env, tc, precision)
 
     # -- resume -------------------------------------------------------------------------------------------
-    state, resume_from, rng = _resume_or_start(cfg, run_dir, env, engine, len(train_set))
+    state, resume_from, rng = _resume_or_start(cfg, run_dir, env, engine, len(train_set), pre.resume_from)
 
     # -- loggers --------------------------------------------------------------------------------------------
     resolved = OmegaConf.to_container(cfg, resolve=True)
