@@ -66,17 +66,20 @@ def from_official(tensors: dict[str, torch.Tensor], n_experts_by_prefix: dict[st
     return out
 
 
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
+    """The shards the index lists (all must exist), or model.safetensors; errors name the file and the fix."""
     index = path / INDEX_FILE
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
-        files = sorted({path / f for f in weight_map.values()})
-        missing = [str(f) for f in files if not f.exists()]
+            files = sorted({path / f for f in weight_map.values()})
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index ({e}); restore the checkpoint's own") from None
+        missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise FileNotFoundError(f"{index} lists shards that do not exist: {missing}")
+            raise FileNotFoundError(
+                f"{index} lists shards that are not in {path}: {', '.join(missing)}; copy them over"
+            )
         return files
     if (path / SINGLE_FILE).exists():
         return [path / SINGLE_FILE]
@@ -130,7 +133,7 @@ def load_pretrained(cls, path: Path, torch_dtype, attn_implementation, experts_k
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a directory; pass a local DeepSeek-VL2 checkpoint directory")
     config = VL2Config.from_file(path / CONFIG_NAME)
-    files = _weight_files(path)
+    files = weight_files(path)
     with torch.device("meta"):  # no time or memory spent on an init that the weights replace
         model = cls(config, attn_implementation=attn_implementation, experts_kernel=experts_kernel)
     expected = official_shapes(model)
@@ -160,7 +163,7 @@ def save_pretrained(model, path: Path, max_shard_bytes: int | None = None, extra
     state = {k: v.detach().contiguous().cpu() for k, v in to_official(model.state_dict()).items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = make_temp_dir(path.parent, f".{path.name}.tmp-")
     try:
         (tmp / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
         write_safetensors(state, tmp, max_shard_bytes)
@@ -175,7 +178,7 @@ def write_safetensors(state: dict[str, torch.Tensor], out: Path, max_shard_bytes
     meta = {"format": "pt"}
     total = sum(t.numel() * t.element_size() for t in state.values())
     if not max_shard_bytes or total <= max_shard_bytes:
-        save_file(state, str(out / SINGLE_FILE), metadata=meta)
+        save_safetensors(state, out / SINGLE_FILE, metadata=meta)
         return
     shards, current, size = [], {}, 0
     for key in sorted(state):
@@ -189,10 +192,35 @@ def write_safetensors(state: dict[str, torch.Tensor], out: Path, max_shard_bytes
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / name), metadata=meta)
+        save_safetensors(shard, out / name, metadata=meta)
         weight_map.update(dict.fromkeys(shard, name))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it: set, then restore
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | Path, directory: bool = False) -> None:
+    """Give `path` the mode a plain open()/mkdir() would (0666 / 0777 minus the umask): tempfile's mkstemp and
+    mkdtemp make them 0600 / 0700, unreadable to the rest of a team on a shared file system."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, the file then given the mode the umask says (save_file makes it 0600)."""
+    save_file(tensors, str(path), metadata=metadata)
+    honour_umask(path)
+
+
+def make_temp_dir(parent: Path, prefix: str) -> Path:
+    """A fresh uniquely named directory in `parent` (for a write then rename into place), mode as umask says."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    honour_umask(tmp, directory=True)
+    return tmp
 
 
 def replace_dir(tmp: Path, final: Path) -> None:

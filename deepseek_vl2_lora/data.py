@@ -16,8 +16,9 @@ Image paths are relative to the data file's directory, or to ``image_root`` when
 are kept as ``meta`` (the demo data stores its question type there).
 
 Every record is checked when the dataset is built: the JSON parses, the schema and roles are valid, each image
-opens and decodes (after ``ImageOps.exif_transpose``), the placeholder count matches, there is an assistant
-turn, and the token length fits ``max_length`` under the ``overlong`` policy. A bad record either raises a
+opens and decodes (rotated by its EXIF orientation only with ``exif_transpose``, off by default as in the official
+loader), the placeholder count matches, there is an assistant turn, and the token length fits ``max_length``
+under the ``overlong`` policy. A bad record either raises a
 `SampleError` naming ``file:line`` and the reason (``on_bad_sample="error"``) or is skipped and counted by
 reason in the dataset's `DataReport` (``"skip"``). The ``overlong`` policy decides for over-long samples
 (``"error"`` raises, ``"skip"`` skips and counts, ``"truncate"`` cuts the tail); when truncation is impossible
@@ -28,12 +29,14 @@ reopened in ``__getitem__``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image, ImageOps
 
 from . import layouts
@@ -41,6 +44,8 @@ from .processor import DeepseekVL2Processor, SampleError
 
 ON_BAD_SAMPLE = ("error", "skip")
 LLAVA_ROLES = layouts.LLAVA_ROLES
+log = logging.getLogger(__name__)
+
 OVERLONG_REASONS = ("overlong",)  # decided by the `overlong` policy; all other reasons by `on_bad_sample`
 
 
@@ -59,6 +64,7 @@ class DataReport:
     examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> first few error messages
     layout: str | None = None  # the record layout detected (`layouts`); None: no record had one
     placeholders_added: int = 0  # <image> placeholders put at the start of the first user turn (kept records)
+    skipped_at_train: Counter = field(default_factory=Counter)  # by reason: samples gone bad after validation
 
     max_examples = 3
 
@@ -81,6 +87,7 @@ class DataReport:
             "placeholders_added": self.placeholders_added,
             "skipped": dict(sorted(self.skipped.items())),
             "examples": {k: list(v) for k, v in sorted(self.examples.items())},
+            "skipped_at_train": dict(sorted(self.skipped_at_train.items())),
         }
 
     def summary(self) -> str:
@@ -169,8 +176,9 @@ def parse_record(record: Any, layout: str | None = None) -> tuple[list[dict], li
 # Images
 
 
-def load_image(path: Path) -> Image.Image:
-    """Open, apply the EXIF orientation and decode to RGB; failures become SampleErrors by kind."""
+def load_image(path: Path, exif_transpose: bool = False) -> Image.Image:
+    """Open and decode to RGB, as DeepSeek-VL2's official loader (`Image.open(p).convert("RGB")`); with
+    `exif_transpose`, rotated by the EXIF orientation tag first. Failures become SampleErrors by kind."""
     if not path.is_file():  # is_file() is False (not an exception) for unrepresentable paths too
         raise SampleError("missing_image", f"image not found: {path}")
     try:
@@ -180,7 +188,8 @@ def load_image(path: Path) -> Image.Image:
         raise SampleError("missing_image", f"cannot access image {path} ({e})") from e
     try:
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
+            if exif_transpose:
+                im = ImageOps.exif_transpose(im)
             return im.convert("RGB")  # convert() decodes the whole image, so truncation shows up here
     except SampleError:
         raise
@@ -214,6 +223,7 @@ class _ValidatedData:
         overlong: str = "error",
         image_root: str | Path | None = None,
         columns: dict[str, str] | None = None,
+        exif_transpose: bool = False,
     ):
         if on_bad_sample not in ON_BAD_SAMPLE:
             raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
@@ -226,6 +236,7 @@ class _ValidatedData:
         self.overlong = overlong
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
         self.columns = dict(columns or {})
+        self.exif_transpose = exif_transpose
         self.report = DataReport(str(self.path))
         self.samples: list[Sample] = []
         for location, record in read_records(self.path):
@@ -254,7 +265,7 @@ class _ValidatedData:
     def _validate(self, location: str, record: Any) -> tuple[Sample, int]:
         parsed = layouts.parse(record, self.report.layout)
         resolved = [self.image_root / p for p in parsed.images]
-        sizes = [load_image(p).size for p in resolved]
+        sizes = [load_image(p, self.exif_transpose).size for p in resolved]
         self._check_sample(parsed.messages, sizes)
         return Sample(location, parsed.messages, resolved, parsed.meta), parsed.placeholders_added
 
@@ -267,7 +278,7 @@ class _ValidatedData:
     def _encode(self, index: int) -> dict:
         sample = self.samples[index]
         try:
-            images = [load_image(p) for p in sample.image_paths]
+            images = [load_image(p, self.exif_transpose) for p in sample.image_paths]
             return self.processor.encode(sample.messages, images, self.generation, self.max_length, self.overlong)
         except SampleError as e:  # the file changed since validation: still say where
             raise e.at(sample.location) from e
@@ -285,8 +296,9 @@ class SFTDataset(_ValidatedData):
         overlong: str = "error",
         image_root: str | Path | None = None,
         columns: dict[str, str] | None = None,
+        exif_transpose: bool = False,
     ):
-        super().__init__(path, processor, on_bad_sample, max_length, overlong, image_root, columns)
+        super().__init__(path, processor, on_bad_sample, max_length, overlong, image_root, columns, exif_transpose)
 
     def __getitem__(self, index: int) -> dict:
         return self._encode(index)
@@ -310,8 +322,9 @@ class EvalDataset(_ValidatedData):
         max_length: int | None = None,
         image_root: str | Path | None = None,
         columns: dict[str, str] | None = None,
+        exif_transpose: bool = False,
     ):
-        super().__init__(path, processor, on_bad_sample, max_length, "skip", image_root, columns)
+        super().__init__(path, processor, on_bad_sample, max_length, "skip", image_root, columns, exif_transpose)
 
     def _handle(self, error: SampleError) -> None:
         # Over-long prompts cannot be truncated, so they follow on_bad_sample like any other bad record.
@@ -339,3 +352,81 @@ def collate_eval(pairs: list[tuple[dict, str]], collator) -> tuple[dict, list[st
     """Batch eval pairs with a (left-padding) Collator: (batch, reference answers)."""
     encodings, answers = zip(*pairs)
     return collator(list(encodings)), list(answers)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad samples at train time
+
+
+@dataclass
+class TrainItem:
+    """A training sample as the loader passes it on: its encoding (None: it failed under ``error``), the
+    bad samples it replaced (one line each, ``file:line: message [reason]``) and their reasons."""
+
+    encoding: dict | None
+    skipped: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+
+
+class SkipBadSamples(torch.utils.data.Dataset):
+    """A training set whose samples may go bad after validation (an image deleted or unreadable mid-run).
+
+    ``items[i]`` encodes ``dataset[i]``. When that raises a SampleError (or the image fails to open), under
+    ``on_bad_sample="skip"`` the next index ``i+1, i+2, ...`` (mod the set size) is encoded instead and the bad
+    one is reported with it, so the batch stays full and the substitution depends on the files only (a resumed
+    run makes the same one). Under ``"error"`` the failure comes back as the item (``encoding=None``) and
+    `collate_items` / `unwrap_batch` raise it in the main process as one SampleError line naming ``file:line``:
+    an exception raised in a DataLoader worker would otherwise arrive wrapped in its worker's traceback.
+    """
+
+    def __init__(self, dataset, on_bad_sample: str = "error"):
+        if on_bad_sample not in ON_BAD_SAMPLE:
+            raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
+        self.dataset, self.on_bad_sample = dataset, on_bad_sample
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> TrainItem:
+        item = TrainItem(None)
+        for k in range(len(self.dataset)):
+            try:
+                item.encoding = self.dataset[(index + k) % len(self.dataset)]
+                return item
+            except (SampleError, OSError) as e:
+                error = e if isinstance(e, SampleError) else SampleError("corrupt_image", f"{type(e).__name__}: {e}")
+                item.skipped.append(str(error))
+                item.reasons.append(error.reason)
+                if self.on_bad_sample == "error":
+                    return item
+        return item  # every sample failed: unwrap_batch says so
+
+
+class CollateItems:
+    """Collate TrainItems with `collator`: (batch or None, the items' skipped lines and reasons, the error line
+    or None). Picklable, for DataLoader workers."""
+
+    def __init__(self, collator, on_bad_sample: str = "error"):
+        self.collator, self.on_bad_sample = collator, on_bad_sample
+
+    def __call__(self, items: list[TrainItem]) -> tuple[dict | None, list[str], list[str], str | None]:
+        skipped = [line for it in items for line in it.skipped]
+        reasons = [r for it in items for r in it.reasons]
+        failed = [it for it in items if it.encoding is None]
+        if failed:
+            why = failed[0].skipped[-1] if self.on_bad_sample == "error" else "every training sample failed to load"
+            return None, skipped, reasons, why
+        return self.collator([it.encoding for it in items]), skipped, reasons, None
+
+
+def unwrap_batch(collated, report: DataReport | None = None) -> dict:
+    """The batch from `CollateItems`, its skipped samples counted into ``report.skipped_at_train`` (and logged);
+    a failed sample raised here as one SampleError line (reason ``at_train``)."""
+    batch, skipped, reasons, error = collated
+    if error is not None:
+        raise SampleError("at_train", f"while training: {error}")
+    for line, reason in zip(skipped, reasons):
+        log.warning("skipped a bad training sample (data.on_bad_sample=skip): %s", line)
+        if report is not None:
+            report.skipped_at_train[reason] += 1
+    return batch

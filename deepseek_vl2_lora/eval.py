@@ -112,7 +112,12 @@ def eval_datasets(cfg, processor):
 
     if not cfg.data.eval_path:
         raise EvalError("data.eval_path is null: nothing to evaluate (pass data.eval_path=<file.jsonl>)")
-    kw = dict(processor=processor, on_bad_sample=cfg.data.on_bad_sample, max_length=cfg.data.max_length)
+    kw = dict(
+        processor=processor,
+        on_bad_sample=cfg.data.on_bad_sample,
+        max_length=cfg.data.max_length,
+        exif_transpose=bool(cfg.data.get("exif_transpose", False)),  # (absent from configs older than the option)
+    )
     image_root = resolve_data_file(cfg.data.image_root) if cfg.data.image_root else None
     eval_file = resolve_data_file(cfg.data.eval_path)
     loss_set = SFTDataset(eval_file, overlong="skip", image_root=image_root, **kw)

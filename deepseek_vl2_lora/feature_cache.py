@@ -19,7 +19,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from .checkpoint import save_safetensors
 
 
 def tile_key(tile: torch.Tensor) -> str:
@@ -75,7 +77,7 @@ class VisionFeatureCache:
         path.parent.mkdir(exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         os.close(fd)
-        save_file({"features": features.detach().to("cpu").contiguous()}, tmp)
+        save_safetensors({"features": features.detach().to("cpu").contiguous()}, tmp)
         os.replace(tmp, path)
 
     def stats(self) -> dict:

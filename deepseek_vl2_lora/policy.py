@@ -485,15 +485,12 @@ def save_trained_state(model: nn.Module, out_dir: str | Path, base_model: str | 
     trained model. Beside them `policy.json` (the policy, for `load_trained_state`) and, only for trained parameters
     PEFT cannot hold (see `peft_modules_to_save`), `trained_tensors.safetensors`."""
     import shutil
-    import tempfile
 
-    from safetensors.torch import save_file
-
-    from .checkpoint import replace_dir
+    from .checkpoint import make_temp_dir, replace_dir, save_safetensors
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = make_temp_dir(out_dir.parent, f".{out_dir.name}.tmp-")
     try:
         modules, rest = peft_modules_to_save(model)
         adapter = {}
@@ -504,7 +501,7 @@ def save_trained_state(model: nn.Module, out_dir: str | Path, base_model: str | 
             adapter.update({PEFT_PREFIX + k: v for k, v in lora.items()})
         for m in modules:  # PEFT saves a module to save under its plain names (adapter_state_dict_load_map)
             adapter.update({f"{PEFT_PREFIX}{m}.{k}": v for k, v in model.get_submodule(m).state_dict().items()})
-        save_file({k: v.contiguous().cpu() for k, v in adapter.items()}, str(tmp / ADAPTER_WEIGHTS), {"format": "pt"})
+        save_safetensors({k: v.contiguous().cpu() for k, v in adapter.items()}, tmp / ADAPTER_WEIGHTS, {"format": "pt"})
         _adapter_config(model, modules, base_model).save_pretrained(str(tmp))
         if rest:
             log.warning(
@@ -514,7 +511,7 @@ def save_trained_state(model: nn.Module, out_dir: str | Path, base_model: str | 
                 TRAINED_TENSORS,
             )
             tensors = {n: model.get_parameter(n).detach().contiguous().cpu() for n in rest}
-            save_file({base_name(n): t for n, t in tensors.items()}, str(tmp / TRAINED_TENSORS), {"format": "pt"})
+            save_safetensors({base_name(n): t for n, t in tensors.items()}, tmp / TRAINED_TENSORS, {"format": "pt"})
         policy = dataclasses.asdict(model.policy_config)
         (tmp / POLICY_FILE).write_text(json.dumps(policy, indent=2) + "\n")
         replace_dir(tmp, out_dir)

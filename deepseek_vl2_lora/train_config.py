@@ -54,6 +54,9 @@ class DataConfig:
     train_limit: int | None = None  # use only the first N valid training records (debugging, overfitting)
     eval_limit: int | None = None  # evaluate on the first N valid eval records
     num_workers: int = 0
+    # Rotate images by their EXIF orientation tag. Off by default, as DeepSeek-VL2's official loader
+    # (`Image.open(p).convert("RGB")`) does not: a model fine-tuned here then sees what it sees at inference.
+    exif_transpose: bool = False
     # Rename a file's keys to the ones the record layouts use (deepseek_vl2_lora/layouts.py), ours: theirs,
     # e.g. data.columns={messages:conv,images:pics}; applied to every record before its layout is detected.
     # null: none. (Typed Any, checked in check_config: a typed dict would refuse new keys under Hydra's struct mode.)
@@ -275,6 +278,22 @@ def check_config(cfg: DictConfig) -> None:
         problems.append(f"optim.min_lr_ratio={cfg.optim.min_lr_ratio}: must be in [0, 1]")
     if len(cfg.optim.betas) != 2:
         problems.append(f"optim.betas={list(cfg.optim.betas)}: needs two values")
+    elif not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        problems.append(f"optim.betas={list(cfg.optim.betas)}: each must be in [0, 1), e.g. [0.9, 0.95]")
+    if not cfg.optim.lr > 0:
+        problems.append(f"optim.lr={cfg.optim.lr}: must be > 0, e.g. 1e-4")
+    if not cfg.optim.eps > 0:
+        problems.append(f"optim.eps={cfg.optim.eps}: must be > 0, e.g. 1e-8")
+    for name, group in cfg.policy.groups.items():
+        if group.mode != "lora":
+            continue
+        key = f"policy.groups.{name}"
+        if group.r < 1:
+            problems.append(f"{key}.r={group.r}: the LoRA rank must be ≥ 1, e.g. 16")
+        if not group.alpha > 0:
+            problems.append(f"{key}.alpha={group.alpha}: must be > 0, e.g. 2 × r")
+        if not 0.0 <= group.dropout < 1.0:
+            problems.append(f"{key}.dropout={group.dropout}: must be in [0, 1)")
     if cfg.model.dtype == "bfloat16" and cfg.trainer.precision == "fp32":
         problems.append("model.dtype=bfloat16 needs bf16 autocast: set trainer.precision=bf16 (or auto on CUDA)")
     if cfg.trainer.vision_feature_cache and cfg.dist.kind != "single":
@@ -299,4 +318,6 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.trainer.cpu_threads is not None and cfg.trainer.cpu_threads < 1:
         problems.append(f"trainer.cpu_threads={cfg.trainer.cpu_threads}: must be ≥ 1 (or null)")
     if problems:
+        if len(problems) == 1:  # one line
+            raise ConfigError(f"invalid config: {problems[0]}")
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

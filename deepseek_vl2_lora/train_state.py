@@ -48,9 +48,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .checkpoint import replace_dir
+from .checkpoint import replace_dir, save_safetensors
 from .engine import DistEnv
 from .manifest import verify_manifest, write_manifest
 
@@ -251,7 +251,7 @@ def save_checkpoint(run_dir: Path, state: TrainState, trainable: dict[str, torch
     engine.barrier()
     try:
         if env.is_main:
-            save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / TRAINABLE_FILE))
+            save_safetensors({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / TRAINABLE_FILE)
         engine.save(tmp)
         torch.save(rng_state(), tmp / rng_file(env.rank))
         engine.barrier()

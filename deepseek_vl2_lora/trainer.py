@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .benchmarks import BenchmarkError, BenchmarkSuite, parse_specs
-from .data import EvalDataset, SFTDataset
+from .data import CollateItems, EvalDataset, SFTDataset, SkipBadSamples, unwrap_batch
 from .engine import DistEnv, EngineError, build_engine, lr_factor, resolve_device
 from .evaluation import evaluate
 from .feature_cache import VisionFeatureCache
@@ -49,10 +49,10 @@ from .packing import sample_lengths
 from .plan.batch import PlanError
 from .policy import PolicyError, optimizer_param_groups, save_trained_state
 from .preemption import Preemption
+from .preflight import REPO_ROOT, Preflight, preflight, resolve_data_file, resolve_model_dir  # noqa: F401 (eval.py)
 from .processor import Collator, DeepseekVL2Processor, ProcessorConfigError, SampleError
 from .run_lock import RunLock, RunLockError
 from .step import autocast_for, micro_step, prepare_model, resolve_dtype, resolve_precision
-from .tiny import ensure_tiny_checkpoint
 from .train_config import ConfigError, as_train_config, check_config
 from .train_state import (
     ResumeError,
@@ -71,7 +71,6 @@ from .train_state import (
 )
 
 log = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parent.parent
 # Fault injection for the multi-process tests (tests/test_deepspeed.py): FAULT_ENV=<rank>:<step>:raise makes that
 # rank raise when it starts optimizer step <step> (1-based); <rank>:<step>:nan makes its LM loss NaN in that step's
 # first micro batch. They check that one failing rank ends the whole job, and that one rank's NaN skips the update
@@ -115,40 +114,6 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------------------------------ setup helpers
-def resolve_model_dir(model_cfg) -> Path:
-    """The checkpoint directory: `model.path` (checked for a config.json) when set, else a generated tiny one."""
-    if model_cfg.path is None and model_cfg.tiny_family is not None:
-        return ensure_tiny_checkpoint(model_cfg.tiny_family, seed=model_cfg.tiny_seed)
-    hub = model_cfg.hub_id or "deepseek-ai/deepseek-vl2-tiny"
-    where = (
-        f"download {hub} from https://huggingface.co/{hub} on a machine with access "
-        f"(`huggingface-cli download {hub} --local-dir {hub.split('/')[-1]}`), copy the directory over and pass "
-        f"model.path=/path/to/{hub.split('/')[-1]}"
-    )
-    if model_cfg.path is None:
-        raise ConfigError(
-            f"model={model_cfg.name} needs its checkpoint: {where}. "
-            "(To try the pipeline without a download: model=tiny_random, the default; to plan GPU memory for this "
-            "model without its weights: trainer.dry_run=true.)"
-        )
-    path = Path(model_cfg.path).expanduser()
-    if not (path / "config.json").is_file():
-        raise ConfigError(
-            f"model.path={path}: no config.json there; expected a DeepSeek-VL2 checkpoint directory: {where}"
-        )
-    return path
-
-
-def resolve_data_file(path: str) -> Path:
-    """A data path as given (absolute, or relative to the working directory), else relative to the repo root."""
-    p = Path(path).expanduser()
-    if p.is_absolute() or p.exists():
-        return p
-    if (REPO_ROOT / p).exists():
-        return REPO_ROOT / p
-    raise ConfigError(f"data file {path} not found (looked in {Path.cwd()} and {REPO_ROOT})")
-
-
 def load_model(model_cfg, precision: str, device: torch.device) -> tuple[DeepseekVL2ForCausalLM, Path]:
     """The configured checkpoint (real or generated tiny) on `device`, in the dtype `precision` implies."""
     model_dir = resolve_model_dir(model_cfg)
@@ -290,29 +255,13 @@ class _Data:
     collator: Collator
 
 
-def _setup_data(cfg, model, model_dir: Path, env: DistEnv) -> _Data:
-    """The processor, the training and eval sets (bad samples reported) and the training collator."""
+def _setup_data(cfg, model, pre: Preflight, env: DistEnv) -> _Data:
+    """The processor, the training and eval sets (validated by preflight) and the training collator."""
     tc = cfg.trainer
-    processor = DeepseekVL2Processor.from_pretrained(model_dir)
-    data_kw = dict(
-        processor=processor,
-        on_bad_sample=cfg.data.on_bad_sample,
-        max_length=cfg.data.max_length,
-        columns=dict(cfg.data.columns or {}),
-    )
-    image_root = resolve_data_file(cfg.data.image_root) if cfg.data.image_root else None
-    train_set = SFTDataset(
-        resolve_data_file(cfg.data.train_path), overlong=cfg.data.overlong, image_root=image_root, **data_kw
-    )
-    reports = {"train": train_set.report}
+    processor, train_set, reports = pre.processor, pre.train_set, pre.reports
     if cfg.data.train_limit is not None:
         train_set = torch.utils.data.Subset(train_set, range(min(cfg.data.train_limit, len(train_set))))
-    loss_set = gen_set = None
-    if cfg.data.eval_path:
-        eval_file = resolve_data_file(cfg.data.eval_path)
-        loss_set = SFTDataset(eval_file, overlong="skip", image_root=image_root, **data_kw)
-        gen_set = EvalDataset(eval_file, image_root=image_root, **data_kw)
-        reports["eval"] = gen_set.report
+    loss_set, gen_set = pre.loss_set, pre.gen_set
     for name, data_report in reports.items():
         if data_report.num_skipped:
             log.warning("%s data: %s", name, data_report)
@@ -397,6 +346,7 @@ def _log_step(metrics, state, cfg, max_steps: int, per_epoch: int, s: _StepStats
             "train/padding": 1.0 - s.tokens / s.positions,  # share of computed positions that are padding
             "train/skipped": int(not s.finite),
             "train/nonfinite_total": state.nonfinite_total,
+            "data/skipped_at_train": state.extra.get("skipped_at_train", 0),  # so far (rank 0's share)
             "perf/step_time_s": s.seconds,
             "perf/tokens_per_s": s.tokens / s.seconds,
             "perf/samples_per_s": s.samples / s.seconds,
@@ -421,8 +371,9 @@ def _log_step(metrics, state, cfg, max_steps: int, per_epoch: int, s: _StepStats
         )
 
 
-def _resume_or_start(cfg, run_dir: Path, env: DistEnv, engine, num_samples: int):
-    """(train state, checkpoint resumed from or None, its RNG state or None) as `trainer.resume` says."""
+def _resume_or_start(cfg, run_dir: Path, env: DistEnv, engine, num_samples: int, checked: Path | None = None):
+    """(train state, checkpoint resumed from or None, its RNG state or None) as `trainer.resume` says; `checked`:
+    the checkpoint preflight found (and verified) for an explicit path."""
     tc = cfg.trainer
     state = TrainState(
         num_samples=num_samples,
@@ -434,7 +385,10 @@ def _resume_or_start(cfg, run_dir: Path, env: DistEnv, engine, num_samples: int)
     if env.is_main:
         clean_temporary(run_dir)
     # Rank 0 verifies the checkpoints' manifests (falling back past damaged ones); the others take its choice.
-    resume_from = find_resume_checkpoint(tc.resume, run_dir, verify=env.is_main)
+    if checked is None:  # (an explicit path was verified by preflight: its checksums are not read twice)
+        resume_from = find_resume_checkpoint(tc.resume, run_dir, verify=env.is_main)
+    else:
+        resume_from = checked
     resume_from = agree_on_checkpoint(engine, resume_from)
     rng = None
     if resume_from is not None:
@@ -509,8 +463,9 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preempt
     autocast = autocast_for(precision, device)
 
     # -- model, freezing policy, data -----------------------------------------------------------------------
+    pre = preflight(cfg, run_dir, env)  # files, data, resume path: all checked before the (slow) model load
     model, model_dir, report, flop_model = _setup_model(cfg, device, env, precision)
-    data = _setup_data(cfg, model, model_dir, env)
+    data = _setup_data(cfg, model, pre, env)
     processor, train_set = data.processor, data.train_set
     run_eval = partial(
         evaluate,
@@ -541,7 +496,7 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preempt
     engine = build_engine(cfg.dist, model, param_groups, oc, max_steps, env, tc, precision)
 
     # -- resume -------------------------------------------------------------------------------------------
-    state, resume_from, rng = _resume_or_start(cfg, run_dir, env, engine, len(train_set))
+    state, resume_from, rng = _resume_or_start(cfg, run_dir, env, engine, len(train_set), pre.resume_from)
 
     # -- loggers --------------------------------------------------------------------------------------------
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -589,9 +544,9 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preempt
     # -- loop -----------------------------------------------------------------------------------------------
     if rng is not None:
         set_rng_state(rng)  # last, so nothing in setup shifts the restored streams
-    stream = batch_stream(
-        train_set,
-        data.collator,
+    stream = batch_stream(  # a sample gone bad since validation: replaced (skip) or one error line (SkipBadSamples)
+        SkipBadSamples(train_set, cfg.data.on_bad_sample),
+        CollateItems(data.collator, cfg.data.on_bad_sample),
         tc.micro_batch_size,
         cfg.seed,
         state.epoch,
@@ -617,7 +572,11 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preempt
             t0 = time.perf_counter()
             lm_losses, aux_losses, tokens, positions, samples, flops = [], [], 0, 0, 0, 0.0
             for micro in range(tc.grad_accum):
-                epoch, index, batch = next(stream)
+                epoch, index, collated = next(stream)
+                skipped_before = sum(data.reports["train"].skipped_at_train.values())
+                batch = unwrap_batch(collated, data.reports["train"])
+                skipped = sum(data.reports["train"].skipped_at_train.values()) - skipped_before
+                state.extra["skipped_at_train"] = state.extra.get("skipped_at_train", 0) + skipped
                 state.advance(epoch, index)
                 batch, weight = _sync_micro_batch(engine, env, batch, cfg.dist.global_padding, processor.pad_id)
                 # Counted on the host batch, once: no device sync for them after the step.
@@ -715,6 +674,9 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preempt
             "vision feature cache: %(vision_cache/hits)d hits, %(vision_cache/misses)d misses",
             model.feature_cache.stats(),
         )
+    if env.is_main and state.extra.get("skipped_at_train"):  # the data report, with this run's train-time skips
+        _write_json(run_dir / "data_report.json", {name: r.to_dict() for name, r in data.reports.items()})
+        log.warning("train data: %d samples went bad during training and were skipped", state.extra["skipped_at_train"])
     trained_dir = None
     if tc.save_trained:
         with engine.full_trainable_params():  # DeepSpeed: the fp32 master values, gathered on rank 0

@@ -135,8 +135,12 @@ def test_exif_transpose(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
     img.save(tmp_path / "rot.png", exif=exif)
+    official = Image.open(tmp_path / "rot.png").convert("RGB")  # DeepSeek-VL2's loader: no EXIF rotation
     loaded = load_image(tmp_path / "rot.png")
-    assert loaded.size == (20, 40) and loaded.mode == "RGB"
+    assert loaded.size == official.size == (40, 20) and loaded.mode == "RGB"
+    assert loaded.tobytes() == official.tobytes()
+    rotated = load_image(tmp_path / "rot.png", exif_transpose=True)  # data.exif_transpose=true
+    assert rotated.size == (20, 40) and rotated.mode == "RGB"
     Image.new("RGBA", (4, 4)).save(tmp_path / "rgba.png")
     assert load_image(tmp_path / "rgba.png").mode == "RGB"
 

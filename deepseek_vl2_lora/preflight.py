@@ -1,0 +1,202 @@
+"""Everything a training run can check before the model loads (minutes for a 16B checkpoint).
+
+`preflight(cfg, run_dir, env)` runs right after `check_config` (optimizer and LoRA values are checked there) and
+before `trainer.load_model`:
+
+* the checkpoint directory: `config.json` parses and is a DeepSeek-VL2 config; the safetensors index parses and
+  its shards exist; every shard's header (read from the file's first bytes: no tensor data) is complete and the
+  shard is as long as its header says; together they hold exactly the keys and shapes that config implies (the
+  model built on the meta device, `checkpoint.official_shapes`);
+* `processor_config.json` and the tokenizer files exist and load (cheap; the data checks need the tokenizer);
+* the data files exist and every record validates (`data.SFTDataset` / `EvalDataset`, kept for the run);
+* `trainer.resume`: the path exists and is an intact checkpoint (or a run directory with one), written by this
+  run's engine kind and number of ranks.
+
+Each failure is a user error (train.py prints it without a traceback) on one line naming the file or key and
+the fix. This module never imports the trainer; the trainer imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from .checkpoint import CONFIG_NAME, check_keys, official_shapes, weight_files
+from .config import VL2Config
+from .data import DataReport, EvalDataset, SFTDataset
+from .engine import DistEnv
+from .processor import DeepseekVL2Processor
+from .tiny import ensure_tiny_checkpoint
+from .train_config import ConfigError
+from .train_state import STATE_FILE, ResumeError, find_resume_checkpoint
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit on a header's size
+
+
+@dataclass
+class Preflight:
+    """What the checks built and the run keeps: the checkpoint directory, the processor and the data sets."""
+
+    model_dir: Path
+    processor: DeepseekVL2Processor
+    train_set: SFTDataset
+    loss_set: SFTDataset | None  # the eval split, for the eval loss
+    gen_set: EvalDataset | None  # the eval split, for generation
+    reports: dict[str, DataReport]
+    resume_from: Path | None = None  # the checkpoint an explicit trainer.resume path names, verified (not `auto`)
+
+
+def preflight(cfg, run_dir: Path, env: DistEnv | None = None) -> Preflight:
+    """Check the checkpoint files, processor, data and resume path of a composed, checked config (see above)."""
+    env = env or DistEnv()
+    model_dir = resolve_model_dir(cfg.model)
+    check_checkpoint_files(model_dir)
+    processor = DeepseekVL2Processor.from_pretrained(model_dir)
+    data_kw = dict(
+        processor=processor,
+        on_bad_sample=cfg.data.on_bad_sample,
+        max_length=cfg.data.max_length,
+        columns=dict(cfg.data.columns or {}),
+        exif_transpose=cfg.data.exif_transpose,
+    )
+    image_root = resolve_data_file(cfg.data.image_root, "data.image_root") if cfg.data.image_root else None
+    train_file = resolve_data_file(cfg.data.train_path, "data.train_path")
+    eval_file = resolve_data_file(cfg.data.eval_path, "data.eval_path") if cfg.data.eval_path else None
+    resume_from = check_resume(cfg.trainer.resume, run_dir, cfg.dist.kind, env)
+    train_set = SFTDataset(train_file, overlong=cfg.data.overlong, image_root=image_root, **data_kw)
+    reports = {"train": train_set.report}
+    loss_set = gen_set = None
+    if eval_file is not None:
+        loss_set = SFTDataset(eval_file, overlong="skip", image_root=image_root, **data_kw)
+        gen_set = EvalDataset(eval_file, image_root=image_root, **data_kw)
+        reports["eval"] = gen_set.report
+    return Preflight(model_dir, processor, train_set, loss_set, gen_set, reports, resume_from)
+
+
+# ------------------------------------------------------------------------------------------------ paths
+def resolve_model_dir(model_cfg) -> Path:
+    """The checkpoint directory: `model.path` (checked for a config.json) when set, else a generated tiny one."""
+    if model_cfg.path is None and model_cfg.tiny_family is not None:
+        return ensure_tiny_checkpoint(model_cfg.tiny_family, seed=model_cfg.tiny_seed)
+    hub = model_cfg.hub_id or "deepseek-ai/deepseek-vl2-tiny"
+    where = (
+        f"download {hub} from https://huggingface.co/{hub} on a machine with access "
+        f"(`huggingface-cli download {hub} --local-dir {hub.split('/')[-1]}`), copy the directory over and pass "
+        f"model.path=/path/to/{hub.split('/')[-1]}"
+    )
+    if model_cfg.path is None:
+        raise ConfigError(
+            f"model={model_cfg.name} needs its checkpoint: {where}. "
+            "(To try the pipeline without a download: model=tiny_random, the default; to plan GPU memory for this "
+            "model without its weights: trainer.dry_run=true.)"
+        )
+    path = Path(model_cfg.path).expanduser()
+    if not (path / CONFIG_NAME).is_file():
+        raise ConfigError(
+            f"model.path={path}: no config.json there; expected a DeepSeek-VL2 checkpoint directory: {where}"
+        )
+    return path
+
+
+def resolve_data_file(path: str, key: str = "data file") -> Path:
+    """A data path as given (absolute, or relative to the working directory), else relative to the repo root."""
+    p = Path(path).expanduser()
+    if p.exists():
+        return p
+    if not p.is_absolute() and (REPO_ROOT / p).exists():
+        return REPO_ROOT / p
+    where = f"looked in {Path.cwd()} and {REPO_ROOT}" if not p.is_absolute() else "no such file"
+    name = f"{key}={path}" if key.startswith("data.") else f"data file {path}"
+    raise ConfigError(f"{name} not found ({where}); fix the path")
+
+
+# ------------------------------------------------------------------------------------------------ checkpoint files
+def check_checkpoint_files(model_dir: Path) -> None:
+    """config.json, the index, the shards' headers and lengths, keys and shapes: a ConfigError on one line if not."""
+    config_path = model_dir / CONFIG_NAME
+    try:
+        config = VL2Config.from_file(config_path)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConfigError(
+            f"{config_path}: not a DeepSeek-VL2 config ({_one_line(e)}); restore the checkpoint's own config.json"
+        ) from None
+    found: dict[str, SimpleNamespace] = {}
+    try:
+        shards = weight_files(model_dir)
+    except (OSError, ValueError) as e:
+        raise ConfigError(_one_line(e)) from None
+    for shard in shards:
+        for key, shape in read_safetensors_header(shard).items():
+            if key in found:
+                raise ConfigError(f"{shard}: key {key} appears in more than one shard; restore the checkpoint's files")
+            found[key] = SimpleNamespace(shape=shape)
+    from .model import DeepseekVL2ForCausalLM  # the model module is heavy; loaded anyway right after
+
+    with torch.device("meta"):  # shapes only: no memory, no init
+        model = DeepseekVL2ForCausalLM(config)
+    try:
+        check_keys(model_dir, official_shapes(model), found)
+    except ValueError as e:
+        raise ConfigError(f"{e}; the weights and config.json must come from the same checkpoint") from None
+
+
+def read_safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
+    """{key: shape} from a safetensors file's header (its first bytes only), after checking that the file is as
+    long as the header says (a truncated copy is not)."""
+    fix = "copy the file again from the original checkpoint"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            (length,) = struct.unpack("<Q", head) if len(head) == 8 else (None,)
+            if length is None or length > min(size - 8, _MAX_HEADER):
+                raise ConfigError(f"{path}: truncated or not a safetensors file ({size} bytes); {fix}")
+            header = json.loads(f.read(length))
+        entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        end = max((int(v["data_offsets"][1]) for v in entries.values()), default=0)
+        shapes = {k: tuple(int(n) for n in v["shape"]) for k, v in entries.items()}
+    except ConfigError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise ConfigError(f"{path}: unreadable safetensors header ({_one_line(e)}); {fix}") from None
+    if 8 + length + end > size:
+        raise ConfigError(f"{path}: truncated ({size} bytes, its header describes {8 + length + end}); {fix}")
+    return shapes
+
+
+# ------------------------------------------------------------------------------------------------ resume
+def check_resume(resume: str | None, run_dir: Path, dist_kind: str, env: DistEnv) -> Path | None:
+    """The checkpoint `trainer.resume` names: an intact one (or a run dir's newest intact one) of this engine kind
+    and rank count. None for null and `auto` (checked when the run resumes: an empty run dir starts from scratch)."""
+    if resume in (None, "auto"):
+        return None
+    path = Path(resume).expanduser()
+    if not path.is_dir():
+        raise ResumeError(
+            f"trainer.resume={resume}: no such directory; pass a checkpoint directory (<run dir>/checkpoints/"
+            "step_XXXXXXXX), a run directory, auto (this run dir) or null"
+        )
+    found = find_resume_checkpoint(str(path), run_dir, verify=env.is_main)
+    try:
+        state = json.loads((found / STATE_FILE).read_text())
+        layout = (state["dist"], state["world_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ResumeError(
+            f"{found / STATE_FILE}: unreadable ({_one_line(e)}); resume from another checkpoint"
+        ) from None
+    if layout != (dist_kind, env.world_size):
+        raise ResumeError(
+            f"{found} was written by dist={layout[0]} with {layout[1]} rank(s); this run is dist={dist_kind} with "
+            f"{env.world_size}: resume with dist={layout[0]} on {layout[1]} rank(s)"
+        )
+    return found
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())

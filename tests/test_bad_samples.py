@@ -1,0 +1,104 @@
+"""Samples that go bad after the start-up check (an image deleted mid-run): a counted skip, or one error line."""
+
+import json
+import shutil
+
+import pytest
+from test_train_config import compose_cfg
+
+from deepseek_vl2_lora import trainer
+from deepseek_vl2_lora.data import SkipBadSamples
+from deepseek_vl2_lora.metrics import read_metrics
+from deepseek_vl2_lora.processor import SampleError
+from deepseek_vl2_lora.trainer import REPO_ROOT, USER_ERRORS, train
+
+N = 16
+
+
+@pytest.fixture(autouse=True)
+def tiny_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("DEEPSEEK_VL2_LORA_CACHE", str(tmp_path_factory.getbasetemp() / "tiny_cache"))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    """The first 16 demo training records with their images, in a directory of their own."""
+    src = REPO_ROOT / "data" / "demo"
+    lines = (src / "train.jsonl").read_text().splitlines()[:N]
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    for line in lines:
+        for image in json.loads(line)["images"]:
+            shutil.copy(src / image, tmp_path / "data" / image)
+    (tmp_path / "data" / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return tmp_path / "data"
+
+
+def delete_images_after_setup(monkeypatch, data_dir, count):
+    """Delete the first `count` images once the data is validated (in _plan_steps, before the first batch)."""
+    plan = trainer._plan_steps
+
+    def plan_then_delete(*args, **kwargs):
+        for path in sorted((data_dir / "images").iterdir())[:count]:
+            path.unlink()
+        return plan(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_plan_steps", plan_then_delete)
+
+
+def compose(data_dir, *overrides):
+    return compose_cfg(
+        "experiment=smoke", f"data.train_path={data_dir / 'train.jsonl'}", "data.eval_path=null", *overrides
+    )
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_image_deleted_mid_run_is_a_counted_skip(tmp_path, data_dir, monkeypatch, workers):
+    delete_images_after_setup(monkeypatch, data_dir, 8)  # half the set: every step's batch meets one
+    cfg = compose(data_dir, "data.on_bad_sample=skip", "trainer.log_every=1", f"data.num_workers={workers}")
+    result = train(cfg, tmp_path / "run")
+    assert result.steps == 3
+    records = read_metrics(tmp_path / "run", "train")
+    assert all(r["train/samples"] == cfg.trainer.micro_batch_size for r in records)  # batches stay full
+    counts = [r["data/skipped_at_train"] for r in records]
+    assert counts == sorted(counts) and counts[-1] > 0
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())["train"]
+    assert sum(report["skipped_at_train"].values()) == counts[-1]
+    assert set(report["skipped_at_train"]) == {"missing_image"}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_image_deleted_mid_run_is_one_error_line(tmp_path, data_dir, monkeypatch, workers):
+    delete_images_after_setup(monkeypatch, data_dir, N)
+    cfg = compose(data_dir, f"data.num_workers={workers}")
+    with pytest.raises(SampleError) as info:
+        train(cfg, tmp_path / "run")
+    message = str(info.value)
+    assert isinstance(info.value, USER_ERRORS)
+    assert "\n" not in message and "Traceback" not in message
+    assert f"{data_dir / 'train.jsonl'}:" in message and "image not found" in message
+
+
+class Flaky:
+    """A dataset whose listed indices fail."""
+
+    def __init__(self, bad):
+        self.bad = bad
+
+    def __len__(self):
+        return 5
+
+    def __getitem__(self, i):
+        if i in self.bad:
+            raise SampleError("missing_image", f"image {i} not found", f"f.jsonl:{i + 1}")
+        return {"i": i}
+
+
+def test_skip_substitutes_the_next_index_deterministically():
+    items = SkipBadSamples(Flaky({1, 2, 4}), "skip")
+    assert items[0].encoding == {"i": 0} and items[0].skipped == []
+    assert items[1].encoding == {"i": 3} and items[1].reasons == ["missing_image", "missing_image"]
+    assert items[4].encoding == {"i": 0} and items[4].skipped == ["f.jsonl:5: image 4 not found [missing_image]"]
+    error = SkipBadSamples(Flaky({1}), "error")[1]
+    assert error.encoding is None and error.skipped == ["f.jsonl:2: image 1 not found [missing_image]"]
+    assert SkipBadSamples(Flaky(set(range(5))), "skip")[0].encoding is None
