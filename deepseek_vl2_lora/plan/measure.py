@@ -42,11 +42,11 @@ def resolve_setting(cfg, target: str = "cuda") -> Setting:
     """The trainer's resolution of precision, storage dtype and kernels, for a `target` device."""
     device = torch.device(target)
     notes = []
-    precision = resolve_precision(cfg.trainer.precision, device)
     if target == "cuda" and cfg.trainer.precision == "auto":
-        precision = "bf16"  # auto on a GPU with bf16 (every GPU the plan is for)
-    dtype = torch.bfloat16 if cfg.model.dtype == "auto" and precision == "bf16" else None
-    dtype = dtype or resolve_dtype(cfg.model.dtype, precision, device)
+        precision = "bf16"  # auto on a GPU with bf16 (every GPU the plan is for); this process may have no CUDA
+    else:
+        precision = resolve_precision(cfg.trainer.precision, device)
+    dtype = resolve_dtype(cfg.model.dtype, precision, device)  # as the trainer: bf16 storage only on CUDA
     attn = cfg.model.attn_implementation
     if target == "cuda" and attn.endswith("flash_attention_2"):
         # Without flash-attn, flash_attention_2 runs SDPA restricted to its fused kernels: the same kernels (and
