@@ -97,10 +97,10 @@ def exact_match(model, dataset, indices, processor, batch_size, max_new_tokens, 
         i = indices[k]
         reference = dataset.answer(i)
         correct = normalize_answer(text) == normalize_answer(reference)
-        qtype = dataset.samples[i].meta.get("qtype")
+        qtype = dataset.sample(i).meta.get("qtype")
         predictions.append(
             {
-                "location": dataset.samples[i].location,
+                "location": dataset.sample(i).location,
                 "prediction": text,
                 "reference": reference,
                 "correct": correct,

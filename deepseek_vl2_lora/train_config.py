@@ -57,7 +57,7 @@ class DataConfig:
     # Rotate images by their EXIF orientation tag. Off by default, as DeepSeek-VL2's official loader
     # (`Image.open(p).convert("RGB")`) does not: a model fine-tuned here then sees what it sees at inference.
     exif_transpose: bool = False
-    # Rename a file's keys to the ones the record layouts use (deepseek_vl2_lora/layouts.py), ours: theirs,
+    # Rename a file's keys to the ones the record layouts use (deepseek_vl2_lora/data/layouts.py), ours: theirs,
     # e.g. data.columns={messages:conv,images:pics}; applied to every record before its layout is detected.
     # null: none. (Typed Any, checked in check_config: a typed dict would refuse new keys under Hydra's struct mode.)
     columns: Any = None

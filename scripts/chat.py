@@ -158,7 +158,7 @@ def ask_prompts(chat: Chat, args: argparse.Namespace) -> None:
 
 def converse(chat: Chat, args: argparse.Namespace, lines) -> None:
     """The multi-turn conversation on `lines` (stdin): history kept, images attached with /image."""
-    from deepseek_vl2_lora.layouts import add_missing_placeholders
+    from deepseek_vl2_lora.data.layouts import add_missing_placeholders
     from deepseek_vl2_lora.processor import SampleError
 
     messages, images, pending = [], [], load_images(args.image)
@@ -194,7 +194,7 @@ def converse(chat: Chat, args: argparse.Namespace, lines) -> None:
 
 def batch_records(path: Path) -> list[tuple[int, list[dict], list[str]]]:
     """(line, messages ending with the user's turn, image paths) per line of a prompts JSONL."""
-    from deepseek_vl2_lora.layouts import parse
+    from deepseek_vl2_lora.data.layouts import parse
     from deepseek_vl2_lora.processor import SampleError
 
     if not path.is_file():

@@ -126,7 +126,7 @@ def test_json_file_level_errors(files, proc):
         SFTDataset(files / "obj.json", proc, on_bad_sample="skip")
     with pytest.raises(SampleError, match="not found"):
         SFTDataset(files / "nope.jsonl", proc)
-    with pytest.raises(SampleError, match=".jsonl or .json"):
+    with pytest.raises(SampleError, match=r".jsonl, .json or .parquet"):
         SFTDataset(files / "good.png", proc)
 
 

@@ -1,4 +1,4 @@
-"""Record layouts (deepseek_vl2_lora.layouts): each gives the same encoding as the equivalent `messages` record."""
+"""Record layouts (deepseek_vl2_lora.data.layouts): each gives the same encoding as the equivalent `messages` record."""
 
 import json
 from pathlib import Path
@@ -8,7 +8,7 @@ import torch
 from test_data import png, proc, write_jsonl  # noqa: F401  (proc: a session fixture)
 
 from deepseek_vl2_lora.data import SFTDataset
-from deepseek_vl2_lora.layouts import detect_layout, parse
+from deepseek_vl2_lora.data.layouts import detect_layout, parse
 from deepseek_vl2_lora.processor import SampleError
 from deepseek_vl2_lora.train_config import ConfigError, check_config
 

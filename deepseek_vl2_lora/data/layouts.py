@@ -1,4 +1,4 @@
-"""Record layouts of SFT data files, detected per file and turned into (messages, image paths, meta).
+"""Record layouts of SFT data files, detected per file and turned into (messages, images, meta).
 
 A file's layout is detected from the keys of its first record that has one (after `columns` renames keys):
 
@@ -27,6 +27,10 @@ more images than ``<image>`` placeholders gets the missing ones put at the start
 ``<image>\\n`` each (ms-swift's rule; LLaVA's for records without any), counted as ``placeholders_added``. More
 placeholders than images is an error (``image_count_mismatch``). Image URLs are an error (``image_url``): images are
 never fetched at run time.
+
+Images: wherever a layout takes an image path it also takes an embedded image, a ``{"bytes", "path"}`` struct as
+Parquet files, Arrow tables and `datasets` Image columns hold them (the bytes win; a struct without bytes is read
+from its path).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .processor import IMAGE_TOKEN, SampleError
+from ..processor import IMAGE_TOKEN, SampleError
 
 LLAVA_ROLES = {
     "human": "user",
@@ -58,7 +62,7 @@ FAMILY = {
 @dataclass
 class Parsed:
     messages: list[dict]
-    images: list[str]
+    images: list  # path strings (relative to the data file or data.image_root) or {bytes, path} structs
     meta: dict
     placeholders_added: int = 0
 
@@ -131,19 +135,41 @@ def parse(record: Any, layout: str | None = None) -> Parsed:
 # Shared rules
 
 
-def string_list(value: Any, what: str) -> list[str]:
+def _is_image(value: Any) -> bool:
+    """A path string, or an embedded image: a ``{"bytes", "path"}`` struct (Parquet / Arrow / `datasets`) with
+    bytes or a path."""
+    if isinstance(value, str):
+        return bool(value)
+    if isinstance(value, dict) and set(value) <= {"bytes", "path"}:
+        data, path = value.get("bytes"), value.get("path")
+        return (isinstance(data, bytes) and bool(data)) or (data is None and isinstance(path, str) and bool(path))
+    return False
+
+
+def image_list(value: Any, what: str) -> list:
+    """A record's images: path strings or ``{"bytes", "path"}`` structs (one, or a list)."""
     if value is None:
         return []
-    if isinstance(value, str):
+    if not isinstance(value, list):
         value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise SampleError("bad_schema", f"{what} must be a list of non-empty path strings")
+    if not all(_is_image(v) for v in value):
+        raise SampleError(
+            "bad_schema", f"{what} must be a list of non-empty path strings or {{'bytes', 'path'}} image structs"
+        )
     return value
 
 
-def check_urls(images: list[str]) -> None:
-    for path in images:
-        if path.lower().startswith(URL_SCHEMES):
+def image_path(image: str | dict) -> str | None:
+    """The path an image is read from: a path string, or a struct's path when it has no bytes."""
+    if isinstance(image, str):
+        return image
+    return image["path"] if image.get("bytes") is None else None
+
+
+def check_urls(images: list) -> None:
+    for image in images:
+        path = image_path(image)
+        if path is not None and path.lower().startswith(URL_SCHEMES):
             raise SampleError(
                 "image_url",
                 f"image {path!r} is a URL: images are not fetched at run time. Download them first (e.g. "
@@ -189,17 +215,17 @@ def _text(value: Any, what: str) -> str:
     return value
 
 
-def _image_part_path(part: dict) -> str | None:
+def _image_part_path(part: dict) -> str | dict | None:
     if part.get("type") == "image_url":
         url = part.get("image_url")
         url = url.get("url") if isinstance(url, dict) else url
         if not isinstance(url, str) or not url:
             raise SampleError("bad_schema", "an image_url part needs image_url.url")
         return url
-    path = part.get("image")
-    if path is not None and not (isinstance(path, str) and path):
-        raise SampleError("bad_schema", "an image part's 'image' must be a path string")
-    return path
+    image = part.get("image")
+    if image is not None and not _is_image(image):
+        raise SampleError("bad_schema", "an image part's 'image' must be a path string or a {'bytes', 'path'} struct")
+    return image
 
 
 def _openai_content(parts: list, where: str, paths: list[str]) -> tuple[str, int]:
@@ -223,7 +249,7 @@ def _openai_content(parts: list, where: str, paths: list[str]) -> tuple[str, int
 
 def convert_messages(record: dict) -> Parsed:
     """`messages` with string content (native) or OpenAI-style list content."""
-    messages, images = record["messages"], string_list(record.get("images"), "'images'")
+    messages, images = record["messages"], image_list(record.get("images"), "'images'")
     if _has_list_content(messages):
         part_paths, bare = [], 0
         converted = []
@@ -244,7 +270,7 @@ def convert_conversations(record: dict) -> Parsed:
     if "image" in record and "images" in record:
         raise SampleError("bad_schema", "a record has both 'image' (LLaVA) and 'images' (ShareGPT)")
     key = "images" if "images" in record else "image"
-    images = string_list(record.get(key), f"'{key}'")
+    images = image_list(record.get(key), f"'{key}'")
     turns = record["conversations"]
     if not isinstance(turns, list):
         raise SampleError("bad_schema", "'conversations' must be a list")
@@ -273,7 +299,7 @@ def convert_cauldron(record: dict) -> Parsed:
             raise SampleError("bad_schema", f"texts[{i}] must be an object with 'user' and 'assistant'")
         messages.append({"role": "user", "content": _text(pair["user"], f"texts[{i}].user")})
         messages.append({"role": "assistant", "content": _text(pair["assistant"], f"texts[{i}].assistant")})
-    return Parsed(messages, string_list(record.get("images"), "'images'"), _meta(record, ("texts", "images")))
+    return Parsed(messages, image_list(record.get("images"), "'images'"), _meta(record, ("texts", "images")))
 
 
 def convert_swift(record: dict) -> Parsed:
@@ -291,7 +317,7 @@ def convert_swift(record: dict) -> Parsed:
         messages.append({"role": "assistant", "content": _text(pair[1], f"history[{i}][1]")})
     messages.append({"role": "user", "content": _text(record["query"], "'query'")})
     messages.append({"role": "assistant", "content": _text(record["response"], "'response'")})
-    images = string_list(record.get("images"), "'images'")
+    images = image_list(record.get("images"), "'images'")
     return Parsed(messages, images, _meta(record, ("system", "history", "query", "response", "images")))
 
 

@@ -1,0 +1,62 @@
+"""`DataReport`: what validating one data source found (kept records, skipped ones by reason, the layout)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from ..processor import SampleError
+
+
+@dataclass
+class DataReport:
+    """What validation found in one data file: kept records and skipped ones by reason."""
+
+    source: str
+    total: int = 0
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> first few error messages
+    layout: str | None = None  # the record layout detected (`layouts`); None: no record had one
+    placeholders_added: int = 0  # <image> placeholders put at the start of the first user turn (kept records)
+    skipped_at_train: Counter = field(default_factory=Counter)  # by reason: samples gone bad after validation
+
+    max_examples = 3
+
+    def skip(self, error: SampleError) -> None:
+        self.skipped[error.reason] += 1
+        shown = self.examples.setdefault(error.reason, [])
+        if len(shown) < self.max_examples:
+            shown.append(str(error))
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "total": self.total,
+            "kept": self.kept,
+            "layout": self.layout,
+            "placeholders_added": self.placeholders_added,
+            "skipped": dict(sorted(self.skipped.items())),
+            "examples": {k: list(v) for k, v in sorted(self.examples.items())},
+            "skipped_at_train": dict(sorted(self.skipped_at_train.items())),
+        }
+
+    def summary(self) -> str:
+        """One line: source, layout, records kept, placeholders added (and skipped records, if any)."""
+        parts = [f"{self.kept} records"]
+        if self.placeholders_added:
+            parts.append(f"{self.placeholders_added} placeholders added")
+        if self.num_skipped:
+            parts.append(f"{self.num_skipped} skipped")
+        return f"{self.source}: layout {self.layout or 'none'} ({', '.join(parts)})"
+
+    def __str__(self) -> str:
+        lines = [f"{self.source}: {self.total} records, {self.kept} kept, {self.num_skipped} skipped"]
+        for reason, count in sorted(self.skipped.items()):
+            lines.append(f"  {reason}: {count}")
+            lines += [f"    e.g. {msg}" for msg in self.examples.get(reason, [])]
+        return "\n".join(lines)
