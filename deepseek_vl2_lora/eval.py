@@ -106,23 +106,13 @@ def resolve_target(path: str | None, baseline: bool, overrides: list[str]):
 
 
 def eval_datasets(cfg, processor):
-    """(loss set, generation set) of cfg.data.eval_path, built as the training loop builds them."""
-    from .data import EvalDataset, SFTDataset
-    from .trainer import resolve_data_file
+    """(eval file, loss set, generation set) of cfg.data.eval_path, built as the training run builds them."""
+    from .preflight import eval_datasets as build
+    from .preflight import resolve_data_file
 
     if not cfg.data.eval_path:
         raise EvalError("data.eval_path is null: nothing to evaluate (pass data.eval_path=<file.jsonl>)")
-    kw = dict(
-        processor=processor,
-        on_bad_sample=cfg.data.on_bad_sample,
-        max_length=cfg.data.max_length,
-        exif_transpose=bool(cfg.data.get("exif_transpose", False)),  # (absent from configs older than the option)
-    )
-    image_root = resolve_data_file(cfg.data.image_root) if cfg.data.image_root else None
-    eval_file = resolve_data_file(cfg.data.eval_path)
-    loss_set = SFTDataset(eval_file, overlong="skip", image_root=image_root, **kw)
-    gen_set = EvalDataset(eval_file, image_root=image_root, **kw)
-    return eval_file, loss_set, gen_set
+    return resolve_data_file(cfg.data.eval_path, "data.eval_path"), *build(cfg, processor)
 
 
 @contextmanager

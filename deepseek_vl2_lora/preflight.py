@@ -58,25 +58,39 @@ def preflight(cfg, run_dir: Path, env: DistEnv | None = None) -> Preflight:
     model_dir = resolve_model_dir(cfg.model)
     check_checkpoint_files(model_dir)
     processor = DeepseekVL2Processor.from_pretrained(model_dir)
-    data_kw = dict(
+    train_file = resolve_data_file(cfg.data.train_path, "data.train_path")
+    if cfg.data.eval_path:  # a wrong path is reported before the training set is validated
+        resolve_data_file(cfg.data.eval_path, "data.eval_path")
+    resume_from = check_resume(cfg.trainer.resume, run_dir, cfg.dist.kind, env)
+    train_set = SFTDataset(
+        train_file, overlong=cfg.data.overlong, split=cfg.data.train_split, **dataset_options(cfg, processor)
+    )
+    reports = {"train": train_set.report}
+    loss_set = gen_set = None
+    if cfg.data.eval_path:
+        loss_set, gen_set = eval_datasets(cfg, processor)
+        reports["eval"] = gen_set.report
+    return Preflight(model_dir, processor, train_set, loss_set, gen_set, reports, resume_from)
+
+
+def dataset_options(cfg, processor: DeepseekVL2Processor) -> dict:
+    """The keyword arguments every dataset of a run is built with (data.* settings shared by all splits)."""
+    image_root = resolve_data_file(cfg.data.image_root, "data.image_root") if cfg.data.image_root else None
+    return dict(
         processor=processor,
         on_bad_sample=cfg.data.on_bad_sample,
         max_length=cfg.data.max_length,
-        columns=dict(cfg.data.columns or {}),
-        exif_transpose=cfg.data.exif_transpose,
+        image_root=image_root,
+        columns=dict(cfg.data.get("columns") or {}),
+        exif_transpose=bool(cfg.data.get("exif_transpose", False)),  # (absent from configs older than the option)
     )
-    image_root = resolve_data_file(cfg.data.image_root, "data.image_root") if cfg.data.image_root else None
-    train_file = resolve_data_file(cfg.data.train_path, "data.train_path")
-    eval_file = resolve_data_file(cfg.data.eval_path, "data.eval_path") if cfg.data.eval_path else None
-    resume_from = check_resume(cfg.trainer.resume, run_dir, cfg.dist.kind, env)
-    train_set = SFTDataset(train_file, overlong=cfg.data.overlong, image_root=image_root, **data_kw)
-    reports = {"train": train_set.report}
-    loss_set = gen_set = None
-    if eval_file is not None:
-        loss_set = SFTDataset(eval_file, overlong="skip", image_root=image_root, **data_kw)
-        gen_set = EvalDataset(eval_file, image_root=image_root, **data_kw)
-        reports["eval"] = gen_set.report
-    return Preflight(model_dir, processor, train_set, loss_set, gen_set, reports, resume_from)
+
+
+def eval_datasets(cfg, processor: DeepseekVL2Processor) -> tuple[SFTDataset, EvalDataset]:
+    """(loss set, generation set) of data.eval_path: the eval split for the eval loss and for exact match."""
+    eval_file = resolve_data_file(cfg.data.eval_path, "data.eval_path")
+    kw = dict(split=cfg.data.get("eval_split"), **dataset_options(cfg, processor))
+    return SFTDataset(eval_file, overlong="skip", purpose="eval", **kw), EvalDataset(eval_file, **kw)
 
 
 # ------------------------------------------------------------------------------------------------ paths

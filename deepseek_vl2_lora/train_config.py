@@ -47,6 +47,11 @@ class DataConfig:
     # Relative paths are tried against the working directory first, then against the repository root.
     train_path: str = "data/demo/train.jsonl"
     eval_path: str | None = "data/demo/eval.jsonl"  # exact-match eval split (last turn = reference); null: none
+    # A path may be .jsonl, .json, .parquet, a save_to_disk directory or a local copy of a Hub dataset repository
+    # (deepseek_vl2_lora/data/records.py). The split of a dataset directory with several; null: its only split, or
+    # train (train_path) / validation, val, test (eval_path).
+    train_split: str | None = None
+    eval_split: str | None = None
     image_root: str | None = None  # default: each data file's directory
     max_length: int | None = 4096
     overlong: str = "error"  # error | skip | truncate (training samples)

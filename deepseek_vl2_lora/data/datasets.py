@@ -95,6 +95,7 @@ class _ValidatedData:
         columns: dict[str, str] | None = None,
         exif_transpose: bool = False,
         split: str | None = None,
+        purpose: str = "train",  # which split a dataset directory defaults to: "train" or "eval" (records.py)
     ):
         if on_bad_sample not in ON_BAD_SAMPLE:
             raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
@@ -105,7 +106,7 @@ class _ValidatedData:
         self.on_bad_sample = on_bad_sample
         self.max_length = max_length
         self.overlong = overlong
-        self.source: RecordSource = open_source(self.path, split, "eval" if self.generation else "train")
+        self.source: RecordSource = open_source(self.path, split, purpose)
         self.image_root = Path(image_root) if image_root is not None else self.source.image_root
         self.columns = dict(columns or {})
         self.exif_transpose = exif_transpose
