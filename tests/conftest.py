@@ -1,3 +1,8 @@
+import atexit
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
 
@@ -18,3 +23,10 @@ def pytest_collection_modifyitems(config, items):
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+# Arrow copies that `datasets` makes of Parquet files go to a temporary cache, not the user's HF cache. Set before any
+# test module imports `datasets` (it reads the variable at import).
+_HF_CACHE = tempfile.mkdtemp(prefix="hf-datasets-tests-")
+os.environ.setdefault("HF_DATASETS_CACHE", _HF_CACHE)
+atexit.register(shutil.rmtree, _HF_CACHE, ignore_errors=True)

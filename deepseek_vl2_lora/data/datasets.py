@@ -200,7 +200,9 @@ class EvalDataset(_ValidatedData):
         exif_transpose: bool = False,
         split: str | None = None,
     ):
-        super().__init__(path, processor, on_bad_sample, max_length, "skip", image_root, columns, exif_transpose, split)
+        super().__init__(
+            path, processor, on_bad_sample, max_length, "skip", image_root, columns, exif_transpose, split, "eval"
+        )
 
     def _handle(self, error: SampleError) -> None:
         # Over-long prompts cannot be truncated, so they follow on_bad_sample like any other bad record.
