@@ -141,7 +141,7 @@ def test_bad_rows_are_skipped_by_row_and_bad_files_are_one_line(data_dir, proc):
     broken = copy.deepcopy(good)
     broken["images"][0]["bytes"] = b"not an image"
     unplaced = copy.deepcopy(good)
-    unplaced["messages"][1]["content"] = "<image>\n<image>\nfirst"  # two placeholders, one image (native layout: strict)
+    unplaced["messages"][1]["content"] = "<image>\n<image>\nfirst"  # 2 placeholders, 1 image (native: strict)
     parquet = to_parquet(data_dir / "rows.parquet", [good, broken, good, unplaced])
     with pytest.raises(SampleError, match=rf"{parquet}\[1\]: cannot decode image embedded image a.png"):
         SFTDataset(parquet, proc)
