@@ -179,6 +179,7 @@ def evaluate_config(cfg, trained_dir: str | Path | None = None, device: str | No
             max_new_tokens=cfg.trainer.eval_max_new_tokens,
             limit=cfg.data.eval_limit,
             autocast=m.autocast,
+            on_bad_sample=cfg.data.on_bad_sample,
         )
     return {
         **m.header,

@@ -8,6 +8,7 @@ accuracy per qtype.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -15,7 +16,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .generation import generate
-from .processor import Collator
+from .processor import Collator, SampleError
+
+log = logging.getLogger(__name__)
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "images", "images_seq_mask", "images_spatial_crop", "position_ids")
 
@@ -30,6 +33,7 @@ class EvalResult:
     loss_tokens: int = 0
     accuracy: float | None = None
     num_samples: int = 0
+    skipped: list[str] = field(default_factory=list)  # eval samples gone bad since validation (on_bad_sample=skip)
     by_type: dict[str, float] = field(default_factory=dict)
     predictions: list[dict] = field(default_factory=list)
 
@@ -42,7 +46,27 @@ class EvalResult:
             out["eval/samples"] = self.num_samples
         for qtype, acc in sorted(self.by_type.items()):
             out[f"eval/accuracy/{qtype}"] = acc
+        if self.skipped:
+            out["eval/skipped"] = len(self.skipped)
         return out
+
+
+class _Loader:
+    """`dataset[i]`, or under on_bad_sample=skip None for a sample gone bad since validation (an image deleted or
+    unreadable mid-run), logged and listed in `skipped`; under `error` its SampleError names file:line."""
+
+    def __init__(self, dataset, on_bad_sample: str, skipped: list[str]):
+        self.dataset, self.skip, self.skipped = dataset, on_bad_sample == "skip", skipped
+
+    def __call__(self, index: int):
+        try:
+            return self.dataset[index]
+        except SampleError as e:
+            if not self.skip:
+                raise SampleError("at_eval", f"while evaluating: {e}") from None
+            log.warning("skipped a bad eval sample (data.on_bad_sample=skip): %s", e)
+            self.skipped.append(str(e))
+            return None
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -50,11 +74,16 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def eval_loss(model, dataset, indices, collator, batch_size, device, autocast=nullcontext) -> tuple[float, int]:
-    """Token-weighted mean LM loss over `dataset[indices]` (the aux loss is a training-only term)."""
+def eval_loss(model, dataset, indices, collator, batch_size, device, autocast=nullcontext, load=None):
+    """(token-weighted mean LM loss over `dataset[indices]`, supervised tokens); the aux loss is a training-only
+    term. `load(i)` (default `dataset[i]`) may return None for a sample to leave out."""
+    load = load or dataset.__getitem__
     total, tokens = 0.0, 0
     for start in range(0, len(indices), batch_size):
-        batch = _to(collator([dataset[i] for i in indices[start : start + batch_size]]), device)
+        encodings = [e for e in map(load, indices[start : start + batch_size]) if e is not None]
+        if not encodings:
+            continue
+        batch = _to(collator(encodings), device)
         with autocast():
             out = model(**{k: batch[k] for k in MODEL_INPUTS}, labels=batch["labels"], return_logits=False)
         n = int((batch["labels"][:, 1:] != -100).sum())
@@ -65,13 +94,16 @@ def eval_loss(model, dataset, indices, collator, batch_size, device, autocast=nu
 
 @torch.no_grad()
 def generate_replies(model, processor, encode, n, batch_size, max_new_tokens, device, autocast=nullcontext):
-    """Greedy replies to prompts 0..n-1 (`encode(k)`: the processor's generation encoding of prompt k), in batches
-    with left padding; yields (k, the text before eos, decoded without special tokens)."""
+    """Greedy replies to prompts 0..n-1 (`encode(k)`: the processor's generation encoding of prompt k, or None to
+    leave it out), in batches with left padding; yields (k, the text before eos, decoded without special tokens)."""
     collator = Collator(processor.pad_id, padding_side="left")
     eos = processor.eos_id
     for start in range(0, n, batch_size):
-        chunk = range(start, min(n, start + batch_size))
-        batch = _to(collator([encode(k) for k in chunk]), device)
+        encoded = [(k, encode(k)) for k in range(start, min(n, start + batch_size))]
+        chunk = [k for k, e in encoded if e is not None]
+        if not chunk:
+            continue
+        batch = _to(collator([e for _, e in encoded if e is not None]), device)
         with autocast():
             new = generate(
                 model,
@@ -88,10 +120,17 @@ def generate_replies(model, processor, encode, n, batch_size, max_new_tokens, de
             yield k, processor.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def exact_match(model, dataset, indices, processor, batch_size, max_new_tokens, device, autocast=nullcontext):
-    """(accuracy, accuracy per qtype, predictions) for EvalDataset `dataset[indices]`."""
+def exact_match(
+    model, dataset, indices, processor, batch_size, max_new_tokens, device, autocast=nullcontext, load=None
+):
+    """(accuracy, accuracy per qtype, predictions) for EvalDataset `dataset[indices]`; `load(i)` as in eval_loss."""
     predictions, hits, counts = [], defaultdict(int), defaultdict(int)
-    encode = lambda k: dataset[indices[k]][0]
+    load = load or dataset.__getitem__
+
+    def encode(k):
+        pair = load(indices[k])
+        return None if pair is None else pair[0]
+
     replies = generate_replies(model, processor, encode, len(indices), batch_size, max_new_tokens, device, autocast)
     for k, text in replies:
         i = indices[k]
@@ -124,8 +163,11 @@ def evaluate(
     max_new_tokens: int,
     limit: int | None = None,
     autocast=nullcontext,
+    on_bad_sample: str = "error",
 ) -> EvalResult:
-    """Loss on `loss_set` (an SFTDataset of the eval file) and exact match on `gen_set` (its EvalDataset)."""
+    """Loss on `loss_set` (an SFTDataset of the eval file) and exact match on `gen_set` (its EvalDataset). A sample
+    gone bad since validation is left out and listed in `result.skipped` under on_bad_sample=skip (each split
+    counts its own), else one SampleError line naming it."""
     was_training = model.training
     model.eval()
     try:
@@ -133,15 +175,17 @@ def evaluate(
         if loss_set is not None and len(loss_set):
             indices = list(range(min(len(loss_set), limit or len(loss_set))))
             collator = Collator(processor.pad_id, padding_side="right")
+            load = _Loader(loss_set, on_bad_sample, result.skipped)
             result.loss, result.loss_tokens = eval_loss(
-                model, loss_set, indices, collator, batch_size, device, autocast
+                model, loss_set, indices, collator, batch_size, device, autocast, load
             )
         if gen_set is not None and len(gen_set):
             indices = list(range(min(len(gen_set), limit or len(gen_set))))
+            load = _Loader(gen_set, on_bad_sample, result.skipped)
             result.accuracy, result.by_type, result.predictions = exact_match(
-                model, gen_set, indices, processor, batch_size, max_new_tokens, device, autocast
+                model, gen_set, indices, processor, batch_size, max_new_tokens, device, autocast, load
             )
-            result.num_samples = len(indices)
+            result.num_samples = len(result.predictions)
         return result
     finally:
         model.train(was_training)

@@ -478,6 +478,7 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preempt
         max_new_tokens=tc.eval_max_new_tokens,
         limit=cfg.data.eval_limit,
         autocast=autocast,
+        on_bad_sample=cfg.data.on_bad_sample,
     )
     benchmarks = BenchmarkSuite(  # loaded and checked now; baseline cached per model (one process only)
         parse_specs(tc.eval_benchmarks),

@@ -102,3 +102,38 @@ def test_skip_substitutes_the_next_index_deterministically():
     error = SkipBadSamples(Flaky({1}), "error")[1]
     assert error.encoding is None and error.skipped == ["f.jsonl:2: image 1 not found [missing_image]"]
     assert SkipBadSamples(Flaky(set(range(5))), "skip")[0].encoding is None
+
+
+def test_eval_image_deleted_mid_run_is_a_counted_skip(tmp_path, data_dir, monkeypatch):
+    """The eval split (here the training file) loses half its images after validation: under skip, eval leaves those
+    samples out and counts them, and its numbers equal an eval of only the intact records; under error, one line."""
+    train_file = data_dir / "train.jsonl"
+    deleted = sorted((data_dir / "images").iterdir())[:8]
+    delete_images_after_setup(monkeypatch, data_dir, 8)
+    overrides = (
+        "data.on_bad_sample=skip",
+        f"data.eval_path={train_file}",
+        "data.eval_limit=null",
+        "trainer.max_steps=1",
+    )
+    train(compose(data_dir, *overrides), tmp_path / "skip")
+    before = [r for r in read_metrics(tmp_path / "skip", "eval") if r["eval/tag"] == "before"][0]
+    # Reference: the same files with the images already gone, so validation drops those records at the start.
+    monkeypatch.undo()
+    monkeypatch.setenv("DEEPSEEK_VL2_LORA_CACHE", str(tmp_path.parent / "tiny_cache_ref"))
+    train(compose(data_dir, *overrides), tmp_path / "ref")
+    report = json.loads((tmp_path / "ref" / "data_report.json").read_text())["eval"]
+    reference = [r for r in read_metrics(tmp_path / "ref", "eval") if r["eval/tag"] == "before"][0]
+    kept = report["kept"]
+    assert 0 < kept < N and before["eval/samples"] == reference["eval/samples"] == kept
+    assert before["eval/skipped"] == 2 * (N - kept)  # the loss pass and the generation pass each meet them
+    assert "eval/skipped" not in reference
+    assert before["eval/accuracy"] == reference["eval/accuracy"]
+    assert before["eval/loss"] == pytest.approx(reference["eval/loss"], rel=1e-5)
+
+    for path in deleted:  # restore them, to be deleted again after validation
+        shutil.copy(REPO_ROOT / "data" / "demo" / "images" / path.name, path)
+    delete_images_after_setup(monkeypatch, data_dir, 8)
+    with pytest.raises(SampleError) as info:  # the same under on_bad_sample=error: one line naming the record
+        train(compose(data_dir, f"data.eval_path={train_file}", "trainer.max_steps=1"), tmp_path / "error")
+    assert "\n" not in str(info.value) and "while evaluating" in str(info.value) and f"{train_file}:" in str(info.value)
