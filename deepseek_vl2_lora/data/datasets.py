@@ -189,20 +189,10 @@ class EvalDataset(_ValidatedData):
 
     generation = True
 
-    def __init__(
-        self,
-        path: str | Path,
-        processor: DeepseekVL2Processor,
-        on_bad_sample: str = "error",
-        max_length: int | None = None,
-        image_root: str | Path | None = None,
-        columns: dict[str, str] | None = None,
-        exif_transpose: bool = False,
-        split: str | None = None,
-    ):
-        super().__init__(
-            path, processor, on_bad_sample, max_length, "skip", image_root, columns, exif_transpose, split, "eval"
-        )
+    def __init__(self, path: str | Path, processor: DeepseekVL2Processor, **options):
+        """As `SFTDataset`, without `overlong` (prompts are never truncated) and with the eval split of a dataset
+        directory by default."""
+        super().__init__(path, processor, **{"purpose": "eval", **options, "overlong": "skip"})
 
     def _handle(self, error: SampleError) -> None:
         # Over-long prompts cannot be truncated, so they follow on_bad_sample like any other bad record.
