@@ -127,6 +127,21 @@ def test_save_to_disk_and_hub_directories_pick_their_splits(data_dir, proc):  # 
     assert len(SFTDataset(data_dir / "one", proc)) == 3
 
 
+def test_hub_repository_with_several_subsets_names_them(data_dir, proc):  # noqa: F811
+    """A Hub repository whose README declares one config per subset directory (as the_cauldron does)."""
+    repo = data_dir / "cauldron"
+    for subset in ("ai2d", "chart"):
+        (repo / subset).mkdir(parents=True)
+        to_parquet(repo / subset / "train-00000-of-00001.parquet", [embed(native(), A_PNG)])
+    configs = "".join(
+        f"- config_name: {s}\n  data_files:\n  - split: train\n    path: {s}/train-*\n" for s in ("ai2d", "chart")
+    )
+    (repo / "README.md").write_text(f"---\nconfigs:\n{configs}---\n")
+    with pytest.raises(SampleError, match=r"several subsets \(ai2d, chart\); give one subset's own directory"):
+        SFTDataset(repo, proc)
+    assert len(SFTDataset(repo / "chart", proc)) == 1
+
+
 def test_several_splits_without_a_usual_name_must_be_chosen(data_dir, proc):  # noqa: F811
     rows = [embed(native(), A_PNG)]
     datasets.DatasetDict(

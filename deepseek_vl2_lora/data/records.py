@@ -179,6 +179,14 @@ class ArrowSource(RecordSource):
             else:
                 loaded = datasets.load_dataset(str(path))
         except Exception as e:
+            if not saved and "Config name is missing" in str(e):  # a Hub repository of several subsets
+                subsets = datasets.get_dataset_config_names(str(path))
+                raise SampleError(
+                    "bad_file",
+                    f"a dataset repository with several subsets ({', '.join(subsets)}); give one subset's own "
+                    f"directory as the path (e.g. {path / subsets[0]}, where its files are)",
+                    str(path),
+                ) from None
             how = "datasets.load_from_disk" if saved else "datasets.load_dataset"
             raise SampleError(
                 "bad_file",
