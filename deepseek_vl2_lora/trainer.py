@@ -346,7 +346,7 @@ def _log_step(metrics, state, cfg, max_steps: int, per_epoch: int, s: _StepStats
             "train/padding": 1.0 - s.tokens / s.positions,  # share of computed positions that are padding
             "train/skipped": int(not s.finite),
             "train/nonfinite_total": state.nonfinite_total,
-            "data/skipped_at_train": state.extra.get("skipped_at_train", 0),  # so far (rank 0's share)
+            "data/skipped_at_train": state.extra.get("skipped_at_train", 0),  # so far, all ranks
             "perf/step_time_s": s.seconds,
             "perf/tokens_per_s": s.tokens / s.seconds,
             "perf/samples_per_s": s.samples / s.seconds,
@@ -571,13 +571,12 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preempt
             if fault == (state.step + 1, "raise"):
                 raise RuntimeError(f"injected failure ({FAULT_ENV}) on rank {env.rank} at step {state.step + 1}")
             t0 = time.perf_counter()
-            lm_losses, aux_losses, tokens, positions, samples, flops = [], [], 0, 0, 0, 0.0
+            lm_losses, aux_losses, tokens, positions, samples, flops, bad = [], [], 0, 0, 0, 0.0, 0
             for micro in range(tc.grad_accum):
                 epoch, index, collated = next(stream)
                 skipped_before = sum(data.reports["train"].skipped_at_train.values())
                 batch = unwrap_batch(collated, data.reports["train"])
-                skipped = sum(data.reports["train"].skipped_at_train.values()) - skipped_before
-                state.extra["skipped_at_train"] = state.extra.get("skipped_at_train", 0) + skipped
+                bad += sum(data.reports["train"].skipped_at_train.values()) - skipped_before
                 state.advance(epoch, index)
                 batch, weight = _sync_micro_batch(engine, env, batch, cfg.dist.global_padding, processor.pad_id)
                 # Counted on the host batch, once: no device sync for them after the step.
@@ -594,11 +593,12 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preempt
             lm_loss = float(torch.stack(lm_losses).mean())
             aux_loss = float(torch.stack(aux_losses).mean())
             if env.world_size > 1:  # the global step: losses averaged, counts summed over the ranks
-                lm_sum, aux_sum, tokens, positions, samples, flops = engine.sum_over_ranks(
-                    [lm_loss, aux_loss, tokens, positions, samples, flops]
+                lm_sum, aux_sum, tokens, positions, samples, flops, bad = engine.sum_over_ranks(
+                    [lm_loss, aux_loss, tokens, positions, samples, flops, bad]
                 )
                 lm_loss, aux_loss = lm_sum / env.world_size, aux_sum / env.world_size
-                tokens, samples = int(tokens), int(samples)
+                tokens, samples, bad = int(tokens), int(samples), int(bad)
+            state.extra["skipped_at_train"] = state.extra.get("skipped_at_train", 0) + bad  # all ranks'
             lrs = engine.lrs()  # the learning rates this step uses
             loss_finite = math.isfinite(lm_loss) and math.isfinite(aux_loss)
             grad_norm, finite = engine.optimizer_step(oc.grad_clip, loss_finite)
