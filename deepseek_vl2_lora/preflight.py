@@ -25,10 +25,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from omegaconf import OmegaConf
 
 from .checkpoint import CONFIG_NAME, check_keys, official_shapes, weight_files
 from .config import VL2Config
-from .data import DataReport, EvalDataset, SFTDataset
+from .data import DataReport, EvalDataset, Mixture, SFTDataset
+from .data.mixture import source_names
 from .engine import DistEnv
 from .processor import DeepseekVL2Processor
 from .tiny import ensure_tiny_checkpoint
@@ -45,10 +47,10 @@ class Preflight:
 
     model_dir: Path
     processor: DeepseekVL2Processor
-    train_set: SFTDataset
+    train_set: SFTDataset | Mixture  # a Mixture when data.train lists sources
     loss_set: SFTDataset | None  # the eval split, for the eval loss
     gen_set: EvalDataset | None  # the eval split, for generation
-    reports: dict[str, DataReport]
+    reports: dict[str, DataReport]  # train, eval; a mixture: train (all sources) and train/<name> per source
     resume_from: Path | None = None  # the checkpoint an explicit trainer.resume path names, verified (not `auto`)
 
 
@@ -58,14 +60,19 @@ def preflight(cfg, run_dir: Path, env: DistEnv | None = None) -> Preflight:
     model_dir = resolve_model_dir(cfg.model)
     check_checkpoint_files(model_dir)
     processor = DeepseekVL2Processor.from_pretrained(model_dir)
-    train_file = resolve_data_file(cfg.data.train_path, "data.train_path")
+    specs = mixture_specs(cfg)  # its paths resolved: a wrong one is reported before any data is validated
+    if specs is None:
+        train_file = resolve_data_file(cfg.data.train_path, "data.train_path")
     if cfg.data.eval_path:  # a wrong path is reported before the training set is validated
         resolve_data_file(cfg.data.eval_path, "data.eval_path")
     resume_from = check_resume(cfg.trainer.resume, run_dir, cfg.dist.kind, env)
-    train_set = SFTDataset(
-        train_file, overlong=cfg.data.overlong, split=cfg.data.train_split, **dataset_options(cfg, processor)
-    )
-    reports = {"train": train_set.report}
+    if specs is None:
+        train_set = SFTDataset(
+            train_file, overlong=cfg.data.overlong, split=cfg.data.train_split, **dataset_options(cfg, processor)
+        )
+        reports = {"train": train_set.report}
+    else:
+        train_set, reports = train_mixture(cfg, processor, specs)
     loss_set = gen_set = None
     if cfg.data.eval_path:
         loss_set, gen_set = eval_datasets(cfg, processor)
@@ -84,6 +91,51 @@ def dataset_options(cfg, processor: DeepseekVL2Processor) -> dict:
         columns=dict(cfg.data.get("columns") or {}),
         exif_transpose=bool(cfg.data.get("exif_transpose", False)),  # (absent from configs older than the option)
     )
+
+
+def mixture_specs(cfg) -> list[dict] | None:
+    """data.train as plain dicts ({path, weight, name, ...}; a bare path: weight 1), paths resolved and names
+    filled in; None: unset."""
+    if cfg.data.get("train") is None:
+        return None
+    specs = [{"path": s} if isinstance(s, str) else OmegaConf.to_container(s) for s in cfg.data.train]
+    for i, spec in enumerate(specs):
+        spec["path"] = resolve_data_file(spec["path"], f"data.train[{i}].path")
+    for spec, name in zip(specs, source_names(specs)):
+        spec["name"] = name
+    return specs
+
+
+def train_mixture(cfg, processor: DeepseekVL2Processor, specs: list[dict]) -> tuple[Mixture, dict[str, DataReport]]:
+    """The sources of data.train validated and mixed (`data/mixture.py`); reports: `train` (all sources) and
+    `train/<name>` per source, with its sampling."""
+    datasets, reports = [], {}
+    for i, spec in enumerate(specs):
+        options = dataset_options(cfg, processor)
+        if spec.get("image_root"):
+            options["image_root"] = resolve_data_file(spec["image_root"], f"data.train[{i}].image_root")
+        if spec.get("columns") is not None:
+            options["columns"] = dict(spec["columns"])
+        dataset = SFTDataset(spec["path"], overlong=cfg.data.overlong, split=spec.get("split"), **options)
+        used = len(dataset) if spec.get("limit") is None else min(spec["limit"], len(dataset))
+        if used == 0:
+            raise ConfigError(
+                f"data.train[{i}] ({spec['name']}, {spec['path']}): no usable records "
+                f"({dataset.report.num_skipped} skipped, see the data report); fix or drop the source"
+            )
+        datasets.append(dataset if used == len(dataset) else torch.utils.data.Subset(dataset, range(used)))
+        reports[f"train/{spec['name']}"] = dataset.report
+    mixture = Mixture([s["name"] for s in specs], datasets, [float(s.get("weight", 1.0)) for s in specs])
+    combined = DataReport(f"mixture of {len(specs)} sources, {len(mixture)} draws per epoch")
+    for report, sampling in zip(reports.values(), mixture.describe()):
+        report.sampling = sampling
+        combined.total += report.total
+        combined.kept += report.kept
+        combined.skipped.update(report.skipped)
+        combined.placeholders_added += report.placeholders_added
+    layouts = sorted({r.layout for r in reports.values() if r.layout})
+    combined.layout = "+".join(layouts) or None
+    return mixture, {"train": combined, **reports}
 
 
 def eval_datasets(cfg, processor: DeepseekVL2Processor) -> tuple[SFTDataset, EvalDataset]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .policy_config import PolicyConfig
 
@@ -45,7 +45,7 @@ class ModelConfig:
 class DataConfig:
     name: str = "demo"
     # Relative paths are tried against the working directory first, then against the repository root.
-    train_path: str = "data/demo/train.jsonl"
+    train_path: str | None = "data/demo/train.jsonl"  # null when data.train lists sources (a mixture)
     eval_path: str | None = "data/demo/eval.jsonl"  # exact-match eval split (last turn = reference); null: none
     # A path may be .jsonl, .json, .parquet, a save_to_disk directory or a local copy of a Hub dataset repository
     # (deepseek_vl2_lora/data/records.py). The split of a dataset directory with several; null: its only split, or
@@ -66,6 +66,12 @@ class DataConfig:
     # e.g. data.columns={messages:conv,images:pics}; applied to every record before its layout is detected.
     # null: none. (Typed Any, checked in check_config: a typed dict would refuse new keys under Hydra's struct mode.)
     columns: Any = None
+    # A mixture of training sources instead of train_path (set data.train_path=null), each sampled by its weight
+    # (deepseek_vl2_lora/data/mixture.py): a list of {path, weight: 1.0, name: file stem or directory name,
+    # split, image_root: data.image_root or the source's own directory, columns: data.columns, limit: the first
+    # N kept records}, e.g. 'data.train=[{path:a.jsonl,weight:3},{path:b.jsonl,weight:1}]' data.train_path=null.
+    # (Typed Any, checked in check_config, like columns.)
+    train: Any = None
 
 
 @dataclass
@@ -256,6 +262,60 @@ def as_train_config(cfg) -> DictConfig:
     return cfg
 
 
+MIXTURE_KEYS = ("path", "weight", "name", "split", "image_root", "columns", "limit")
+
+
+def _is_columns(value) -> bool:
+    return isinstance(value, DictConfig) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+
+
+def _mixture_problems(data: DictConfig) -> list[str]:
+    """data.train (a list of sources, `data/mixture.py`) against data.train_path / data.train_limit: one line each."""
+    sources = data.get("train")
+    if sources is None:
+        return [] if data.train_path else ["data.train_path=null and data.train=null: set one of them"]
+    if not isinstance(sources, ListConfig) or len(sources) == 0:
+        return [f"data.train={sources}: must be a non-empty list of sources, e.g. [{{path: a.jsonl, weight: 3}}]"]
+    problems = []
+    if data.train_path:
+        problems.append("data.train lists sources: set data.train_path=null (it would be ignored)")
+    if data.train_limit is not None:
+        problems.append(
+            f"data.train_limit={data.train_limit} does not apply to a mixture: set data.train_limit=null and give "
+            "a source its own limit (data.train[i].limit)"
+        )
+    names = []
+    for i, source in enumerate(sources):
+        key = f"data.train[{i}]"
+        if isinstance(source, str):  # a bare path: weight 1
+            continue
+        if not isinstance(source, DictConfig):
+            problems.append(f"{key}={source}: must be a path or a mapping, e.g. {{path: a.jsonl, weight: 1}}")
+            continue
+        for name in source.keys():
+            if name not in MIXTURE_KEYS:
+                problems.append(f"{key}.{name}: unknown key; a source takes {', '.join(MIXTURE_KEYS)}")
+        if not (isinstance(source.get("path"), str) and source.get("path")):
+            problems.append(f"{key}: no path; give each source one, e.g. {{path: data/demo/train.jsonl, weight: 1}}")
+        weight = source.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
+            problems.append(f"{key}.weight={weight}: must be a number > 0 (weights are relative, e.g. 3 and 1)")
+        limit = source.get("limit")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            problems.append(f"{key}.limit={limit}: must be an integer ≥ 1 (or null: every kept record)")
+        for name in ("name", "split", "image_root"):
+            value = source.get(name)
+            if value is not None and not (isinstance(value, str) and value):
+                problems.append(f"{key}.{name}={value}: must be a non-empty string (or null)")
+        if source.get("columns") is not None and not _is_columns(source.columns):
+            problems.append(f"{key}.columns={source.columns}: must be a mapping of our key to the file's")
+        if isinstance(source.get("name"), str):
+            if source.name in names:
+                problems.append(f"{key}.name={source.name}: another source has this name; give each a unique one")
+            names.append(source.name)
+    return problems
+
+
 def check_config(cfg: DictConfig) -> None:
     """Checks that types cannot express; raises ConfigError naming the key and the allowed values."""
     problems = []
@@ -271,6 +331,7 @@ def check_config(cfg: DictConfig) -> None:
         isinstance(columns, DictConfig) and all(isinstance(k, str) and isinstance(v, str) for k, v in columns.items())
     ):
         problems.append(f"data.columns={columns}: must be a mapping of our key to the file's, e.g. {{messages: conv}}")
+    problems += _mixture_problems(cfg.data)
     if cfg.trainer.epochs is None and cfg.trainer.max_steps is None:
         problems.append("trainer.max_steps and trainer.epochs are both null: set one of them")
     for key in ("trainer.max_steps", "trainer.epochs"):

@@ -30,7 +30,9 @@ The training order is a function of (seed, epoch) only: epoch e visits `randperm
 seeded with `seed * 1_000_003 + e`, cut into global batches of `micro_batch_size × world_size` (the last partial
 batch is dropped); rank r takes the interleaved slice `global_batch[r::world_size]`. So 2 ranks × micro batch m
 see exactly the samples of 1 rank × micro batch 2m, the data position (epoch, batch) counts global batches and is
-the whole sampler state, and a resumed run sees exactly the batches the uninterrupted run would have seen.
+the whole sampler state, and a resumed run sees exactly the batches the uninterrupted run would have seen. A
+mixture of sources (`data.train`, `data/mixture.py`) replaces the randperm by its own order, also a function of
+(seed, epoch) only.
 """
 
 from __future__ import annotations
@@ -92,10 +94,19 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     """This rank's index batches of one epoch, from global batch `start` on (a DataLoader `batch_sampler`).
 
     Global batch b is `order[b·G:(b+1)·G]` with G = batch_size × world_size; rank r gets its slice [r::world_size].
+    `order(seed, epoch)`: the epoch's order of `num_samples` indices (a `Mixture`'s); None: `epoch_order`.
     """
 
     def __init__(
-        self, num_samples: int, batch_size: int, seed: int, epoch: int, start: int = 0, rank: int = 0, world_size=1
+        self,
+        num_samples: int,
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        start: int = 0,
+        rank: int = 0,
+        world_size=1,
+        order=None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in a world of {world_size}")
@@ -108,9 +119,15 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         )
         self.rank, self.world_size = rank, world_size
         self.global_batch = batch_size * world_size
+        self.order = order
 
     def __iter__(self):
-        order = epoch_order(self.num_samples, self.seed, self.epoch)
+        if self.order is None:
+            order = epoch_order(self.num_samples, self.seed, self.epoch)
+        else:
+            order = self.order(self.seed, self.epoch)
+            if len(order) != self.num_samples:
+                raise ValueError(f"the epoch order has {len(order)} indices for {self.num_samples} samples")
         g = self.global_batch
         for b in range(self.start, batches_per_epoch(self.num_samples, g)):
             yield order[b * g : (b + 1) * g][self.rank :: self.world_size]
@@ -133,11 +150,13 @@ def batch_stream(
 ):
     """Yield (epoch, global batch index, this rank's micro batch) forever, starting at data position (epoch, start).
 
-    `batch_size` is the per-rank micro batch; see EpochBatchSampler for which samples each rank reads."""
+    `batch_size` is the per-rank micro batch; see EpochBatchSampler for which samples each rank reads. A dataset
+    with an `epoch_order(seed, epoch)` (a `data.Mixture`, also through `SkipBadSamples`) gives its own order."""
+    order = getattr(dataset, "epoch_order", None)
     while True:
         loader = torch.utils.data.DataLoader(
             dataset,
-            batch_sampler=EpochBatchSampler(len(dataset), batch_size, seed, epoch, start, rank, world_size),
+            batch_sampler=EpochBatchSampler(len(dataset), batch_size, seed, epoch, start, rank, world_size, order),
             collate_fn=collate_fn,
             num_workers=num_workers,
             pin_memory=pin_memory,

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .benchmarks import BenchmarkError, BenchmarkSuite, parse_specs
-from .data import CollateItems, EvalDataset, SFTDataset, SkipBadSamples, unwrap_batch
+from .data import CollateItems, EvalDataset, Mixture, SFTDataset, SkipBadSamples, unwrap_batch
 from .engine import DistEnv, EngineError, build_engine, lr_factor, resolve_device
 from .evaluation import evaluate
 from .feature_cache import VisionFeatureCache
@@ -291,9 +291,9 @@ def _plan_steps(cfg, num_samples: int, env: DistEnv, reports: dict, run_dir: Pat
     per_step = tc.micro_batch_size * env.world_size * tc.grad_accum
     steps = total_steps(tc.max_steps, tc.epochs, num_samples, tc.micro_batch_size * env.world_size, tc.grad_accum)
     log.info("run dir: %s", run_dir)
-    limits = {"train": (num_samples, "data.train_limit"), "eval": (cfg.data.eval_limit, "data.eval_limit")}
-    for name, data_report in reports.items():
-        limit, key = limits[name]
+    limits = {"train": (cfg.data.train_limit, "data.train_limit"), "eval": (cfg.data.eval_limit, "data.eval_limit")}
+    for name, data_report in reports.items():  # (a mixture: train, then train/<name> per source, with its sampling)
+        limit, key = limits.get(name, (None, None))
         used = f", using the first {limit} ({key})" if limit is not None and limit < data_report.kept else ""
         log.info("%s data: %s%s", name, data_report.summary(), used)
     rule = f"trainer.epochs={tc.epochs}" if tc.epochs is not None else f"trainer.max_steps={tc.max_steps}"
@@ -371,9 +371,12 @@ def _log_step(metrics, state, cfg, max_steps: int, per_epoch: int, s: _StepStats
         )
 
 
-def _resume_or_start(cfg, run_dir: Path, env: DistEnv, engine, num_samples: int, checked: Path | None = None):
+def _resume_or_start(
+    cfg, run_dir: Path, env: DistEnv, engine, num_samples: int, checked: Path | None = None, mixture=None
+):
     """(train state, checkpoint resumed from or None, its RNG state or None) as `trainer.resume` says; `checked`:
-    the checkpoint preflight found (and verified) for an explicit path."""
+    the checkpoint preflight found (and verified) for an explicit path; `mixture`: the training mixture's
+    signature (its order depends on it; kept in the state's extra), None for one source."""
     tc = cfg.trainer
     state = TrainState(
         num_samples=num_samples,
@@ -381,6 +384,7 @@ def _resume_or_start(cfg, run_dir: Path, env: DistEnv, engine, num_samples: int,
         seed=cfg.seed,
         world_size=env.world_size,
         dist=cfg.dist.kind,
+        extra={"mixture": mixture} if mixture is not None else {},
     )
     if env.is_main:
         clean_temporary(run_dir)
@@ -399,6 +403,11 @@ def _resume_or_start(cfg, run_dir: Path, env: DistEnv, engine, num_samples: int,
                 f"{resume_from}: its data position is for {state.num_samples} samples, micro batch "
                 f"{state.batch_size}, seed {state.seed}; this run has {num_samples}, {tc.micro_batch_size}, "
                 f"{cfg.seed}. Resume with the same data, trainer.micro_batch_size and seed."
+            )
+        if state.extra.get("mixture") != mixture:
+            raise ResumeError(
+                f"{resume_from}: its data order is for the mixture {state.extra.get('mixture')}; this run's is "
+                f"{mixture}. Resume with the same data.train (sources, limits and weights)."
             )
         log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, state.step, state.epoch, state.batch)
     elif tc.resume == "auto":
@@ -497,7 +506,8 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preempt
     engine = build_engine(cfg.dist, model, param_groups, oc, max_steps, env, tc, precision)
 
     # -- resume -------------------------------------------------------------------------------------------
-    state, resume_from, rng = _resume_or_start(cfg, run_dir, env, engine, len(train_set), pre.resume_from)
+    mixture = train_set.signature() if isinstance(train_set, Mixture) else None
+    state, resume_from, rng = _resume_or_start(cfg, run_dir, env, engine, len(train_set), pre.resume_from, mixture)
 
     # -- loggers --------------------------------------------------------------------------------------------
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -558,6 +568,7 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preempt
         world_size=env.world_size,
     )
     per_epoch = batches_per_epoch(len(train_set), tc.micro_batch_size * env.world_size)
+    source_reports = {k.removeprefix("train/"): r for k, r in data.reports.items() if k.startswith("train/")}
     fault = _injected_fault(env)
     bar = tqdm(total=max_steps, initial=state.step, desc="train", disable=not (tc.progress_bar and env.is_main))
     last_checkpoint = resume_from
@@ -575,7 +586,7 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preempt
             for micro in range(tc.grad_accum):
                 epoch, index, collated = next(stream)
                 skipped_before = sum(data.reports["train"].skipped_at_train.values())
-                batch = unwrap_batch(collated, data.reports["train"])
+                batch = unwrap_batch(collated, data.reports["train"], source_reports)
                 bad += sum(data.reports["train"].skipped_at_train.values()) - skipped_before
                 state.advance(epoch, index)
                 batch, weight = _sync_micro_batch(engine, env, batch, cfg.dist.global_padding, processor.pad_id)

@@ -23,6 +23,7 @@ class TrainItem:
     encoding: dict | None
     skipped: list[str] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
+    sources: list[str | None] = field(default_factory=list)  # a mixture's source of each skipped sample
 
 
 class SkipBadSamples(torch.utils.data.Dataset):
@@ -44,6 +45,16 @@ class SkipBadSamples(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    @property
+    def epoch_order(self):
+        """The wrapped set's own order (a `Mixture`'s), or None: the sampler's default."""
+        return getattr(self.dataset, "epoch_order", None)
+
+    def source_name(self, index: int) -> str | None:
+        """The mixture source of `index`; None for a single source."""
+        name = getattr(self.dataset, "source_name", None)
+        return name(index) if name is not None else None
+
     def __getitem__(self, index: int) -> TrainItem:
         item = TrainItem(None)
         for k in range(len(self.dataset)):
@@ -54,6 +65,7 @@ class SkipBadSamples(torch.utils.data.Dataset):
                 error = e if isinstance(e, SampleError) else SampleError("corrupt_image", f"{type(e).__name__}: {e}")
                 item.skipped.append(str(error))
                 item.reasons.append(error.reason)
+                item.sources.append(self.source_name((index + k) % len(self.dataset)))
                 if self.on_bad_sample == "error":
                     return item
         return item  # every sample failed: unwrap_batch says so
@@ -61,29 +73,33 @@ class SkipBadSamples(torch.utils.data.Dataset):
 
 class CollateItems:
     """Collate TrainItems with `collator`: (batch or None, the items' skipped lines and reasons, the error line
-    or None). Picklable, for DataLoader workers."""
+    or None, the skipped samples' mixture sources). Picklable, for DataLoader workers."""
 
     def __init__(self, collator, on_bad_sample: str = "error"):
         self.collator, self.on_bad_sample = collator, on_bad_sample
 
-    def __call__(self, items: list[TrainItem]) -> tuple[dict | None, list[str], list[str], str | None]:
+    def __call__(self, items: list[TrainItem]) -> tuple[dict | None, list[str], list[str], str | None, list]:
         skipped = [line for it in items for line in it.skipped]
         reasons = [r for it in items for r in it.reasons]
+        sources = [s for it in items for s in it.sources]
         failed = [it for it in items if it.encoding is None]
         if failed:
             why = failed[0].skipped[-1] if self.on_bad_sample == "error" else "every training sample failed to load"
-            return None, skipped, reasons, why
-        return self.collator([it.encoding for it in items]), skipped, reasons, None
+            return None, skipped, reasons, why, sources
+        return self.collator([it.encoding for it in items]), skipped, reasons, None, sources
 
 
-def unwrap_batch(collated, report: DataReport | None = None) -> dict:
-    """The batch from `CollateItems`, its skipped samples counted into ``report.skipped_at_train`` (and logged);
-    a failed sample raised here as one SampleError line (reason ``at_train``)."""
-    batch, skipped, reasons, error = collated
+def unwrap_batch(collated, report: DataReport | None = None, source_reports: dict | None = None) -> dict:
+    """The batch from `CollateItems`, its skipped samples counted into ``report.skipped_at_train`` (and logged),
+    and into their mixture source's report (``source_reports[name]``); a failed sample raised here as one
+    SampleError line (reason ``at_train``)."""
+    batch, skipped, reasons, error, sources = collated
     if error is not None:
         raise SampleError("at_train", f"while training: {error}")
-    for line, reason in zip(skipped, reasons):
+    for line, reason, source in zip(skipped, reasons, sources):
         log.warning("skipped a bad training sample (data.on_bad_sample=skip): %s", line)
         if report is not None:
             report.skipped_at_train[reason] += 1
+        if source is not None and source_reports and source in source_reports:
+            source_reports[source].skipped_at_train[reason] += 1
     return batch

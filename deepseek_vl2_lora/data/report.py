@@ -20,6 +20,8 @@ class DataReport:
     layout: str | None = None  # the record layout detected (`layouts`); None: no record had one
     placeholders_added: int = 0  # <image> placeholders put at the start of the first user turn (kept records)
     skipped_at_train: Counter = field(default_factory=Counter)  # by reason: samples gone bad after validation
+    # A mixture source's sampling (records used, weight, draws per epoch, share; `Mixture.describe`); None: not one
+    sampling: dict | None = None
 
     max_examples = 3
 
@@ -43,6 +45,7 @@ class DataReport:
             "skipped": dict(sorted(self.skipped.items())),
             "examples": {k: list(v) for k, v in sorted(self.examples.items())},
             "skipped_at_train": dict(sorted(self.skipped_at_train.items())),
+            **({"sampling": dict(self.sampling)} if self.sampling is not None else {}),
         }
 
     def summary(self) -> str:
@@ -52,7 +55,12 @@ class DataReport:
             parts.append(f"{self.placeholders_added} placeholders added")
         if self.num_skipped:
             parts.append(f"{self.num_skipped} skipped")
-        return f"{self.source}: layout {self.layout or 'none'} ({', '.join(parts)})"
+        line = f"{self.source}: layout {self.layout or 'none'} ({', '.join(parts)})"
+        if self.sampling is not None:
+            s = self.sampling
+            used = f"using the first {s['records']}, " if s["records"] < self.kept else ""
+            line += f", {used}weight {s['weight']:g}, {s['draws_per_epoch']} draws per epoch ({s['share']:.1%})"
+        return line
 
     def __str__(self) -> str:
         lines = [f"{self.source}: {self.total} records, {self.kept} kept, {self.num_skipped} skipped"]
