@@ -19,6 +19,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session")
+def proc(tmp_path_factory):
+    """A processor for data tests: the tiny tokenizer, 32-pixel tiles of 4-pixel patches (41 tokens per image)."""
+    from deepseek_vl2_lora.processor import DeepseekVL2Processor, write_processor_config
+    from deepseek_vl2_lora.tokenizer_builder import write_tokenizer
+
+    out = tmp_path_factory.mktemp("ckpt_data")
+    write_tokenizer(out)
+    write_processor_config(out, image_size=32, patch_size=4)
+    return DeepseekVL2Processor.from_pretrained(out)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -13,20 +13,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from deepseek_vl2_lora.data import DataReport, EvalDataset, SFTDataset, collate_eval, convert_llava, load_image
-from deepseek_vl2_lora.processor import Collator, DeepseekVL2Processor, SampleError, write_processor_config
-from deepseek_vl2_lora.tokenizer_builder import write_tokenizer
+from deepseek_vl2_lora.processor import Collator, SampleError
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "data" / "demo"
 N_IMG_TOKENS = 41  # tile 32, patch 4, downsample 2: 4*5 + 1 + 4*5
-
-
-@pytest.fixture(scope="session")
-def proc(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ckpt_data")
-    write_tokenizer(out)
-    write_processor_config(out, image_size=32, patch_size=4)
-    return DeepseekVL2Processor.from_pretrained(out)
 
 
 def png(colour=(200, 30, 30), size=(16, 16)) -> bytes:

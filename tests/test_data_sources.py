@@ -7,7 +7,7 @@ import json
 
 import datasets
 import pytest
-from test_data import png, proc, write_jsonl  # noqa: F401  (proc: a session fixture)
+from test_data import png, write_jsonl
 from test_layouts import LAYOUTS, assert_same_encoding, native
 from test_train_config import compose_cfg
 
@@ -54,7 +54,7 @@ def data_dir(tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
-def test_parquet_with_embedded_images_encodes_like_native_jsonl(name, data_dir, proc):  # noqa: F811
+def test_parquet_with_embedded_images_encodes_like_native_jsonl(name, data_dir, proc):
     record, equivalent, added = LAYOUTS[name]
     # The embedded bytes win over the struct's path: the path names a file that does not exist.
     parquet = to_parquet(data_dir / f"{name}.parquet", [arrow_friendly(embed(record, A_PNG, "nowhere/a.png"))] * 2)
@@ -67,7 +67,7 @@ def test_parquet_with_embedded_images_encodes_like_native_jsonl(name, data_dir, 
 
 
 @pytest.mark.parametrize("name", ["llava", "the_cauldron", "swift"])
-def test_parquet_with_image_paths_reads_files_next_to_it(name, data_dir, proc):  # noqa: F811
+def test_parquet_with_image_paths_reads_files_next_to_it(name, data_dir, proc):
     record, equivalent, _ = LAYOUTS[name]
     ds = SFTDataset(to_parquet(data_dir / f"{name}.parquet", [record]), proc)
     ref = SFTDataset(write_jsonl(data_dir / "native.jsonl", [equivalent]), proc)
@@ -75,7 +75,7 @@ def test_parquet_with_image_paths_reads_files_next_to_it(name, data_dir, proc): 
     assert_same_encoding(ds[0], ref[0])
 
 
-def test_datasets_image_feature_columns_stay_undecoded(data_dir, proc):  # noqa: F811
+def test_datasets_image_feature_columns_stay_undecoded(data_dir, proc):
     """A the_cauldron-style table with a `datasets` Image feature (what the Hub's parquet files declare)."""
     record, equivalent, _ = LAYOUTS["the_cauldron"]
     features = datasets.Features(
@@ -100,7 +100,7 @@ def test_datasets_image_feature_columns_stay_undecoded(data_dir, proc):  # noqa:
     assert ds.samples[0].images[0].data == A_PNG
 
 
-def test_save_to_disk_and_hub_directories_pick_their_splits(data_dir, proc):  # noqa: F811
+def test_save_to_disk_and_hub_directories_pick_their_splits(data_dir, proc):
     train_rows = [embed(native(), A_PNG)] * 3
     eval_rows = [embed(native(), A_PNG)] * 2
     splits = datasets.DatasetDict(
@@ -127,7 +127,7 @@ def test_save_to_disk_and_hub_directories_pick_their_splits(data_dir, proc):  # 
     assert len(SFTDataset(data_dir / "one", proc)) == 3
 
 
-def test_hub_repository_with_several_subsets_names_them(data_dir, proc):  # noqa: F811
+def test_hub_repository_with_several_subsets_names_them(data_dir, proc):
     """A Hub repository whose README declares one config per subset directory (as the_cauldron does)."""
     repo = data_dir / "cauldron"
     for subset in ("ai2d", "chart"):
@@ -142,7 +142,7 @@ def test_hub_repository_with_several_subsets_names_them(data_dir, proc):  # noqa
     assert len(SFTDataset(repo / "chart", proc)) == 1
 
 
-def test_several_splits_without_a_usual_name_must_be_chosen(data_dir, proc):  # noqa: F811
+def test_several_splits_without_a_usual_name_must_be_chosen(data_dir, proc):
     rows = [embed(native(), A_PNG)]
     datasets.DatasetDict(
         {"part_a": datasets.Dataset.from_list(rows), "part_b": datasets.Dataset.from_list(rows)}
@@ -151,7 +151,7 @@ def test_several_splits_without_a_usual_name_must_be_chosen(data_dir, proc):  # 
         EvalDataset(data_dir / "odd", proc)
 
 
-def test_bad_rows_are_skipped_by_row_and_bad_files_are_one_line(data_dir, proc):  # noqa: F811
+def test_bad_rows_are_skipped_by_row_and_bad_files_are_one_line(data_dir, proc):
     good = embed(native(), A_PNG)
     broken = copy.deepcopy(good)
     broken["images"][0]["bytes"] = b"not an image"
@@ -173,7 +173,7 @@ def test_bad_rows_are_skipped_by_row_and_bad_files_are_one_line(data_dir, proc):
         open_source(data_dir / "a.png")
 
 
-def test_embedded_image_struct_checks(data_dir, proc):  # noqa: F811
+def test_embedded_image_struct_checks(data_dir, proc):
     bad = {"messages": native()["messages"], "images": [{"bytes": None, "path": None}]}
     url = {"messages": native()["messages"], "images": [{"bytes": None, "path": "https://x.org/a.png"}]}
     path_only = {"messages": native()["messages"], "images": [{"bytes": None, "path": "a.png"}]}

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_data import png, proc, write_jsonl  # noqa: F401  (proc: a session fixture)
+from test_data import png, write_jsonl
 
 from deepseek_vl2_lora.data import SFTDataset
 from deepseek_vl2_lora.data.layouts import detect_layout, parse
@@ -96,7 +96,7 @@ def assert_same_encoding(a: dict, b: dict) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
-def test_layout_encodes_like_messages(name, data_dir, proc):  # noqa: F811
+def test_layout_encodes_like_messages(name, data_dir, proc):
     record, equivalent, added = LAYOUTS[name]
     ds = SFTDataset(write_jsonl(data_dir / f"{name}.jsonl", [record, record]), proc)
     ref = SFTDataset(write_jsonl(data_dir / "native.jsonl", [equivalent]), proc)
@@ -109,7 +109,7 @@ def test_layout_encodes_like_messages(name, data_dir, proc):  # noqa: F811
         assert ds.samples[0].meta == {}  # `texts` and `images` are consumed; `source` is inside texts
 
 
-def test_sharegpt_without_placeholders_keeps_images(data_dir, proc):  # noqa: F811
+def test_sharegpt_without_placeholders_keeps_images(data_dir, proc):
     record = {"images": ["a.png", "b.png"], "conversations": [
         {"from": "user", "value": "Compare them."}, {"from": "assistant", "value": "different"}]}  # fmt: skip
     ds = SFTDataset(write_jsonl(data_dir / "sg.jsonl", [record]), proc)
@@ -126,7 +126,7 @@ def test_sharegpt_without_placeholders_keeps_images(data_dir, proc):  # noqa: F8
     assert ds.report.to_dict()["placeholders_added"] == 2
 
 
-def test_partial_placeholders_are_completed_and_extra_ones_are_an_error(data_dir, proc):  # noqa: F811
+def test_partial_placeholders_are_completed_and_extra_ones_are_an_error(data_dir, proc):
     two = {"images": ["a.png", "b.png"], "conversations": [
         {"from": "user", "value": "Left <image> vs right?"}, {"from": "assistant", "value": "x"}]}  # fmt: skip
     parsed = parse(two)
@@ -140,7 +140,7 @@ def test_partial_placeholders_are_completed_and_extra_ones_are_an_error(data_dir
 
 
 @pytest.mark.parametrize("url", ["http://x.org/a.png", "https://x.org/a.png", "s3://b/a.png", "gs://b/a.png"])
-def test_image_urls_are_an_error(url, data_dir, proc):  # noqa: F811
+def test_image_urls_are_an_error(url, data_dir, proc):
     record = {"images": [url], "texts": [{"user": "q", "assistant": "a"}]}
     path = write_jsonl(data_dir / "url.jsonl", [record])
     with pytest.raises(SampleError, match=f"{path}:1: image '{url}' is a URL: images are not fetched") as info:
@@ -152,7 +152,7 @@ def test_image_urls_are_an_error(url, data_dir, proc):  # noqa: F811
         parse(openai)
 
 
-def test_record_of_another_layout_is_a_bad_sample(data_dir, proc):  # noqa: F811
+def test_record_of_another_layout_is_a_bad_sample(data_dir, proc):
     swift = {"query": "<image>\nq", "response": "a", "images": ["a.png"]}
     other = {"images": ["a.png"], "texts": [{"user": "q", "assistant": "a"}]}
     path = write_jsonl(data_dir / "mixed.jsonl", [swift, other, swift])
@@ -162,7 +162,7 @@ def test_record_of_another_layout_is_a_bad_sample(data_dir, proc):  # noqa: F811
     assert ds.report.layout == "swift" and ds.report.kept == 2 and dict(ds.report.skipped) == {"bad_schema": 1}
 
 
-def test_columns_rename_keys(data_dir, proc):  # noqa: F811
+def test_columns_rename_keys(data_dir, proc):
     record = {"conv": native()["messages"], "pics": ["a.png"], "id": 7}
     ds = SFTDataset(
         write_jsonl(data_dir / "cols.jsonl", [record]), proc, columns={"messages": "conv", "images": "pics"}

@@ -14,22 +14,13 @@ from deepseek_vl2_lora.data import CollateItems, Mixture, SFTDataset, SkipBadSam
 from deepseek_vl2_lora.data.mixture import largest_remainder, source_names
 from deepseek_vl2_lora.data.report import DataReport
 from deepseek_vl2_lora.metrics import read_metrics
-from deepseek_vl2_lora.processor import DeepseekVL2Processor, SampleError, write_processor_config
-from deepseek_vl2_lora.tokenizer_builder import write_tokenizer
+from deepseek_vl2_lora.processor import SampleError
 from deepseek_vl2_lora.train_config import ConfigError, check_config
 from deepseek_vl2_lora.train_state import EpochBatchSampler, ResumeError, batch_stream
 from deepseek_vl2_lora.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "data" / "demo"
-
-
-@pytest.fixture(scope="module")
-def proc(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ckpt_mixture")
-    write_tokenizer(out)
-    write_processor_config(out, image_size=32, patch_size=4)
-    return DeepseekVL2Processor.from_pretrained(out)
 
 
 def text_records(path: Path, tag: str, n: int) -> Path:
