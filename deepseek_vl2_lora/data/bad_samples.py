@@ -85,5 +85,5 @@ def unwrap_batch(collated, report: DataReport | None = None) -> dict:
     for line, reason in zip(skipped, reasons):
         log.warning("skipped a bad training sample (data.on_bad_sample=skip): %s", line)
         if report is not None:
-            report.skipped_at_train[reason] += 1
+            report.skip_at_train(line, reason)
     return batch
