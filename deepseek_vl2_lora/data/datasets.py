@@ -14,7 +14,8 @@ Every record is checked when the dataset is built: it parses, the schema and rol
 reads (its size, rotated by its EXIF orientation only with ``exif_transpose``, off by default as in the official
 loader; no pixels are decoded: a file damaged past its header fails when the sample is encoded, a counted
 train-time skip or one error line, `bad_samples`) and its pixel count is within ``max_image_pixels`` (above it:
-``large_image`` rejects, reason ``image_too_large``, or resizes once into the cache), the placeholder count matches, there is an assistant turn, and the token length fits ``max_length`` under the
+``large_image`` rejects, reason ``image_too_large``, or resizes once into the cache), the placeholder count
+matches, there is an assistant turn, and the token length fits ``max_length`` under the
 ``overlong`` policy. A bad record either raises a `SampleError` naming its place (``file:line``) and the reason
 (``on_bad_sample="error"``) or is skipped and counted by reason in the dataset's `DataReport` (``"skip"``). The
 ``overlong`` policy decides for over-long samples (``"error"`` raises, ``"skip"`` skips and counts,
