@@ -78,8 +78,9 @@ def load_processor(model: str | None) -> DeepseekVL2Processor:
     return DeepseekVL2Processor.from_pretrained(Path(model).expanduser())
 
 
-def check(args: argparse.Namespace, out=sys.stdout) -> int:
+def check(args: argparse.Namespace, out=None) -> int:
     """Validate args.files; write the report; print the summary; 0 if every line is good, else 1."""
+    out = out or sys.stdout
     columns = _columns(args.columns)
     processor = load_processor(args.model)
     options = dict(

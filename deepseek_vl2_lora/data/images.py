@@ -94,7 +94,7 @@ class ImageLimits:
         path = self._copy_path(ref, exif_transpose)
         if path is not None and path.is_file():
             try:
-                with Image.open(path) as im:
+                with _without_pil_limit(), Image.open(path) as im:  # (within our limit; PIL's may be lower)
                     return im.convert("RGB")
             except Exception as e:  # a damaged copy: made again
                 log.warning("resized copy %s is unreadable (%s); making it again", path, e)
