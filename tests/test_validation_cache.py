@@ -179,10 +179,17 @@ def test_a_data_file_written_just_now_is_not_cached(tmp_path, proc, monkeypatch)
     cache = tmp_path / "cache"
     write_jsonl(path, [record(["0.png"])])  # mtime now: may change again within its mtime's granularity
     SFTDataset(path, proc, cache_dir=cache)
-    assert not list((cache / "sources").glob("*.json"))
-    age(path)
+    (entry,) = (cache / "sources").glob("*.json")
+    assert json.loads(entry.read_text())["racy"] is True  # for this run's waiting ranks only
+    checks = counting(monkeypatch, proc, "check")
+    SFTDataset(path, proc, cache_dir=cache)  # a later start validates again
+    assert len(checks) == 1 and json.loads(entry.read_text())["racy"] is True
+    age(path)  # (a new stamp: a new entry)
     SFTDataset(path, proc, cache_dir=cache)
-    assert len(list((cache / "sources").glob("*.json"))) == 1
+    racy = sorted(json.loads(p.read_text())["racy"] for p in (cache / "sources").glob("*.json"))
+    assert len(checks) == 2 and racy == [False, True]
+    SFTDataset(path, proc, cache_dir=cache)
+    assert len(checks) == 2
 
 
 def test_a_corrupt_cache_entry_is_a_warning_and_a_miss(tmp_path, proc, caplog):
@@ -359,3 +366,26 @@ def test_check_cli_lists_every_bad_line(tmp_path, proc_dir, capsys):
     assert report.read_text() == ""
     assert check_main(["check", str(good), "--model", str(tmp_path), "--report", str(report)]) == 2  # no processor
     assert "processor_config.json: file not found" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ run dir
+
+
+def test_the_run_lists_every_skipped_line(tmp_path, proc):
+    from deepseek_vl2_lora.trainer import SKIPPED_FILE, _write_skipped
+
+    d = tmp_path / "d"
+    d.mkdir()
+    save_image(d / "a.png")
+    path = write_jsonl(d / "t.jsonl", [record()] + [record([f"gone{i}.png"]) for i in range(5)])
+    ds = SFTDataset(path, proc, on_bad_sample="skip", cache_dir=False)
+    assert len(ds.report.examples["missing_image"]) == 3  # the console and data_report.json: 3 examples
+    ds.report.skip_at_train(f"{path}:1: image not found [missing_image]", "missing_image")
+    out = tmp_path / SKIPPED_FILE
+    out.write_text(json.dumps({"stage": "train", "line": "from an earlier run"}) + "\n")  # kept on resume
+    _write_skipped(out, {"train": ds.report})
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x.get("location") for x in lines] == [f"{path}:{i}" for i in range(2, 7)] + [None]
+    assert {x["reason"] for x in lines[:5]} == {"missing_image"} and lines[0]["split"] == "train"
+    assert lines[-1]["line"] == "from an earlier run"
+    assert ds.report.skipped_records("train")[-1]["stage"] == "train"

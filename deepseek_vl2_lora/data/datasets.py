@@ -177,8 +177,9 @@ class _ValidatedData:
         started = time.perf_counter()
         images = image_cache(self.cache_dir)
         entry = self._cache_entry()
-        state = entry.load() if entry is not None else None
-        if entry is not None and state is None and not is_validator():
+        validator = is_validator()
+        state = entry.load(accept_racy=not validator) if entry is not None else None
+        if entry is not None and state is None and not validator:
             state = entry.wait()  # local rank 0 validates (validation_cache)
         if state is not None and len(state["outcomes"]) == len(self.source):
             table = _ImageTable(state["images"])
@@ -192,7 +193,7 @@ class _ValidatedData:
                 self.report.layout = layout
                 self._run(rows, outcomes, table, row_images, images, None)
                 images.flush()
-                if is_validator():
+                if validator:
                     self._save(entry, outcomes, table, row_images)
             how = f"from the validation cache ({len(rows)} record(s) checked again)"
         else:
@@ -224,11 +225,13 @@ class _ValidatedData:
         log.info("%s: %d records %s in %.1f s", self.path, len(outcomes), how, time.perf_counter() - started)
 
     def _save(self, entry: SourceEntry, outcomes: list, table: _ImageTable, row_images: dict) -> None:
-        if is_racy(self._fingerprint + table.stamps, self._read_ns):
-            log.info("%s: not cached (a file changed within the last second; cached at the next start)", self.path)
-            return
+        # A file modified just before it was read may change again without its stamp changing: the entry then
+        # serves this run's other ranks only (a later start validates again).
+        racy = is_racy(self._fingerprint + table.stamps, self._read_ns)
+        if racy:
+            log.info("%s: a file changed within the last second: validated again at the next start", self.path)
         entry.save({"layout": self.report.layout, "outcomes": outcomes, "images": table.stamps,
-                    "row_images": row_images})  # fmt: skip
+                    "row_images": row_images, "racy": racy})  # fmt: skip
 
     def _run(self, rows, outcomes: list, table: _ImageTable, row_images: dict, images, entry) -> None:
         """Validate `rows` into `outcomes`: [placeholders added] (kept) or [reason, message, location]."""
@@ -240,13 +243,14 @@ class _ValidatedData:
                 if self.report.layout is None:  # the file's layout: the first record's that has one
                     self.report.layout = layouts.detect_layout(record)
                 sample, added = self._parse(row, record)
-                used = row_images[row] = []
-                sizes = []
+                row_images.pop(row, None)
+                used, sizes = [], []
                 for ref in sample.images:
                     stamp = None
                     if ref.data is None:
                         stamp = file_stamp(ref.path)
                         used.append(table.add(stamp or [os.path.abspath(ref.path), None, None]))
+                        row_images[row] = used
                     size = oriented_size(images.header(ref, stamp), self.exif_transpose)
                     sizes.append(self.limits.check(ref, size, self.exif_transpose))
                 self._check_sample(sample.messages, sizes)

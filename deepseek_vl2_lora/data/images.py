@@ -100,7 +100,11 @@ class ImageLimits:
                 log.warning("resized copy %s is unreadable (%s); making it again", path, e)
         image = _shrink(ref, exif_transpose, self.max_pixels)
         if path is not None:
-            _save_atomic(image, path)
+            try:
+                _save_atomic(image, path)
+            except OSError as e:
+                log.warning("cannot keep the resized copy of %s in %s (%s)", ref.name, path.parent, e)
+                return image
             log.warning(
                 "image %s has more than data.max_image_pixels=%s pixels: resized once to %d×%d (data.large_image="
                 "resize), cached as %s",

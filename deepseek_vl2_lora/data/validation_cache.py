@@ -44,7 +44,8 @@ CACHE_VERSION = 1  # part of every key: a change in what validation checks must 
 WAIT_STALL_S = 600.0  # a waiting rank gives up when the validating rank has shown no progress for this long
 HEARTBEAT_S = 2.0
 # A file modified less than this before it was read may change again within its mtime's granularity (a coarse
-# kernel clock, 2 s on FAT) without its stamp changing: its outcome is used but not cached ("racy git").
+# kernel clock, 2 s on FAT) without its stamp changing ("racy git"): its header is not cached, and a source entry
+# naming it serves only the ranks waiting for it, never a later start.
 RACY_NS = 1_000_000_000
 _POLL_S = 0.2
 _DISABLED = (False, "false", "none", "off", "")
@@ -200,12 +201,16 @@ class SourceEntry:
         self.failed = self.path.with_suffix(".failed")
         self._beat = 0.0
 
-    def load(self) -> dict | None:
+    def load(self, accept_racy: bool = False) -> dict | None:
+        """The entry; None when absent, unreadable, or (unless `accept_racy`: the ranks waiting for this run's
+        validation) written from a file modified just before it was read."""
         entry = read_json(self.path)
         if entry is None:
             return None
         if not (isinstance(entry, dict) and entry.get("version") == CACHE_VERSION and "outcomes" in entry):
             log.warning("ignoring validation cache entry %s of another format; it will be rebuilt", self.path)
+            return None
+        if entry.get("racy") and not accept_racy:
             return None
         return entry
 
@@ -217,7 +222,10 @@ class SourceEntry:
 
     # -- the validating rank's signals to the waiting ones
     def start(self) -> None:
-        self.failed.unlink(missing_ok=True)
+        try:
+            self.failed.unlink(missing_ok=True)
+        except OSError:
+            pass
         self.heartbeat(force=True)
 
     def heartbeat(self, force: bool = False) -> None:
@@ -236,7 +244,10 @@ class SourceEntry:
                 write_atomic(self.failed, json.dumps([error.reason, error.message, error.location]))
             except OSError:
                 pass
-        self.pending.unlink(missing_ok=True)
+        try:
+            self.pending.unlink(missing_ok=True)
+        except OSError:
+            pass
 
     def wait(self, stall_s: float | None = None) -> dict:
         """The entry local rank 0 is writing, once written; its SampleError if it failed; a RuntimeError naming
@@ -245,7 +256,7 @@ class SourceEntry:
         start = time.time()
         log.info("waiting for local rank 0 to validate the data (%s)", self.path)
         while True:
-            entry = self.load()
+            entry = self.load(accept_racy=True)
             if entry is not None:
                 return entry
             failed = _mtime(self.failed)
