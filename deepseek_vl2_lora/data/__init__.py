@@ -1,9 +1,11 @@
 """Training and eval data: sources (`records`), record layouts (`layouts`), images (`images`), validated datasets
-(`datasets`), the data report (`report`) and bad samples at train time (`bad_samples`)."""
+(`datasets`) and their validation cache (`validation_cache`), the data report (`report`), bad samples at train time
+(`bad_samples`), and ``python -m deepseek_vl2_lora.data check FILE...`` (`check`): every bad line of a data set,
+without a model."""
 
 from .bad_samples import ON_BAD_SAMPLE, CollateItems, SkipBadSamples, TrainItem, unwrap_batch
 from .datasets import EvalDataset, Sample, SFTDataset, collate_eval, convert_llava, parse_record
-from .images import ImageRef, load_image, resolve_image
+from .images import ImageLimits, ImageRef, load_image, probe_image, resolve_image
 from .layouts import LLAVA_ROLES
 from .records import RecordSource, open_source, read_records
 from .report import DataReport
@@ -14,6 +16,7 @@ __all__ = [
     "CollateItems",
     "DataReport",
     "EvalDataset",
+    "ImageLimits",
     "ImageRef",
     "RecordSource",
     "SFTDataset",
@@ -25,6 +28,7 @@ __all__ = [
     "load_image",
     "open_source",
     "parse_record",
+    "probe_image",
     "read_records",
     "resolve_image",
     "unwrap_batch",

@@ -192,7 +192,7 @@ class _ValidatedData:
                          self.path, len(changed), len(rows))  # fmt: skip
                 self.report.layout = layout
                 self._run(rows, outcomes, table, row_images, images, None)
-                images.flush()
+                images.release()
                 if validator:
                     self._save(entry, outcomes, table, row_images)
             how = f"from the validation cache ({len(rows)} record(s) checked again)"
@@ -205,10 +205,10 @@ class _ValidatedData:
             except BaseException as e:
                 if entry is not None:
                     entry.finish(e if isinstance(e, SampleError) else None)
-                images.flush()
+                images.release()
                 raise
             layout = self.report.layout
-            images.flush()
+            images.release()
             if entry is not None:
                 self._save(entry, outcomes, table, row_images)
                 entry.finish()

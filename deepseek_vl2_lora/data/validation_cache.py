@@ -125,13 +125,16 @@ def read_json(path: Path) -> Any | None:
 
 # ------------------------------------------------------------------------------------------------ images
 class ImageCache:
-    """Image headers by (path, size, mtime_ns), in memory and (with a root) on disk. One per cache directory in
-    a process (`image_cache`), so the eval file's second dataset reads the first one's headers."""
+    """Image headers by (path, size, mtime_ns), on disk (with a root) and, while a data set validates, in memory.
+    One per cache directory in a process (`image_cache`): the eval file's second dataset reads the first one's
+    headers from memory."""
 
     def __init__(self, root: Path | None):
         self.root = root
         self._shards: dict[str, dict] = {}
         self._dirty: set[str] = set()
+        self._used: dict[str, dict] = {}  # the entries looked up since the last release()
+        self._recent: dict[str, dict] = {}  # the ones before (the eval file's second dataset reads these)
 
     def header(self, ref: ImageRef, stamp: list | None) -> tuple[int, int, int]:
         """(width, height, orientation) of an image file whose stamp is `stamp`; raises its SampleError."""
@@ -140,16 +143,23 @@ class ImageCache:
         path, size, mtime = stamp
         if mtime > time.time_ns() - RACY_NS:
             return probe_header(ref)
-        name = hashlib.sha1(path.encode("utf-8", "surrogateescape")).hexdigest()[:2]
-        shard = self._shard(name)
-        entry = shard.get(path)
-        if not (isinstance(entry, dict) and entry.get("size") == size and entry.get("mtime_ns") == mtime):
-            try:
-                entry = {"size": size, "mtime_ns": mtime, "header": list(probe_header(ref))}
-            except SampleError as e:
-                entry = {"size": size, "mtime_ns": mtime, "error": [e.reason, e.message]}
-            shard[path] = entry
-            self._dirty.add(name)
+
+        def fresh(entry) -> bool:
+            return isinstance(entry, dict) and entry.get("size") == size and entry.get("mtime_ns") == mtime
+
+        entry = self._recent.get(path)
+        if not fresh(entry):
+            name = hashlib.sha1(path.encode("utf-8", "surrogateescape")).hexdigest()[:2]
+            shard = self._shard(name)
+            entry = shard.get(path)
+            if not fresh(entry):
+                try:
+                    entry = {"size": size, "mtime_ns": mtime, "header": list(probe_header(ref))}
+                except SampleError as e:
+                    entry = {"size": size, "mtime_ns": mtime, "error": [e.reason, e.message]}
+                shard[path] = entry
+                self._dirty.add(name)
+        self._used[path] = entry
         if "error" in entry:
             raise SampleError(*entry["error"])
         return tuple(entry["header"])
@@ -159,6 +169,13 @@ class ImageCache:
             loaded = read_json(self.root / "images" / f"{name}.json") if self.root is not None else None
             self._shards[name] = loaded if isinstance(loaded, dict) else {}
         return self._shards[name]
+
+    def release(self) -> None:
+        """Write what changed and drop the shards from memory (a large data set's headers would otherwise stay in
+        the training process and its loader workers), keeping the entries the last data set used."""
+        self.flush()
+        self._shards.clear()
+        self._recent, self._used = self._used, {}
 
     def flush(self) -> None:
         """Write the shards this process changed (merged with what other processes wrote meanwhile)."""
