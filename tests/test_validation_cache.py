@@ -207,6 +207,13 @@ def test_a_corrupt_cache_entry_is_a_warning_and_a_miss(tmp_path, proc, caplog):
     warned = [r.getMessage() for r in caplog.records if "unreadable validation cache entry" in r.getMessage()]
     assert any(str(entry) in m for m in warned) and len(warned) >= 2
     assert json.loads(entry.read_text())["outcomes"]  # rebuilt
+    for wrong in ({"version": 1, "outcomes": [[0]] * 8}, {"version": 1, "outcomes": [[0]], "layout": None,
+                                                          "images": [], "row_images": {}}):  # fmt: skip
+        entry.write_text(json.dumps(wrong))  # valid JSON, not this source's entry
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert SFTDataset(path, proc, on_bad_sample="skip", cache_dir=cache).rows == first.rows
+        assert any("ignoring validation cache entry" in r.getMessage() for r in caplog.records)
 
 
 def test_cache_files_follow_the_umask(tmp_path, proc):

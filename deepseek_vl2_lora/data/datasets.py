@@ -181,10 +181,9 @@ class _ValidatedData:
         state = entry.load(accept_racy=not validator) if entry is not None else None
         if entry is not None and state is None and not validator:
             state = entry.wait()  # local rank 0 validates (validation_cache)
-        if state is not None and len(state["outcomes"]) == len(self.source):
-            table = _ImageTable(state["images"])
-            row_images = {int(k): v for k, v in state["row_images"].items()}
-            outcomes, layout = state["outcomes"], state["layout"]
+        parsed = self._read_state(state, entry) if state is not None else None
+        if parsed is not None:
+            outcomes, layout, table, row_images = parsed
             changed = table.changed()
             rows = sorted(r for r, used in row_images.items() if changed.intersection(used))
             if rows:
@@ -224,6 +223,25 @@ class _ValidatedData:
                 self.report.skip(SampleError(*outcome))
         log.info("%s: %d records %s in %.1f s", self.path, len(outcomes), how, time.perf_counter() - started)
 
+    def _read_state(self, state: dict, entry: SourceEntry) -> tuple | None:
+        """(outcomes, layout, image table, row -> image indices) of a cache entry; None (and one warning) when it
+        does not hold them for this source."""
+        try:
+            outcomes, layout = state["outcomes"], state["layout"]
+            table = _ImageTable(state["images"])
+            row_images = {int(k): [int(i) for i in v] for k, v in state["row_images"].items()}
+            ok = len(outcomes) == len(self.source) and (layout is None or isinstance(layout, str))
+            ok = ok and all(isinstance(o, list) and len(o) in (1, 3) for o in outcomes)
+            ok = ok and all(len(s) == 3 for s in table.stamps) and all(i < len(table.stamps) for v in
+                                                                         row_images.values() for i in v)  # fmt: skip
+        except (KeyError, TypeError, ValueError, AttributeError):
+            ok = False
+        if not ok:
+            log.warning("ignoring validation cache entry %s: not an entry for %s; it will be rebuilt", entry.path,
+                        self.path)  # fmt: skip
+            return None
+        return outcomes, layout, table, row_images
+
     def _save(self, entry: SourceEntry, outcomes: list, table: _ImageTable, row_images: dict) -> None:
         # A file modified just before it was read may change again without its stamp changing: the entry then
         # serves this run's other ranks only (a later start validates again).
@@ -238,12 +256,12 @@ class _ValidatedData:
         for k, row in enumerate(rows):
             if entry is not None and k % 256 == 0:
                 entry.heartbeat()
+            row_images.pop(row, None)
             try:
                 record = self._record(row)
                 if self.report.layout is None:  # the file's layout: the first record's that has one
                     self.report.layout = layouts.detect_layout(record)
                 sample, added = self._parse(row, record)
-                row_images.pop(row, None)
                 used, sizes = [], []
                 for ref in sample.images:
                     stamp = None
