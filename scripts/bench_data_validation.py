@@ -1,13 +1,14 @@
 """Benchmark start-up data validation (issue #13, item 6): 20,000 records with 1024×768 JPEGs, validated as a
 training run does (`SFTDataset` with the tiny checkpoint's processor, `data.max_length=4096`), with an empty
 validation cache (first start), then again (second start: a restart, a resume or another rank), then after one
-image changed. Each start runs in a fresh process; the time is the dataset's construction (reading the JSONL
-included; Python imports and the tokenizer load excluded, printed apart). Also times the old check (a full
-decode of each image) on a sample, for comparison.
+image changed, then with another ``data.max_length`` (a new source entry; image headers from the cache). Each
+start runs in a fresh process; the time is the dataset's construction (reading the JSONL included; Python imports
+and the tokenizer load excluded, printed apart). Also times the old check (a full decode of each image) on a
+sample, for comparison.
 
     python scripts/bench_data_validation.py [--records 20000] [--dir /tmp/bench_data]
 
-Needs ~1 GB in --dir (deleted at the end unless --keep). Results: docs/benchmarks.md, "Data validation".
+Needs ~0.6 GB in --dir (deleted at the end unless --keep). Results: docs/benchmarks.md, "Data validation".
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def make_data(root: Path, n: int, distinct: int = 16) -> Path:
     return path
 
 
-def one_start(data: Path, cache: Path) -> dict:
+def one_start(data: Path, cache: Path, max_length: int) -> dict:
     """Run in a fresh process: construct the training set as preflight does; the timings."""
     import logging
 
@@ -72,7 +73,7 @@ def one_start(data: Path, cache: Path) -> dict:
     t0 = time.perf_counter()
     processor = DeepseekVL2Processor.from_pretrained(ensure_tiny_checkpoint("full-noaux"))
     t1 = time.perf_counter()
-    ds = SFTDataset(data, processor, max_length=4096, cache_dir=cache)
+    ds = SFTDataset(data, processor, max_length=max_length, cache_dir=cache)
     t2 = time.perf_counter()
     return {"processor_load_s": round(t1 - t0, 2), "validation_s": round(t2 - t1, 2), "kept": len(ds),
             "skipped": ds.report.num_skipped}  # fmt: skip
@@ -94,10 +95,11 @@ def main() -> None:
     p.add_argument("--records", type=int, default=20_000)
     p.add_argument("--dir", default="/tmp/bench_data_validation")
     p.add_argument("--keep", action="store_true")
-    p.add_argument("--one-start", nargs=2, metavar=("DATA", "CACHE"), help=argparse.SUPPRESS)
+    p.add_argument("--one-start", nargs=3, metavar=("DATA", "CACHE", "MAX_LENGTH"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one_start:
-        print(json.dumps(one_start(Path(args.one_start[0]), Path(args.one_start[1]))))
+        data, cache, max_length = args.one_start
+        print(json.dumps(one_start(Path(data), Path(cache), int(max_length))))
         return
     root = Path(args.dir)
     shutil.rmtree(root, ignore_errors=True)
@@ -108,8 +110,8 @@ def main() -> None:
         print(f"generated {args.records} records, {size / 2**30:.2f} GiB, in {time.perf_counter() - t0:.0f} s")
         cache = root / "cache"
 
-        def start(label: str) -> dict:
-            cmd = [sys.executable, __file__, "--one-start", str(data), str(cache)]
+        def start(label: str, max_length: int = 4096) -> dict:
+            cmd = [sys.executable, __file__, "--one-start", str(data), str(cache), str(max_length)]
             out = subprocess.run(
                 cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
             )
@@ -122,6 +124,7 @@ def main() -> None:
         changed = sorted((data.parent / "images").rglob("*.jpg"))[123]
         os.utime(changed, (time.time() - 30, time.time() - 30))
         third = start("after one image changed")
+        start("another data.max_length (image headers cached, records tokenized)", max_length=2048)
         ms = old_check(data, 500)
         print(f"former check (full decode, 500 images): {ms:.2f} ms/record -> {ms * args.records / 1e3:.0f} s for "
               f"{args.records} records")  # fmt: skip
