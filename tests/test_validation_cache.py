@@ -396,3 +396,29 @@ def test_the_run_lists_every_skipped_line(tmp_path, proc):
     assert {x["reason"] for x in lines[:5]} == {"missing_image"} and lines[0]["split"] == "train"
     assert lines[-1]["line"] == "from an earlier run"
     assert ds.report.skipped_records("train")[-1]["stage"] == "train"
+
+
+def test_config_keys_are_checked_and_reach_the_datasets(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from deepseek_vl2_lora.preflight import dataset_options
+    from deepseek_vl2_lora.train_config import ConfigError, check_config
+
+    def compose_cfg(*overrides):
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            return compose("train", overrides=list(overrides))
+
+    cfg = compose_cfg()
+    assert (cfg.data.max_image_pixels, cfg.data.large_image, cfg.data.cache_dir) == (89_478_485, "reject", None)
+    bad = compose_cfg("data.large_image=shrink", "data.max_image_pixels=0", "data.cache_dir=true")
+    with pytest.raises(ConfigError) as info:
+        check_config(bad)
+    for key in ("data.large_image='shrink'", "data.max_image_pixels=0", "data.cache_dir=True"):
+        assert key in str(info.value)
+    cfg = compose_cfg("data.large_image=resize", "data.max_image_pixels=null", f"data.cache_dir={tmp_path}")
+    check_config(cfg)
+    options = dataset_options(cfg, processor=None)
+    chosen = (options["max_image_pixels"], options["large_image"], options["cache_dir"])
+    assert chosen == (None, "resize", str(tmp_path))
+    assert validation_cache.resolve_cache_dir(compose_cfg("data.cache_dir=false").data.cache_dir) is None
+    assert validation_cache.resolve_cache_dir("none") is None
