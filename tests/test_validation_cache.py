@@ -340,6 +340,13 @@ def test_large_images_are_resized_once(tmp_path, proc, monkeypatch, caplog):
     assert [p.name for p in (cache / "resized").iterdir()] == [copy.name]
     resized = [r for r in caplog.records if "resized once" in r.getMessage()]
     assert len(resized) == 1 and "big.jpg" in resized[0].getMessage()
+    # a large image damaged past its header: found when it is resized, a bad record like any other
+    save_image(d / "big.png", size=(40, 30))
+    (d / "cut.png").write_bytes((d / "big.png").read_bytes()[:60])  # a sound header (probe_image reads it)
+    assert probe_image(d / "cut.png") == (40, 30)
+    path = write_jsonl(d / "t2.jsonl", [record(["big.jpg"]), record(["cut.png"])])
+    ds = SFTDataset(path, proc, on_bad_sample="skip", max_image_pixels=1000, large_image="resize", cache_dir=cache)
+    assert ds.rows == [0] and dict(ds.report.skipped) == {"corrupt_image": 1}
 
 
 # ------------------------------------------------------------------------------------------------ check CLI

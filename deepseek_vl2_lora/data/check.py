@@ -117,7 +117,7 @@ def check(args: argparse.Namespace, out=None) -> int:
             print(f"  {reason}: {count}  (first: {first['location']}: {first['message']})", file=out)
     path = Path(args.report)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in bad), encoding="utf-8")
+    path.write_text("".join(json.dumps(x) + "\n" for x in bad), encoding="utf-8")
     print(f"{len(bad)} bad line(s) in {len(args.files)} file(s); report: {path}", file=out)
     if args.model is None and args.max_length is not None:
         print("(token lengths counted with the tiny tokenizer: pass --model CHECKPOINT_DIR for the real one)", file=out)

@@ -98,7 +98,12 @@ class ImageLimits:
                     return im.convert("RGB")
             except Exception as e:  # a damaged copy: made again
                 log.warning("resized copy %s is unreadable (%s); making it again", path, e)
-        image = _shrink(ref, exif_transpose, self.max_pixels)
+        try:
+            image = _shrink(ref, exif_transpose, self.max_pixels)
+        except SampleError:
+            raise
+        except Exception as e:  # (a file damaged past its header: found when resizing it at validation)
+            raise SampleError("corrupt_image", f"cannot decode image {ref.name} ({type(e).__name__}: {e})") from e
         if path is not None:
             try:
                 _save_atomic(image, path)
