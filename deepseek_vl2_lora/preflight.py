@@ -8,7 +8,8 @@ before `trainer.load_model`:
   shard is as long as its header says; together they hold exactly the keys and shapes that config implies (the
   model built on the meta device, `checkpoint.official_shapes`);
 * `processor_config.json` and the tokenizer files exist and load (cheap; the data checks need the tokenizer);
-* the data files exist and every record validates (`data.SFTDataset` / `EvalDataset`, kept for the run);
+* the data files exist and every record validates (`data.SFTDataset` / `EvalDataset`, kept for the run; image
+  headers only, cached in data.cache_dir: local rank 0 validates, the other ranks read its result);
 * `trainer.resume`: the path exists and is an intact checkpoint (or a run directory with one), written by this
   run's engine kind and number of ranks.
 
@@ -30,6 +31,7 @@ from omegaconf import OmegaConf
 from .checkpoint import CONFIG_NAME, check_keys, official_shapes, weight_files
 from .config import VL2Config
 from .data import DataReport, EvalDataset, Mixture, SFTDataset
+from .data.images import DEFAULT_MAX_IMAGE_PIXELS
 from .data.mixture import source_names
 from .engine import DistEnv
 from .processor import DeepseekVL2Processor
@@ -90,6 +92,9 @@ def dataset_options(cfg, processor: DeepseekVL2Processor) -> dict:
         image_root=image_root,
         columns=dict(cfg.data.get("columns") or {}),
         exif_transpose=bool(cfg.data.get("exif_transpose", False)),  # (absent from configs older than the option)
+        max_image_pixels=cfg.data.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
+        large_image=cfg.data.get("large_image", "reject"),
+        cache_dir=cfg.data.get("cache_dir"),  # validation_cache: local rank 0 validates, the other ranks read
     )
 
 

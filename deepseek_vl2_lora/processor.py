@@ -22,6 +22,7 @@ colour, the local view is padded to the best resolution and cut row-major into t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -264,6 +265,9 @@ class DeepseekVL2Processor:
         self.ignore_id = ignore_id
         self.tokenizer = tokenizer
         self._add_special_tokens()
+        # A hash of the files it was loaded from (from_pretrained), naming it in the data validation cache; None:
+        # built in code, so datasets validate without the per-source cache.
+        self.fingerprint: str | None = None
 
     def _add_special_tokens(self) -> None:
         """Same additions, in the same order, as the official __init__ (released tokenizers have them all)."""
@@ -290,7 +294,9 @@ class DeepseekVL2Processor:
             raise ProcessorConfigError(f"{path}: not valid JSON ({e})") from e
         config = _validate_config(config, path)
         tokenizer = _load_tokenizer(root)
-        return cls(tokenizer, **config)
+        processor = cls(tokenizer, **config)
+        processor.fingerprint = files_fingerprint(root)
+        return processor
 
     # -- ids ---------------------------------------------------------------------------------------------
 
@@ -517,6 +523,20 @@ class DeepseekVL2Processor:
             out.append(self.image_token)
         out.append(self.tokenizer.decode(text, skip_special_tokens=skip_special_tokens))
         return "".join(out)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")  # fmt: skip
+
+
+def files_fingerprint(root: Path) -> str:
+    """sha256 of processor_config.json and the tokenizer files in `root` (what a processor is loaded from)."""
+    h = hashlib.sha256()
+    for name in (PROCESSOR_CONFIG_NAME, *TOKENIZER_FILES):
+        path = root / name
+        if path.is_file():
+            h.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
 
 
 def _load_tokenizer(root: Path):

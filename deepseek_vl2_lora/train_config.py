@@ -72,6 +72,16 @@ class DataConfig:
     # N kept records}, e.g. 'data.train=[{path:a.jsonl,weight:3},{path:b.jsonl,weight:1}]' data.train_path=null.
     # (Typed Any, checked in check_config, like columns.)
     train: Any = None
+    # Images above this many pixels (null: no limit) are rejected (reason image_too_large: on_bad_sample decides) or,
+    # with large_image=resize, shrunk once to fit (aspect kept) into a copy in cache_dir that training reads. The
+    # default is PIL's own warning threshold (~9459×9459): the model sees at most 3×3 tiles of 384 px anyway.
+    max_image_pixels: int | None = 89_478_485
+    large_image: str = "reject"  # reject | resize
+    # Where validation results are cached (image headers per file; each source's outcome per settings), so that a
+    # restart, a resume and the other ranks validate nothing again (deepseek_vl2_lora/data/validation_cache.py).
+    # null: ~/.cache/deepseek_vl2_lora/data ($DEEPSEEK_VL2_LORA_CACHE/data or $XDG_CACHE_HOME/... when set); false
+    # or none: no cache. (Typed Any: a path or false.)
+    cache_dir: Any = None
 
 
 @dataclass
@@ -221,6 +231,7 @@ _CHOICES = {
     "model.experts_kernel": ("auto", "loop", "grouped"),
     "data.overlong": ("error", "skip", "truncate"),
     "data.on_bad_sample": ("error", "skip"),
+    "data.large_image": ("reject", "resize"),
     "trainer.precision": ("auto", "bf16", "fp32"),
     "dist.kind": ("single", "zero2", "zero3"),
     "plan.routing": ("uniform", "zipf"),
@@ -332,6 +343,10 @@ def check_config(cfg: DictConfig) -> None:
     ):
         problems.append(f"data.columns={columns}: must be a mapping of our key to the file's, e.g. {{messages: conv}}")
     problems += _mixture_problems(cfg.data)
+    if cfg.data.max_image_pixels is not None and cfg.data.max_image_pixels < 1:
+        problems.append(f"data.max_image_pixels={cfg.data.max_image_pixels}: must be ≥ 1 (or null: no limit)")
+    if not (cfg.data.cache_dir is None or isinstance(cfg.data.cache_dir, (str, bool))) or cfg.data.cache_dir is True:
+        problems.append(f"data.cache_dir={cfg.data.cache_dir}: a directory, null (the default one) or false (none)")
     if cfg.trainer.epochs is None and cfg.trainer.max_steps is None:
         problems.append("trainer.max_steps and trainer.epochs are both null: set one of them")
     for key in ("trainer.max_steps", "trainer.epochs"):

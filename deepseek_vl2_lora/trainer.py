@@ -16,7 +16,7 @@ tokens, so the gradient DeepSpeed averages over ranks is the one-process gradien
 Every rank evaluates (ZeRO-3 needs all ranks in each forward); rank 0 alone writes metrics, W&B, reports and
 trained/; each rank logs to logs/rank{R}.log.
 
-Run-dir layout: config_resolved.yaml, trainable_parameters.json, data_report.json, metrics.jsonl,
+Run-dir layout: config_resolved.yaml, trainable_parameters.json, data_report.json, data_skipped.jsonl, metrics.jsonl,
 eval/step_XXXXXXXX.jsonl (predictions), checkpoints/step_XXXXXXXX/ + checkpoints/latest, trained/,
 summary.json (plus .hydra/ and train.log from Hydra, wandb/ with logger=wandb, logs/ with several ranks).
 """
@@ -219,6 +219,30 @@ def _rank_logging(run_dir: Path, env: DistEnv) -> logging.Handler | None:
 
 def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+SKIPPED_FILE = "data_skipped.jsonl"  # every skipped line: {split, source, stage, location, reason, message}
+
+
+def _write_skipped(path: Path, reports: dict) -> None:
+    """Every record validation skipped, one JSON line each (data_report.json keeps 3 examples per reason); the
+    train-time skips an earlier run of this run dir listed are kept (this run's are appended at its end)."""
+    earlier = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                item = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(item, dict) and item.get("stage") == "train":
+                earlier.append(item)
+    lines = [x for name, r in reports.items() for x in r.skipped_records(name) if x["stage"] == "validation"]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines + earlier))
+
+
+def _append_jsonl(path: Path, items: list[dict]) -> None:
+    with open(path, "a") as f:
+        f.writelines(json.dumps(x) + "\n" for x in items)
 
 
 def _describe_eval(result_metrics: dict) -> str:
@@ -516,6 +540,7 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preempt
         (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         report.write_json(run_dir / "trainable_parameters.json")
         _write_json(run_dir / "data_report.json", {name: r.to_dict() for name, r in data.reports.items()})
+        _write_skipped(run_dir / SKIPPED_FILE, data.reports)
         if cfg.logger.wandb:
             wandb_run = init_wandb(cfg.logger, cfg.name, cfg.tags, run_dir, resolved, state.wandb_id)
             state.wandb_id = wandb_run.id
@@ -688,6 +713,8 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preempt
         )
     if env.is_main and state.extra.get("skipped_at_train"):  # the data report, with this run's train-time skips
         _write_json(run_dir / "data_report.json", {name: r.to_dict() for name, r in data.reports.items()})
+        _append_jsonl(run_dir / SKIPPED_FILE, [x for x in data.reports["train"].skipped_records("train") if
+                                               x["stage"] == "train"])  # fmt: skip
         log.warning("train data: %d samples went bad during training and were skipped", state.extra["skipped_at_train"])
     trained_dir = None
     if tc.save_trained:

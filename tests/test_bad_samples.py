@@ -65,6 +65,9 @@ def test_image_deleted_mid_run_is_a_counted_skip(tmp_path, data_dir, monkeypatch
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())["train"]
     assert sum(report["skipped_at_train"].values()) == counts[-1]
     assert set(report["skipped_at_train"]) == {"missing_image"}
+    listed = [json.loads(x) for x in (tmp_path / "run" / "data_skipped.jsonl").read_text().splitlines()]
+    assert len(listed) == counts[-1] and {x["stage"] for x in listed} == {"train"}  # every one, by line
+    assert all(x["reason"] == "missing_image" and "train.jsonl:" in x["line"] for x in listed)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -1,10 +1,11 @@
 """Training and eval data: sources (`records`), record layouts (`layouts`), images (`images`), validated datasets
-(`datasets`), the data report (`report`), bad samples at train time (`bad_samples`) and mixtures of training
-sources (`mixture`)."""
+(`datasets`) and their validation cache (`validation_cache`), the data report (`report`), bad samples at train time
+(`bad_samples`), mixtures of training sources (`mixture`), and ``python -m deepseek_vl2_lora.data check FILE...``
+(`check`): every bad line of a data set, without a model."""
 
 from .bad_samples import ON_BAD_SAMPLE, CollateItems, SkipBadSamples, TrainItem, unwrap_batch
 from .datasets import EvalDataset, Sample, SFTDataset, collate_eval, convert_llava, parse_record
-from .images import ImageRef, load_image, resolve_image
+from .images import ImageLimits, ImageRef, load_image, probe_image, resolve_image
 from .layouts import LLAVA_ROLES
 from .mixture import Mixture
 from .records import RecordSource, open_source, read_records
@@ -17,6 +18,7 @@ __all__ = [
     "CollateItems",
     "DataReport",
     "EvalDataset",
+    "ImageLimits",
     "ImageRef",
     "RecordSource",
     "SFTDataset",
@@ -28,6 +30,7 @@ __all__ = [
     "load_image",
     "open_source",
     "parse_record",
+    "probe_image",
     "read_records",
     "resolve_image",
     "unwrap_batch",

@@ -99,7 +99,7 @@ def unwrap_batch(collated, report: DataReport | None = None, source_reports: dic
     for line, reason, source in zip(skipped, reasons, sources):
         log.warning("skipped a bad training sample (data.on_bad_sample=skip): %s", line)
         if report is not None:
-            report.skipped_at_train[reason] += 1
+            report.skip_at_train(line, reason)
         if source is not None and source_reports and source in source_reports:
             source_reports[source].skipped_at_train[reason] += 1
     return batch

@@ -10,14 +10,20 @@ Image paths are relative to the data file's directory (a dataset directory itsel
 given; images embedded in the data (``{"bytes", "path"}``) are read from their bytes. Other keys of a record are
 kept as ``meta`` (the demo data stores its question type there).
 
-Every record is checked when the dataset is built: it parses, the schema and roles are valid, each image opens and
-decodes (rotated by its EXIF orientation only with ``exif_transpose``, off by default as in the official loader),
-the placeholder count matches, there is an assistant turn, and the token length fits ``max_length`` under the
+Every record is checked when the dataset is built: it parses, the schema and roles are valid, each image's header
+reads (its size, rotated by its EXIF orientation only with ``exif_transpose``, off by default as in the official
+loader; no pixels are decoded: a file damaged past its header fails when the sample is encoded, a counted
+train-time skip or one error line, `bad_samples`) and its pixel count is within ``max_image_pixels`` (above it:
+``large_image`` rejects, reason ``image_too_large``, or resizes once into the cache), the placeholder count
+matches, there is an assistant turn, and the token length fits ``max_length`` under the
 ``overlong`` policy. A bad record either raises a `SampleError` naming its place (``file:line``) and the reason
 (``on_bad_sample="error"``) or is skipped and counted by reason in the dataset's `DataReport` (``"skip"``). The
 ``overlong`` policy decides for over-long samples (``"error"`` raises, ``"skip"`` skips and counts,
 ``"truncate"`` cuts the tail); when truncation is impossible (it would cut an image, or leave no answer token)
 ``on_bad_sample`` decides.
+
+What validation found is cached per data source and settings, and image headers per file (`validation_cache`):
+a restart, a resume or another rank of the run reads the outcome and stats the images instead of validating.
 
 A dataset keeps only the row numbers of the records it kept: a sample is read from its source again, parsed and
 its images opened in ``__getitem__``, so a memory-mapped source stays out of RAM.
@@ -25,6 +31,9 @@ its images opened in ``__getitem__``, so a memory-mapped source stays out of RAM
 
 from __future__ import annotations
 
+import logging
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,9 +41,22 @@ from typing import Any
 from ..processor import DeepseekVL2Processor, SampleError
 from . import layouts
 from .bad_samples import ON_BAD_SAMPLE
-from .images import ImageRef, load_image, resolve_image
+from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageLimits, ImageRef, load_image, oriented_size, resolve_image
 from .records import RecordSource, open_source
 from .report import DataReport
+from .validation_cache import (
+    CACHE_VERSION,
+    SourceEntry,
+    digest,
+    file_stamp,
+    image_cache,
+    is_racy,
+    is_validator,
+    resolve_cache_dir,
+    source_fingerprint,
+)
+
+log = logging.getLogger(__name__)
 
 OVERLONG_REASONS = ("overlong",)  # decided by the `overlong` policy; all other reasons by `on_bad_sample`
 
@@ -80,7 +102,11 @@ class _Samples:
 
 
 class _ValidatedData:
-    """Reads a data source and keeps the rows of the records that will encode; shared by SFT and eval datasets."""
+    """Reads a data source and keeps the rows of the records that will encode; shared by SFT and eval datasets.
+
+    Validation reads image headers only (`images.probe_header`) and is cached (`validation_cache`): a second
+    construction with the same files and settings stats the images and reads the outcome; under several ranks
+    only local rank 0 validates."""
 
     generation = False
 
@@ -96,6 +122,9 @@ class _ValidatedData:
         exif_transpose: bool = False,
         split: str | None = None,
         purpose: str = "train",  # which split a dataset directory defaults to: "train" or "eval" (records.py)
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        large_image: str = "reject",
+        cache_dir: Any = None,  # None: the default cache directory; False / "none": no cache (validation_cache)
     ):
         if on_bad_sample not in ON_BAD_SAMPLE:
             raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
@@ -106,26 +135,149 @@ class _ValidatedData:
         self.on_bad_sample = on_bad_sample
         self.max_length = max_length
         self.overlong = overlong
+        self._read_ns = time.time_ns()  # files modified after (or just before) this are not cached
         self.source: RecordSource = open_source(self.path, split, purpose)
         self.image_root = Path(image_root) if image_root is not None else self.source.image_root
         self.columns = dict(columns or {})
         self.exif_transpose = exif_transpose
+        self.cache_dir = resolve_cache_dir(cache_dir)
+        resized_dir = self.cache_dir / "resized" if self.cache_dir is not None else None
+        self.limits = ImageLimits(max_image_pixels, large_image, resized_dir)
         self.report = DataReport(str(self.path))
         self.rows: list[int] = []  # the source rows of the kept records
         self.samples = _Samples(self)
-        for row in range(len(self.source)):
+        self._validate()
+
+    # -- validation -----------------------------------------------------------------------------------------
+    def _cache_entry(self) -> SourceEntry | None:
+        fingerprint = getattr(self.processor, "fingerprint", None)
+        if self.cache_dir is None or fingerprint is None:  # (a processor not from files: no source cache)
+            return None
+        self._fingerprint = source_fingerprint(self.path)
+        key = {
+            "kind": type(self).__name__,
+            "generation": self.generation,
+            "source": self._fingerprint,
+            "split": getattr(self.source, "split", None),
+            "processor": fingerprint,
+            "max_length": self.max_length,
+            "overlong": self.overlong,
+            "on_bad_sample": self.on_bad_sample,
+            "columns": sorted(self.columns.items()),
+            "image_root": os.path.abspath(self.image_root),
+            "exif_transpose": self.exif_transpose,
+            "max_image_pixels": self.limits.max_pixels,
+            "large_image": self.limits.large_image,
+            "version": CACHE_VERSION,
+        }
+        return SourceEntry(self.cache_dir, digest(key))
+
+    def _validate(self) -> None:
+        """Every row's outcome (kept, or skipped with its error), from the cache where it is still true."""
+        started = time.perf_counter()
+        images = image_cache(self.cache_dir)
+        entry = self._cache_entry()
+        validator = is_validator()
+        state = entry.load(accept_racy=not validator) if entry is not None else None
+        if entry is not None and state is None and not validator:
+            state = entry.wait()  # local rank 0 validates (validation_cache)
+        parsed = self._read_state(state, entry) if state is not None else None
+        if parsed is not None:
+            outcomes, layout, table, row_images = parsed
+            changed = table.changed()
+            rows = sorted(r for r, used in row_images.items() if changed.intersection(used))
+            if rows:
+                log.info("%s: %d image(s) changed since validation: checking their %d record(s) again",
+                         self.path, len(changed), len(rows))  # fmt: skip
+                self.report.layout = layout
+                self._run(rows, outcomes, table, row_images, images, None)
+                images.release()
+                if validator:
+                    self._save(entry, outcomes, table, row_images)
+            how = f"from the validation cache ({len(rows)} record(s) checked again)"
+        else:
+            outcomes, table, row_images = [None] * len(self.source), _ImageTable([]), {}
+            if entry is not None:
+                entry.start()
+            try:
+                self._run(range(len(self.source)), outcomes, table, row_images, images, entry)
+            except BaseException as e:
+                if entry is not None:
+                    entry.finish(e if isinstance(e, SampleError) else None)
+                images.release()
+                raise
+            layout = self.report.layout
+            images.release()
+            if entry is not None:
+                self._save(entry, outcomes, table, row_images)
+                entry.finish()
+            how = "validated"
+        self.report.layout = layout
+        for row, outcome in enumerate(outcomes):
             self.report.total += 1
+            if len(outcome) == 1:
+                self.rows.append(row)
+                self.report.kept += 1
+                self.report.placeholders_added += outcome[0]
+            else:
+                self.report.skip(SampleError(*outcome))
+        log.info("%s: %d records %s in %.1f s", self.path, len(outcomes), how, time.perf_counter() - started)
+
+    def _read_state(self, state: dict, entry: SourceEntry) -> tuple | None:
+        """(outcomes, layout, image table, row -> image indices) of a cache entry; None (and one warning) when it
+        does not hold them for this source."""
+        try:
+            outcomes, layout = state["outcomes"], state["layout"]
+            table = _ImageTable(state["images"])
+            row_images = {int(k): [int(i) for i in v] for k, v in state["row_images"].items()}
+            ok = len(outcomes) == len(self.source) and (layout is None or isinstance(layout, str))
+            ok = ok and all(isinstance(o, list) and len(o) in (1, 3) for o in outcomes)
+            ok = ok and all(len(s) == 3 for s in table.stamps) and all(i < len(table.stamps) for v in
+                                                                         row_images.values() for i in v)  # fmt: skip
+        except (KeyError, TypeError, ValueError, AttributeError):
+            ok = False
+        if not ok:
+            log.warning("ignoring validation cache entry %s: not an entry for %s; it will be rebuilt", entry.path,
+                        self.path)  # fmt: skip
+            return None
+        return outcomes, layout, table, row_images
+
+    def _save(self, entry: SourceEntry, outcomes: list, table: _ImageTable, row_images: dict) -> None:
+        # A file modified just before it was read may change again without its stamp changing: the entry then
+        # serves this run's other ranks only (a later start validates again).
+        racy = is_racy(self._fingerprint + table.stamps, self._read_ns)
+        if racy:
+            log.info("%s: a file changed within the last second: validated again at the next start", self.path)
+        entry.save({"layout": self.report.layout, "outcomes": outcomes, "images": table.stamps,
+                    "row_images": row_images, "racy": racy})  # fmt: skip
+
+    def _run(self, rows, outcomes: list, table: _ImageTable, row_images: dict, images, entry) -> None:
+        """Validate `rows` into `outcomes`: [placeholders added] (kept) or [reason, message, location]."""
+        for k, row in enumerate(rows):
+            if entry is not None and k % 256 == 0:
+                entry.heartbeat()
+            row_images.pop(row, None)
             try:
                 record = self._record(row)
                 if self.report.layout is None:  # the file's layout: the first record's that has one
                     self.report.layout = layouts.detect_layout(record)
                 sample, added = self._parse(row, record)
-                self._check_sample(sample.messages, self._image_sizes(sample.images))
-                self.rows.append(row)
-                self.report.kept += 1
-                self.report.placeholders_added += added
+                used, sizes = [], []
+                for ref in sample.images:
+                    stamp = None
+                    if ref.data is None:
+                        stamp = file_stamp(ref.path)
+                        used.append(table.add(stamp or [os.path.abspath(ref.path), None, None]))
+                        row_images[row] = used
+                    size = oriented_size(images.header(ref, stamp), self.exif_transpose)
+                    sizes.append(self.limits.check(ref, size, self.exif_transpose))
+                self._check_sample(sample.messages, sizes)
+                outcomes[row] = [added]
             except SampleError as e:
-                self._handle(e.at(self.source.location(row)))
+                error = e.at(self.source.location(row))
+                if self._policy(error) == "error":
+                    raise error from None
+                outcomes[row] = [error.reason, error.message, error.location]
 
     def _record(self, row: int) -> Any:
         record = self.source.record(row)
@@ -138,16 +290,11 @@ class _ValidatedData:
         images = [resolve_image(image, self.image_root) for image in parsed.images]
         return Sample(self.source.location(row), parsed.messages, images, parsed.meta), parsed.placeholders_added
 
-    def _image_sizes(self, images: list[ImageRef]) -> list[tuple[int, int]]:
-        return [load_image(ref, self.exif_transpose).size for ref in images]
-
-    def _handle(self, error: SampleError) -> None:
-        policy = self.on_bad_sample
+    def _policy(self, error: SampleError) -> str:
+        """What happens to a bad record: "error" (raise) or "skip" (count)."""
         if error.reason in OVERLONG_REASONS:
-            policy = "error" if self.overlong == "error" else "skip"
-        if policy == "error":
-            raise error
-        self.report.skip(error)
+            return "error" if self.overlong == "error" else "skip"
+        return self.on_bad_sample
 
     def _check_sample(self, messages: list[dict], sizes: list[tuple[int, int]]) -> None:
         self.processor.check(messages, sizes, self.generation, self.max_length, self.overlong)
@@ -166,10 +313,31 @@ class _ValidatedData:
     def _encode(self, index: int) -> dict:
         sample = self.sample(index)
         try:
-            images = [load_image(ref, self.exif_transpose) for ref in sample.images]
+            images = [load_image(ref, self.exif_transpose, self.limits) for ref in sample.images]
             return self.processor.encode(sample.messages, images, self.generation, self.max_length, self.overlong)
         except SampleError as e:  # the file changed since validation: still say where
             raise e.at(sample.location) from e
+
+
+class _ImageTable:
+    """The image files rows name, once each: [path, size, mtime_ns] (None, None: missing at validation)."""
+
+    def __init__(self, stamps: list):
+        self.stamps = [list(s) for s in stamps]
+        self._index = {s[0]: i for i, s in enumerate(self.stamps)}
+
+    def add(self, stamp: list) -> int:
+        i = self._index.get(stamp[0])
+        if i is None:
+            i = self._index[stamp[0]] = len(self.stamps)
+            self.stamps.append(stamp)
+        else:
+            self.stamps[i] = stamp
+        return i
+
+    def changed(self) -> set[int]:
+        """The indices of files whose stamp is not the recorded one any more."""
+        return {i for i, s in enumerate(self.stamps) if (file_stamp(s[0]) or [s[0], None, None]) != s}
 
 
 class SFTDataset(_ValidatedData):
@@ -194,11 +362,9 @@ class EvalDataset(_ValidatedData):
         directory by default."""
         super().__init__(path, processor, **{"purpose": "eval", **options, "overlong": "skip"})
 
-    def _handle(self, error: SampleError) -> None:
+    def _policy(self, error: SampleError) -> str:
         # Over-long prompts cannot be truncated, so they follow on_bad_sample like any other bad record.
-        if self.on_bad_sample == "error":
-            raise error
-        self.report.skip(error)
+        return self.on_bad_sample
 
     def _check_sample(self, messages: list[dict], sizes: list[tuple[int, int]]) -> None:
         last = messages[-1] if isinstance(messages, list) and messages else None

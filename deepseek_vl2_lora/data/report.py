@@ -1,4 +1,5 @@
-"""`DataReport`: what validating one data source found (kept records, skipped ones by reason, the layout)."""
+"""`DataReport`: what validating one data source found (kept records, skipped ones by reason, the layout), and
+every skipped line (`skipped_lines`, written by the trainer to ``data_skipped.jsonl``)."""
 
 from __future__ import annotations
 
@@ -22,14 +23,28 @@ class DataReport:
     skipped_at_train: Counter = field(default_factory=Counter)  # by reason: samples gone bad after validation
     # A mixture source's sampling (records used, weight, draws per epoch, share; `Mixture.describe`); None: not one
     sampling: dict | None = None
+    skipped_lines: list[dict] = field(default_factory=list)  # every skipped record: location, reason, message
+    train_lines: list[dict] = field(default_factory=list)  # every sample skipped at train time (this process)
 
     max_examples = 3
 
     def skip(self, error: SampleError) -> None:
         self.skipped[error.reason] += 1
+        self.skipped_lines.append({"location": error.location, "reason": error.reason, "message": error.message})
         shown = self.examples.setdefault(error.reason, [])
         if len(shown) < self.max_examples:
             shown.append(str(error))
+
+    def skip_at_train(self, line: str, reason: str) -> None:
+        """A sample that failed to load while training (`line`: ``file:line: message [reason]``)."""
+        self.skipped_at_train[reason] += 1
+        self.train_lines.append({"reason": reason, "line": line})
+
+    def skipped_records(self, split: str | None = None) -> list[dict]:
+        """Every skipped line as a JSON-able dict (stage "validation" or "train"), for ``data_skipped.jsonl``."""
+        head = {"split": split} if split is not None else {}
+        lines = [{**head, "source": self.source, "stage": "validation", **x} for x in self.skipped_lines]
+        return lines + [{**head, "source": self.source, "stage": "train", **x} for x in self.train_lines]
 
     @property
     def num_skipped(self) -> int:
