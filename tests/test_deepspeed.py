@@ -520,3 +520,25 @@ def test_deepspeed_json_takes_its_auto_fields_from_the_hydra_config(tmp_path):
     with pytest.raises(EngineError) as err:
         deepspeed_config(cfg.dist, cfg.trainer, cfg.optim, "fp32", 1)
     assert "train_micro_batch_size_per_gpu" in str(err.value) and '"optimizer"' in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------------ bad samples
+@needs_deepspeed
+def test_train_time_skips_are_counted_over_all_ranks(tmp_path, tiny_root):
+    """Images damaged past their header pass the (header-only) start-up check and fail when encoded: each rank
+    replaces its own bad samples, and data/skipped_at_train counts those of both ranks (each rank's log lists its
+    own skips: the independent count)."""
+    src = ROOT / "data" / "demo"
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    lines = (src / "train.jsonl").read_text().splitlines()[:16]
+    for k, line in enumerate(lines):
+        for image in json.loads(line)["images"]:
+            raw = (src / image).read_bytes()
+            (data / image).write_bytes(raw[: len(raw) // 2] if k % 3 == 0 else raw)  # 6 of 16 cut in half
+    (data / "train.jsonl").write_text("\n".join(lines) + "\n")
+    overrides = [f"data.train_path={data / 'train.jsonl'}", "data.eval_path=null", "data.on_bad_sample=skip"]
+    run_dir = two_ranks(tmp_path / "run", tiny_root, "zero2", *overrides)
+    logged = [(run_dir / "logs" / f"rank{r}.log").read_text().count("skipped a bad training sample") for r in (0, 1)]
+    final = read_metrics(run_dir, "train")[-1]["data/skipped_at_train"]
+    assert logged[0] > 0 and logged[1] > 0 and final == sum(logged)
