@@ -29,9 +29,11 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -488,7 +490,63 @@ def train(cfg, run_dir: str | Path) -> TrainResult:
             rank_log.close()
 
 
-def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preemption) -> TrainResult:
+@dataclass
+class _Run:
+    """What the loop, its evaluations, checkpoints and teardown share (built by `_start`)."""
+
+    cfg: Any
+    run_dir: Path
+    env: DistEnv
+    device: torch.device
+    autocast: Any
+    model: DeepseekVL2ForCausalLM
+    model_dir: Path
+    data: _Data
+    flop_model: FlopModel
+    engine: Any
+    state: TrainState
+    max_steps: int
+    metrics: MetricsLogger
+    wandb_run: Any
+    run_eval: Callable[[], Any]
+    benchmarks: BenchmarkSuite
+    peak: float | None  # peak FLOP/s for MFU (None: unknown)
+    resume_from: Path | None
+    rng: dict | None  # the RNG state to restore right before the loop (resumed runs)
+    t_start: float
+
+    def evaluate_and_log(self, tag: str) -> dict:
+        """Eval split and benchmarks: logged, predictions written (rank 0); every rank calls it."""
+        state = self.state
+        result = self.run_eval()
+        out = {**result.metrics(), **self.benchmarks(self.model, state.step, tag)}
+        self.metrics.log(state.step, "eval", {"eval/tag": tag, **out})
+        if self.env.is_main and result.predictions:
+            (self.run_dir / "eval").mkdir(exist_ok=True)
+            lines = "".join(json.dumps(p) + "\n" for p in result.predictions)
+            (self.run_dir / "eval" / f"step_{state.step:08d}.jsonl").write_text(lines)
+        log.info("eval (%s, step %d): %s", tag, state.step, _describe_eval(out))
+        return out
+
+    def save(self) -> Path | None:
+        """A resumable checkpoint, unless the state is not finite (then nothing is written). Every rank calls it."""
+        state = self.state
+        trainable, finite = self.engine.gather_trainable()  # full tensors on rank 0; `finite` is the same on all
+        if not state.last_step_finite or not finite:
+            log.warning("step %d: not saving a checkpoint from a non-finite state", state.step)
+            self.metrics.log(state.step, "event", {"event": "checkpoint_skipped_nonfinite"})
+            return None
+        path = save_checkpoint(self.run_dir, state, trainable, self.engine, self.cfg.trainer.keep_last)
+        self.metrics.log(state.step, "event", {"event": "checkpoint", "path": str(path)})
+        return path
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t_start
+
+
+def _start(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> _Run:
+    """Everything before the first step: preflight, model and policy, data, eval, step plan, engine, resume, run-dir
+    files and loggers."""
     t_start = time.perf_counter()
     tc, oc = cfg.trainer, cfg.optim
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -533,8 +591,7 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preempt
     mixture = train_set.signature() if isinstance(train_set, Mixture) else None
     state, resume_from, rng = _resume_or_start(cfg, run_dir, env, engine, len(train_set), pre.resume_from, mixture)
 
-    # -- loggers --------------------------------------------------------------------------------------------
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    # -- run-dir files, loggers -----------------------------------------------------------------------------
     wandb_run = None
     if env.is_main:
         (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -542,6 +599,7 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preempt
         _write_json(run_dir / "data_report.json", {name: r.to_dict() for name, r in data.reports.items()})
         _write_skipped(run_dir / SKIPPED_FILE, data.reports)
         if cfg.logger.wandb:
+            resolved = OmegaConf.to_container(cfg, resolve=True)
             wandb_run = init_wandb(cfg.logger, cfg.name, cfg.tags, run_dir, resolved, state.wandb_id)
             state.wandb_id = wandb_run.id
             wandb_log_policy(wandb_run, report)
@@ -550,178 +608,192 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preempt
         dropped = metrics.truncate_after(state.step)
         metrics.log(state.step, "event", {"event": "resume", "from": str(resume_from), "dropped_records": dropped})
     peak = tc.peak_flops or peak_flops(device, precision)
+    return _Run(
+        cfg, run_dir, env, device, autocast, model, model_dir, data, flop_model, engine, state, max_steps, metrics,
+        wandb_run, run_eval, benchmarks, peak, resume_from, rng, t_start,
+    )  # fmt: skip
 
-    def evaluate_and_log(tag: str) -> dict:
-        result = run_eval()
-        out = {**result.metrics(), **benchmarks(model, state.step, tag)}
-        metrics.log(state.step, "eval", {"eval/tag": tag, **out})
-        if env.is_main and result.predictions:
-            (run_dir / "eval").mkdir(exist_ok=True)
-            lines = "".join(json.dumps(p) + "\n" for p in result.predictions)
-            (run_dir / "eval" / f"step_{state.step:08d}.jsonl").write_text(lines)
-        log.info("eval (%s, step %d): %s", tag, state.step, _describe_eval(out))
-        return out
 
-    def save() -> Path | None:
-        """A resumable checkpoint, unless the state is not finite (then nothing is written). Every rank calls it."""
-        trainable, finite = engine.gather_trainable()  # full tensors on rank 0; `finite` is the same on all ranks
-        if not state.last_step_finite or not finite:
-            log.warning("step %d: not saving a checkpoint from a non-finite state", state.step)
-            metrics.log(state.step, "event", {"event": "checkpoint_skipped_nonfinite"})
-            return None
-        path = save_checkpoint(run_dir, state, trainable, engine, tc.keep_last)
-        metrics.log(state.step, "event", {"event": "checkpoint", "path": str(path)})
-        return path
-
-    # -- eval before training -----------------------------------------------------------------------------
-    if resume_from is None and tc.eval_before and (data.gen_set is not None or benchmarks):
-        state.eval_before = evaluate_and_log("before")
-
-    # -- loop -----------------------------------------------------------------------------------------------
-    if rng is not None:
-        set_rng_state(rng)  # last, so nothing in setup shifts the restored streams
-    stream = batch_stream(  # a sample gone bad since validation: replaced (skip) or one error line (SkipBadSamples)
-        SkipBadSamples(train_set, cfg.data.on_bad_sample),
-        CollateItems(data.collator, cfg.data.on_bad_sample),
-        tc.micro_batch_size,
+def _train_stream(run: _Run):
+    """(epoch, global batch index, collated micro batch) from the run's data position on; a sample gone bad since
+    validation is replaced (skip) or comes back as one error line (`SkipBadSamples`)."""
+    cfg, env = run.cfg, run.env
+    return batch_stream(
+        SkipBadSamples(run.data.train_set, cfg.data.on_bad_sample),
+        CollateItems(run.data.collator, cfg.data.on_bad_sample),
+        cfg.trainer.micro_batch_size,
         cfg.seed,
-        state.epoch,
-        state.batch,
+        run.state.epoch,
+        run.state.batch,
         num_workers=cfg.data.num_workers,
-        pin_memory=device.type == "cuda",
+        pin_memory=run.device.type == "cuda",
         rank=env.rank,
         world_size=env.world_size,
     )
-    per_epoch = batches_per_epoch(len(train_set), tc.micro_batch_size * env.world_size)
+
+
+def _train_step(run: _Run, stream, fault) -> tuple[_StepStats, dict]:
+    """One optimizer step over grad_accum micro batches: (its stats, the learning rates it used)."""
+    cfg, env, engine, state, data = run.cfg, run.env, run.engine, run.state, run.data
+    tc = cfg.trainer
+    train_report = data.reports["train"]
     source_reports = {k.removeprefix("train/"): r for k, r in data.reports.items() if k.startswith("train/")}
+    t0 = time.perf_counter()
+    lm_losses, aux_losses, tokens, positions, samples, flops, bad = [], [], 0, 0, 0, 0.0, 0
+    for micro in range(tc.grad_accum):
+        epoch, index, collated = next(stream)
+        skipped_before = sum(train_report.skipped_at_train.values())
+        batch = unwrap_batch(collated, train_report, source_reports)
+        bad += sum(train_report.skipped_at_train.values()) - skipped_before
+        state.advance(epoch, index)
+        batch, weight = _sync_micro_batch(engine, env, batch, cfg.dist.global_padding, data.processor.pad_id)
+        # Counted on the host batch, once: no device sync for them after the step.
+        lengths = sample_lengths(batch)
+        tokens += sum(lengths)
+        positions += batch["input_ids"].numel()
+        samples += len(lengths)
+        flops += run.flop_model.batch_flops(batch, lengths)
+        poison = micro == 0 and fault == (state.step + 1, "nan")
+        last = micro == tc.grad_accum - 1
+        lm, aux = micro_step(engine, batch, run.device, run.autocast, weight, tc.grad_accum, last, poison)
+        lm_losses.append(lm)
+        aux_losses.append(aux)
+    lm_loss = float(torch.stack(lm_losses).mean())
+    aux_loss = float(torch.stack(aux_losses).mean())
+    if env.world_size > 1:  # the global step: losses averaged, counts summed over the ranks
+        lm_sum, aux_sum, tokens, positions, samples, flops, bad = engine.sum_over_ranks(
+            [lm_loss, aux_loss, tokens, positions, samples, flops, bad]
+        )
+        lm_loss, aux_loss = lm_sum / env.world_size, aux_sum / env.world_size
+        tokens, samples, bad = int(tokens), int(samples), int(bad)
+    state.extra["skipped_at_train"] = state.extra.get("skipped_at_train", 0) + bad  # all ranks'
+    lrs = engine.lrs()  # the learning rates this step uses
+    loss_finite = math.isfinite(lm_loss) and math.isfinite(aux_loss)
+    grad_norm, finite = engine.optimizer_step(cfg.optim.grad_clip, loss_finite)
+    if finite:
+        state.nonfinite_streak = 0
+    else:
+        state.nonfinite_total += 1
+        state.nonfinite_streak += 1
+        log.warning(
+            "step %d: non-finite (loss %s, aux %s, grad norm %s): update skipped (%d in a row)",
+            state.step + 1,
+            lm_loss,
+            aux_loss,
+            grad_norm,
+            state.nonfinite_streak,
+        )
+    state.step += 1
+    state.last_step_finite = finite
+    state.tokens_seen += tokens
+    state.samples_seen += samples
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    seconds = time.perf_counter() - t0
+    return _StepStats(lm_loss, aux_loss, grad_norm, finite, tokens, positions, samples, flops, seconds), lrs
+
+
+def _check_nonfinite_streak(run: _Run, step: _StepStats, last_checkpoint: Path | None) -> None:
+    """Stop (NonFiniteError) after trainer.max_consecutive_nonfinite steps in a row had a non-finite loss or norm."""
+    state, limit = run.state, run.cfg.trainer.max_consecutive_nonfinite
+    if state.nonfinite_streak >= limit > 0:
+        run.metrics.log(state.step, "event", {"event": "stopped_nonfinite", "streak": state.nonfinite_streak})
+        raise NonFiniteError(
+            f"stopping at step {state.step}: {state.nonfinite_streak} consecutive steps had a non-finite "
+            f"loss or gradient norm (last: loss {step.lm_loss}, aux loss {step.aux_loss}, grad norm "
+            f"{step.grad_norm}); their updates were skipped, {state.nonfinite_total} skipped in all. Last "
+            f"checkpoint: {last_checkpoint or 'none'}. Try a lower optim.lr, optim.grad_clip, "
+            "trainer.precision=fp32, or check the data."
+        )
+
+
+def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preemption) -> TrainResult:
+    run = _start(cfg, run_dir, env, device)
+    tc, state = cfg.trainer, run.state
+    if run.resume_from is None and tc.eval_before and (run.data.gen_set is not None or run.benchmarks):
+        state.eval_before = run.evaluate_and_log("before")
+    if run.rng is not None:
+        set_rng_state(run.rng)  # last, so nothing in setup shifts the restored streams
+    stream = _train_stream(run)
+    per_epoch = batches_per_epoch(len(run.data.train_set), tc.micro_batch_size * env.world_size)
     fault = _injected_fault(env)
-    bar = tqdm(total=max_steps, initial=state.step, desc="train", disable=not (tc.progress_bar and env.is_main))
-    last_checkpoint = resume_from
+    bar = tqdm(total=run.max_steps, initial=state.step, desc="train", disable=not (tc.progress_bar and env.is_main))
+    last_checkpoint = run.resume_from
     preempted = False  # by a signal, before max_steps
     stop.arm()  # a signal from now on: checkpoint and stop (before: Interrupted, at once)
     with logging_redirect_tqdm():
-        while state.step < max_steps:
-            if stop.requested(engine):  # a signal on any rank, agreed by all: stop before the next step
+        while state.step < run.max_steps:
+            if stop.requested(run.engine):  # a signal on any rank, agreed by all: stop before the next step
                 preempted = True
                 break
             if fault == (state.step + 1, "raise"):
                 raise RuntimeError(f"injected failure ({FAULT_ENV}) on rank {env.rank} at step {state.step + 1}")
-            t0 = time.perf_counter()
-            lm_losses, aux_losses, tokens, positions, samples, flops, bad = [], [], 0, 0, 0, 0.0, 0
-            for micro in range(tc.grad_accum):
-                epoch, index, collated = next(stream)
-                skipped_before = sum(data.reports["train"].skipped_at_train.values())
-                batch = unwrap_batch(collated, data.reports["train"], source_reports)
-                bad += sum(data.reports["train"].skipped_at_train.values()) - skipped_before
-                state.advance(epoch, index)
-                batch, weight = _sync_micro_batch(engine, env, batch, cfg.dist.global_padding, processor.pad_id)
-                # Counted on the host batch, once: no device sync for them after the step.
-                lengths = sample_lengths(batch)
-                tokens += sum(lengths)
-                positions += batch["input_ids"].numel()
-                samples += len(lengths)
-                flops += flop_model.batch_flops(batch, lengths)
-                poison = micro == 0 and fault == (state.step + 1, "nan")
-                last = micro == tc.grad_accum - 1
-                lm, aux = micro_step(engine, batch, device, autocast, weight, tc.grad_accum, last, poison)
-                lm_losses.append(lm)
-                aux_losses.append(aux)
-            lm_loss = float(torch.stack(lm_losses).mean())
-            aux_loss = float(torch.stack(aux_losses).mean())
-            if env.world_size > 1:  # the global step: losses averaged, counts summed over the ranks
-                lm_sum, aux_sum, tokens, positions, samples, flops, bad = engine.sum_over_ranks(
-                    [lm_loss, aux_loss, tokens, positions, samples, flops, bad]
-                )
-                lm_loss, aux_loss = lm_sum / env.world_size, aux_sum / env.world_size
-                tokens, samples, bad = int(tokens), int(samples), int(bad)
-            state.extra["skipped_at_train"] = state.extra.get("skipped_at_train", 0) + bad  # all ranks'
-            lrs = engine.lrs()  # the learning rates this step uses
-            loss_finite = math.isfinite(lm_loss) and math.isfinite(aux_loss)
-            grad_norm, finite = engine.optimizer_step(oc.grad_clip, loss_finite)
-            if finite:
-                state.nonfinite_streak = 0
-            else:
-                state.nonfinite_total += 1
-                state.nonfinite_streak += 1
-                log.warning(
-                    "step %d: non-finite (loss %s, aux %s, grad norm %s): update skipped (%d in a row)",
-                    state.step + 1,
-                    lm_loss,
-                    aux_loss,
-                    grad_norm,
-                    state.nonfinite_streak,
-                )
-            state.step += 1
-            state.last_step_finite = finite
-            state.tokens_seen += tokens
-            state.samples_seen += samples
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            dt = time.perf_counter() - t0
-
-            step = _StepStats(lm_loss, aux_loss, grad_norm, finite, tokens, positions, samples, flops, dt)
-            _log_step(metrics, state, cfg, max_steps, per_epoch, step, lrs, peak, device)
+            step, lrs = _train_step(run, stream, fault)
+            _log_step(run.metrics, state, cfg, run.max_steps, per_epoch, step, lrs, run.peak, device)
             bar.update(1)
-            bar.set_postfix(loss=f"{lm_loss:.4f}", lr=f"{lrs[next(iter(lrs))]:.2e}", refresh=False)
-
-            if state.nonfinite_streak >= tc.max_consecutive_nonfinite > 0:
-                metrics.log(state.step, "event", {"event": "stopped_nonfinite", "streak": state.nonfinite_streak})
-                raise NonFiniteError(
-                    f"stopping at step {state.step}: {state.nonfinite_streak} consecutive steps had a non-finite "
-                    f"loss or gradient norm (last: loss {lm_loss}, aux loss {aux_loss}, grad norm {grad_norm}); "
-                    f"their updates were skipped, {state.nonfinite_total} skipped in all. Last checkpoint: "
-                    f"{last_checkpoint or 'none'}. Try a lower optim.lr, optim.grad_clip, trainer.precision=fp32, "
-                    "or check the data."
-                )
-            if tc.eval_every and state.step % tc.eval_every == 0 and state.step < max_steps:
-                evaluate_and_log("periodic")
-            if tc.save_every and (state.step % tc.save_every == 0 or state.step == max_steps):
-                last_checkpoint = save() or last_checkpoint
+            bar.set_postfix(loss=f"{step.lm_loss:.4f}", lr=f"{lrs[next(iter(lrs))]:.2e}", refresh=False)
+            _check_nonfinite_streak(run, step, last_checkpoint)
+            if tc.eval_every and state.step % tc.eval_every == 0 and state.step < run.max_steps:
+                run.evaluate_and_log("periodic")
+            if tc.save_every and (state.step % tc.save_every == 0 or state.step == run.max_steps):
+                last_checkpoint = run.save() or last_checkpoint
     bar.close()
-    if preempted or stop.requested(engine):  # (a signal in the last step: the final eval etc. on the next run)
-        if last_checkpoint is None or last_checkpoint.name != step_dir_name(state.step):
-            last_checkpoint = save() or last_checkpoint
-        where = str(last_checkpoint) if last_checkpoint else None
-        metrics.log(state.step, "event", {"event": "preempted", "signal": stop.name, "checkpoint": where})
-        log.warning(
-            "%s: stopped after step %d, checkpoint %s; continue with trainer.resume=auto",
-            stop.name or "a signal on another rank",
-            state.step,
-            where,
-        )
-        if wandb_run is not None:
-            wandb_run.finish()
-        seconds = time.perf_counter() - t_start
-        return TrainResult(
-            run_dir,
-            state.step,
-            seconds,
-            state.eval_before,
-            None,
-            state.nonfinite_total,
-            None,
-            preempted=stop.name or "signal",
-        )
+    if preempted or stop.requested(run.engine):  # (a signal in the last step: the final eval etc. on the next run)
+        return _stop_preempted(run, stop, last_checkpoint)
+    return _finish(run)
 
-    # -- finish ---------------------------------------------------------------------------------------------
-    eval_after = evaluate_and_log("after") if cfg.data.eval_path or benchmarks else None
+
+def _stop_preempted(run: _Run, stop: Preemption, last_checkpoint: Path | None) -> TrainResult:
+    """A signal stopped the run: a checkpoint of this step (unless there is one), a `preempted` event, no final eval
+    or trained state (the resumed run does those)."""
+    state = run.state
+    if last_checkpoint is None or last_checkpoint.name != step_dir_name(state.step):
+        last_checkpoint = run.save() or last_checkpoint
+    where = str(last_checkpoint) if last_checkpoint else None
+    run.metrics.log(state.step, "event", {"event": "preempted", "signal": stop.name, "checkpoint": where})
+    log.warning(
+        "%s: stopped after step %d, checkpoint %s; continue with trainer.resume=auto",
+        stop.name or "a signal on another rank",
+        state.step,
+        where,
+    )
+    if run.wandb_run is not None:
+        run.wandb_run.finish()
+    return TrainResult(
+        run.run_dir,
+        state.step,
+        run.seconds(),
+        state.eval_before,
+        None,
+        state.nonfinite_total,
+        None,
+        preempted=stop.name or "signal",
+    )
+
+
+def _finish(run: _Run) -> TrainResult:
+    """After the last step: final eval, cache stats, the data reports with train-time skips, the trained state
+    (PEFT adapter), summary.json."""
+    cfg, env, state, model, run_dir = run.cfg, run.env, run.state, run.model, run.run_dir
+    eval_after = run.evaluate_and_log("after") if cfg.data.eval_path or run.benchmarks else None
     if model.feature_cache is not None:
-        metrics.log(state.step, "event", {"event": "vision_cache", **model.feature_cache.stats()})
+        run.metrics.log(state.step, "event", {"event": "vision_cache", **model.feature_cache.stats()})
         log.info(
             "vision feature cache: %(vision_cache/hits)d hits, %(vision_cache/misses)d misses",
             model.feature_cache.stats(),
         )
+    reports = run.data.reports
     if env.is_main and state.extra.get("skipped_at_train"):  # the data report, with this run's train-time skips
-        _write_json(run_dir / "data_report.json", {name: r.to_dict() for name, r in data.reports.items()})
-        _append_jsonl(run_dir / SKIPPED_FILE, [x for x in data.reports["train"].skipped_records("train") if
-                                               x["stage"] == "train"])  # fmt: skip
+        _write_json(run_dir / "data_report.json", {name: r.to_dict() for name, r in reports.items()})
+        train_lines = [x for x in reports["train"].skipped_records("train") if x["stage"] == "train"]
+        _append_jsonl(run_dir / SKIPPED_FILE, train_lines)
         log.warning("train data: %d samples went bad during training and were skipped", state.extra["skipped_at_train"])
     trained_dir = None
-    if tc.save_trained:
-        with engine.full_trainable_params():  # DeepSpeed: the fp32 master values, gathered on rank 0
+    if cfg.trainer.save_trained:
+        with run.engine.full_trainable_params():  # DeepSpeed: the fp32 master values, gathered on rank 0
             if env.is_main:
-                trained_dir = save_trained_state(model, run_dir / "trained", base_model=model_dir)
-    seconds = time.perf_counter() - t_start
+                trained_dir = save_trained_state(model, run_dir / "trained", base_model=run.model_dir)
+    seconds = run.seconds()
     result = TrainResult(
         run_dir, state.step, seconds, state.eval_before, eval_after, state.nonfinite_total, trained_dir
     )
@@ -735,7 +807,7 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preempt
         gain = f"before training {before:.3f} -> " if before is not None else ""
         log.info("eval accuracy: %safter %d steps %.3f", gain, state.step, after)
     log.info("done in %.1f s; run dir %s", seconds, run_dir)
-    if wandb_run is not None:
-        wandb_run.summary.update({k: v for k, v in (eval_after or {}).items()})
-        wandb_run.finish()
+    if run.wandb_run is not None:
+        run.wandb_run.summary.update({k: v for k, v in (eval_after or {}).items()})
+        run.wandb_run.finish()
     return result
