@@ -133,7 +133,7 @@ def main() -> None:
         verdict = "within" if growth < 200 else "OVER"
         print(f"VmRSS growth over the batches: {growth:.0f} MB ({verdict} the 200 MB goal)")
         anon = (built[1] - before[1]) / MB
-        print(f"RssAnon growth from building the set: {anon:.0f} MB (the kept row numbers, the processor's caches)")
+        print(f"RssAnon growth from building the set: {anon:.0f} MB (mostly the one-time Parquet → Arrow conversion)")
     finally:
         if args.keep:
             print(f"kept {tmp}")
