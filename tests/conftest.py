@@ -24,15 +24,18 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def proc(tmp_path_factory):
-    """A processor for data tests: the tiny tokenizer, 32-pixel tiles of 4-pixel patches (41 tokens per image)."""
-    from deepseek_vl2_lora.processor import DeepseekVL2Processor, write_processor_config
-    from deepseek_vl2_lora.tokenizer_builder import write_tokenizer
+def proc_dir(tmp_path_factory):
+    """Processor files for data tests: the tiny tokenizer, 32-pixel tiles of 4-pixel patches (41 tokens per image)."""
+    from helpers import write_processor_files
 
-    out = tmp_path_factory.mktemp("ckpt_data")
-    write_tokenizer(out)
-    write_processor_config(out, image_size=32, patch_size=4)
-    return DeepseekVL2Processor.from_pretrained(out)
+    return write_processor_files(tmp_path_factory.mktemp("ckpt_data"), image_size=32, patch_size=4)
+
+
+@pytest.fixture(scope="session")
+def proc(proc_dir):
+    from deepseek_vl2_lora.processor import DeepseekVL2Processor
+
+    return DeepseekVL2Processor.from_pretrained(proc_dir)
 
 
 @pytest.fixture(autouse=True)

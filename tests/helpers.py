@@ -52,3 +52,13 @@ def make_batch(cfg: VL2Config, vocab: int = 300, seed: int = 0, pad: str = "righ
         "images_spatial_crop": crop,
         "labels": labels,
     }
+
+
+def write_processor_files(out, image_size: int, patch_size: int):
+    """A tokenizer and processor_config.json in `out` (the processor files of a checkpoint), returned."""
+    from deepseek_vl2_lora.processor import write_processor_config
+    from deepseek_vl2_lora.tokenizer_builder import write_tokenizer
+
+    write_tokenizer(out)
+    write_processor_config(out, image_size=image_size, patch_size=patch_size)
+    return out

@@ -1,10 +1,10 @@
 """DeepseekVL2Processor against hand-derived references: token counts, tiling, layout, labels, batching."""
 
 import json
-import shutil
 
 import pytest
 import torch
+from helpers import write_processor_files
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -18,7 +18,7 @@ from deepseek_vl2_lora.processor import (
     select_best_resolution,
     write_processor_config,
 )
-from deepseek_vl2_lora.tokenizer_builder import CORPUS_PATH, write_tokenizer
+from deepseek_vl2_lora.tokenizer_builder import CORPUS_PATH
 
 BOS, EOS, PAD, IMG, USER, ASSISTANT = 0, 1, 2, 3, 9, 10  # the documented id layout
 
@@ -31,26 +31,13 @@ OFFICIAL_384 = [
 
 
 @pytest.fixture(scope="session")
-def ckpt_384(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ckpt384")
-    write_tokenizer(out)
-    write_processor_config(out, image_size=384, patch_size=14)
-    return out
+def ckpt_384(tmp_path_factory):  # (`proc`, from conftest: tile 32, patch 4, downsample 2: 4*5 + 1 + (4*th)*(4*tw + 1))
+    return write_processor_files(tmp_path_factory.mktemp("ckpt384"), image_size=384, patch_size=14)
 
 
 @pytest.fixture(scope="session")
 def proc384(ckpt_384):
     return DeepseekVL2Processor.from_pretrained(ckpt_384)
-
-
-@pytest.fixture(scope="session")
-def proc(tmp_path_factory, ckpt_384):
-    # Tile 32, patch 4, downsample 2: h = w = ceil(8 / 2) = 4, so one image takes 4*5 + 1 + (4*th)*(4*tw + 1).
-    out = tmp_path_factory.mktemp("ckpt32")
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(ckpt_384 / name, out / name)
-    write_processor_config(out, image_size=32, patch_size=4)
-    return DeepseekVL2Processor.from_pretrained(out)
 
 
 @pytest.fixture(scope="session")

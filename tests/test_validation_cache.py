@@ -16,23 +16,9 @@ from deepseek_vl2_lora.data import EvalDataset, SFTDataset, load_image, validati
 from deepseek_vl2_lora.data import images as images_module
 from deepseek_vl2_lora.data.check import main as check_main
 from deepseek_vl2_lora.data.images import ImageRef, probe_image
-from deepseek_vl2_lora.processor import DeepseekVL2Processor, SampleError, write_processor_config
-from deepseek_vl2_lora.tokenizer_builder import write_tokenizer
+from deepseek_vl2_lora.processor import SampleError
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def proc_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ckpt_cache")
-    write_tokenizer(out)
-    write_processor_config(out, image_size=32, patch_size=4)
-    return out
-
-
-@pytest.fixture(scope="module")
-def proc(proc_dir):
-    return DeepseekVL2Processor.from_pretrained(proc_dir)
 
 
 @pytest.fixture(autouse=True)
