@@ -30,8 +30,9 @@ OFFICIAL_384 = [
 ]  # fmt: skip
 
 
+# `proc` (conftest): tile 32, patch 4, downsample 2: h = w = 4, so one image takes 4*5 + 1 + (4*th)*(4*tw + 1).
 @pytest.fixture(scope="session")
-def ckpt_384(tmp_path_factory):  # (`proc`, from conftest: tile 32, patch 4, downsample 2: 4*5 + 1 + (4*th)*(4*tw + 1))
+def ckpt_384(tmp_path_factory):
     return write_processor_files(tmp_path_factory.mktemp("ckpt384"), image_size=384, patch_size=14)
 
 
