@@ -34,7 +34,7 @@ from .data import DataReport, EvalDataset, Mixture, SFTDataset
 from .data.images import DEFAULT_MAX_IMAGE_PIXELS
 from .data.mixture import source_names
 from .engine import DistEnv
-from .processor import DeepseekVL2Processor
+from .processor import DeepseekVL2Processor, one_line
 from .tiny import ensure_tiny_checkpoint
 from .train_config import ConfigError
 from .train_state import STATE_FILE, ResumeError, find_resume_checkpoint
@@ -195,13 +195,13 @@ def check_checkpoint_files(model_dir: Path) -> None:
         config = VL2Config.from_file(config_path)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ConfigError(
-            f"{config_path}: not a DeepSeek-VL2 config ({_one_line(e)}); restore the checkpoint's own config.json"
+            f"{config_path}: not a DeepSeek-VL2 config ({one_line(e)}); restore the checkpoint's own config.json"
         ) from None
     found: dict[str, SimpleNamespace] = {}
     try:
         shards = weight_files(model_dir)
     except (OSError, ValueError) as e:
-        raise ConfigError(_one_line(e)) from None
+        raise ConfigError(one_line(e)) from None
     for shard in shards:
         for key, shape in read_safetensors_header(shard).items():
             if key in found:
@@ -235,7 +235,7 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
     except ConfigError:
         raise
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
-        raise ConfigError(f"{path}: unreadable safetensors header ({_one_line(e)}); {fix}") from None
+        raise ConfigError(f"{path}: unreadable safetensors header ({one_line(e)}); {fix}") from None
     if 8 + length + end > size:
         raise ConfigError(f"{path}: truncated ({size} bytes, its header describes {8 + length + end}); {fix}")
     return shapes
@@ -258,16 +258,10 @@ def check_resume(resume: str | None, run_dir: Path, dist_kind: str, env: DistEnv
         state = json.loads((found / STATE_FILE).read_text())
         layout = (state["dist"], state["world_size"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ResumeError(
-            f"{found / STATE_FILE}: unreadable ({_one_line(e)}); resume from another checkpoint"
-        ) from None
+        raise ResumeError(f"{found / STATE_FILE}: unreadable ({one_line(e)}); resume from another checkpoint") from None
     if layout != (dist_kind, env.world_size):
         raise ResumeError(
             f"{found} was written by dist={layout[0]} with {layout[1]} rank(s); this run is dist={dist_kind} with "
             f"{env.world_size}: resume with dist={layout[0]} on {layout[1]} rank(s)"
         )
     return found
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())

@@ -61,6 +61,11 @@ class ProcessorConfigError(ValueError):
     """processor_config.json or the tokenizer next to it is missing or invalid."""
 
 
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (library errors often span several), for one-line user errors."""
+    return " ".join(str(error).split())
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Config
 

@@ -20,7 +20,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from ..processor import DeepseekVL2Processor, ProcessorConfigError, SampleError
+from ..processor import DeepseekVL2Processor, ProcessorConfigError, SampleError, one_line
 from .datasets import EvalDataset, SFTDataset
 from .images import DEFAULT_MAX_IMAGE_PIXELS, LARGE_IMAGE
 
@@ -130,5 +130,5 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return check(args)
     except (ValueError, OSError, ProcessorConfigError) as e:  # user mistakes: one line (SampleErrors are lines)
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2

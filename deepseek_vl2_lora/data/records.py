@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..processor import SampleError
+from ..processor import SampleError, one_line
 
 JSON_SUFFIXES = (".jsonl", ".json")
 SPLIT_PREFERENCE = {"train": ("train",), "eval": ("validation", "val", "test", "eval")}
@@ -165,7 +165,7 @@ class ArrowSource(RecordSource):
         try:
             dataset = datasets.Dataset.from_parquet(str(path))
         except Exception as e:  # pyarrow raises several types for a bad file
-            why = f"cannot read as parquet ({type(e).__name__}: {_one_line(e)})"
+            why = f"cannot read as parquet ({type(e).__name__}: {one_line(e)})"
             raise SampleError("bad_file", why, str(path)) from None
         return cls(path, "parquet", dataset)
 
@@ -190,7 +190,7 @@ class ArrowSource(RecordSource):
             how = "datasets.load_from_disk" if saved else "datasets.load_dataset"
             raise SampleError(
                 "bad_file",
-                f"cannot read as a dataset directory with {how} ({type(e).__name__}: {_one_line(e)}); give a "
+                f"cannot read as a dataset directory with {how} ({type(e).__name__}: {one_line(e)}); give a "
                 "save_to_disk directory, a local copy of a Hub dataset repository, or a .jsonl/.json/.parquet file",
                 str(path),
             ) from None
@@ -224,7 +224,3 @@ def _choose_split(splits: list[str], split: str | None, purpose: str, path: Path
         if name in splits:
             return name
     raise SampleError("bad_file", f"several splits ({', '.join(splits)}); choose one with {key}=NAME", str(path))
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())

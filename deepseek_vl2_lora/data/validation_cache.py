@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..processor import SampleError
+from ..processor import SampleError, one_line
 from .images import ImageRef, probe_header
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def read_json(path: Path) -> Any | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
-        log.warning("ignoring unreadable validation cache entry %s (%s); it will be rebuilt", path, _one_line(e))
+        log.warning("ignoring unreadable validation cache entry %s (%s); it will be rebuilt", path, one_line(e))
         return None
 
 
@@ -189,7 +189,7 @@ class ImageCache:
             try:
                 write_atomic(path, json.dumps(merged, separators=(",", ":")))
             except OSError as e:
-                log.warning("cannot write the image validation cache %s (%s)", path, _one_line(e))
+                log.warning("cannot write the image validation cache %s (%s)", path, one_line(e))
                 break
         self._dirty.clear()
 
@@ -235,7 +235,7 @@ class SourceEntry:
         try:
             write_atomic(self.path, json.dumps({"version": CACHE_VERSION, **entry}, separators=(",", ":")))
         except OSError as e:
-            log.warning("cannot write the validation cache %s (%s)", self.path, _one_line(e))
+            log.warning("cannot write the validation cache %s (%s)", self.path, one_line(e))
 
     # -- the validating rank's signals to the waiting ones
     def start(self) -> None:
@@ -297,7 +297,3 @@ def _mtime(path: Path) -> float | None:
         return path.stat().st_mtime
     except OSError:
         return None
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
