@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .data.datasets import reference_answer
 from .generation import generate
 from .processor import Collator, SampleError
 
@@ -133,13 +134,13 @@ def exact_match(
 
     replies = generate_replies(model, processor, encode, len(indices), batch_size, max_new_tokens, device, autocast)
     for k, text in replies:
-        i = indices[k]
-        reference = dataset.answer(i)
+        sample = dataset.sample(indices[k])  # (read from its source again: once)
+        reference = reference_answer(sample)
         correct = normalize_answer(text) == normalize_answer(reference)
-        qtype = dataset.sample(i).meta.get("qtype")
+        qtype = sample.meta.get("qtype")
         predictions.append(
             {
-                "location": dataset.sample(i).location,
+                "location": sample.location,
                 "prediction": text,
                 "reference": reference,
                 "correct": correct,

@@ -310,8 +310,7 @@ class _ValidatedData:
         except SampleError as e:  # the file changed since validation: still say where
             raise e.at(self.source.location(row)) from e
 
-    def _encode(self, index: int) -> dict:
-        sample = self.sample(index)
+    def _encode(self, sample: Sample) -> dict:
         try:
             images = [load_image(ref, self.exif_transpose, self.limits) for ref in sample.images]
             return self.processor.encode(sample.messages, images, self.generation, self.max_length, self.overlong)
@@ -344,7 +343,7 @@ class SFTDataset(_ValidatedData):
     """Training samples: `dataset[i]` is `processor.encode(messages, images)` (labels on the answers)."""
 
     def __getitem__(self, index: int) -> dict:
-        return self._encode(index)
+        return self._encode(self.sample(index))
 
 
 class EvalDataset(_ValidatedData):
@@ -376,11 +375,16 @@ class EvalDataset(_ValidatedData):
         super()._check_sample(messages, sizes)
 
     def answer(self, index: int) -> str:
-        return self.sample(index).messages[-1]["content"].strip()
+        return reference_answer(self.sample(index))
 
     def __getitem__(self, index: int) -> tuple[dict, str]:
-        sample_answer = self.answer(index)
-        return self._encode(index), sample_answer
+        sample = self.sample(index)  # (read once: the prompt and the reference come from the same record)
+        return self._encode(sample), reference_answer(sample)
+
+
+def reference_answer(sample: Sample) -> str:
+    """An eval record's reference: its last (assistant) message, stripped."""
+    return sample.messages[-1]["content"].strip()
 
 
 def collate_eval(pairs: list[tuple[dict, str]], collator) -> tuple[dict, list[str]]:
