@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -227,13 +227,10 @@ def load_image(image: Path | ImageRef, exif_transpose: bool = False, limits: Ima
     Failures become SampleErrors by kind."""
     ref = image if isinstance(image, ImageRef) else ImageRef(Path(image))
     try:
-        if limits is None:
-            return _decode(ref, exif_transpose)
-        with _without_pil_limit():
-            with _open(ref) as im:
-                size = oriented_size((*im.size, _orientation(im)), exif_transpose)
-            if not limits.too_large(size):
-                return _decode(ref, exif_transpose)
+        with _without_pil_limit() if limits is not None else nullcontext(), _open(ref) as im:
+            size = oriented_size((*im.size, _orientation(im)), exif_transpose) if limits is not None else None
+            if size is None or not limits.too_large(size):  # (the header is read; the pixels decode only here)
+                return _decode(im, exif_transpose)
         limits.check(ref, size, exif_transpose)  # raises under reject
         return limits.resized(ref, exif_transpose)
     except SampleError:
@@ -242,18 +239,18 @@ def load_image(image: Path | ImageRef, exif_transpose: bool = False, limits: Ima
         raise SampleError("corrupt_image", f"cannot decode image {ref.name} ({type(e).__name__}: {e})") from e
 
 
-def _decode(ref: ImageRef, exif_transpose: bool) -> Image.Image:
-    with _open(ref) as im:
-        if exif_transpose:
-            im = ImageOps.exif_transpose(im)
-        return im.convert("RGB")  # convert() decodes the whole image, so truncation shows up here
+def _decode(im: Image.Image, exif_transpose: bool) -> Image.Image:
+    if exif_transpose:
+        im = ImageOps.exif_transpose(im)
+    return im.convert("RGB")  # convert() decodes the whole image, so truncation shows up here
 
 
 def _shrink(ref: ImageRef, exif_transpose: bool, max_pixels: int) -> Image.Image:
     """Decode `ref` (rotated with `exif_transpose`) and shrink it to fit `max_pixels`, the aspect ratio kept."""
     with _without_pil_limit(), _open(ref) as im:
-        fmt, swap = im.format, exif_transpose and _orientation(im) in _SWAPS_SIDES
-        target = fit_size(oriented_size((*im.size, _orientation(im)), exif_transpose), max_pixels)
+        orientation = _orientation(im)
+        fmt, swap = im.format, exif_transpose and orientation in _SWAPS_SIDES
+        target = fit_size(oriented_size((*im.size, orientation), exif_transpose), max_pixels)
         im.draft("RGB", (target[1], target[0]) if swap else target)  # JPEG: decode at 1/2..1/8 scale, ≥ target
         if exif_transpose:
             im = ImageOps.exif_transpose(im)
