@@ -1,4 +1,4 @@
-"""Fine-tune DeepSeek-VL2. The config tree is configs/ (Hydra); the loop is deepseek_vl2_lora/trainer.py.
+"""Fine-tune DeepSeek-VL2. The config tree is configs/ (Hydra); the loop is deepseek_vl2_lora/training/loop.py.
 
     python train.py                                  # the demo: tiny random model, bundled data, ~20 s on CPU
     python train.py experiment=smoke                 # a few seconds end to end
@@ -7,7 +7,7 @@
     python train.py hydra.run.dir=outputs/default/<time> trainer.resume=auto   # continue a killed run
 
 SIGTERM, SIGUSR1 or Ctrl-C: the run finishes its optimizer step, writes a checkpoint and exits with status 75
-(deepseek_vl2_lora/preemption.py); a second signal ends it at once.
+(deepseek_vl2_lora/training/preemption.py); a second signal ends it at once.
     python train.py -m optim.lr=1e-3,3e-3,1e-2      # a sweep, one run dir each under multirun/
 
 Multi-GPU (DeepSpeed ZeRO): scripts/launch_*.sh, which pass `--no_local_rank` and one `hydra.run.dir` to all ranks.
@@ -19,7 +19,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from deepseek_vl2_lora.train_config import register_configs
+from deepseek_vl2_lora.training.config import register_configs
 
 register_configs()
 
@@ -27,8 +27,8 @@ register_configs()
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     try:  # here, so --help and --cfg need no torch
-        from deepseek_vl2_lora.preemption import PREEMPTED_EXIT, Interrupted
-        from deepseek_vl2_lora.trainer import USER_ERRORS, train
+        from deepseek_vl2_lora.training.loop import USER_ERRORS, train
+        from deepseek_vl2_lora.training.preemption import PREEMPTED_EXIT, Interrupted
     except KeyboardInterrupt:  # Ctrl-C while importing, before train() installs its handlers
         sys.exit("interrupted")
     try:

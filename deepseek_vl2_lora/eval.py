@@ -17,8 +17,8 @@ cache when a training run (or an earlier call) has computed it with the same set
 What is evaluated and how (eval split, image root, eval_limit, eval_batch_size, eval_max_new_tokens, precision,
 device, CPU threads) comes from the run's `config_resolved.yaml`; for a bare checkpoint or a trained state outside
 a run dir, from the default config (`configs/train.yaml`, which `key=value` overrides compose into, e.g.
-`experiment=smoke`). The metrics are `evaluate()`'s (deepseek_vl2_lora/evaluation.py), exactly those the training
-loop logs: evaluating a run dir reproduces its final eval. The predictions go next to eval.json
+`experiment=smoke`). The metrics are `evaluate()`'s (deepseek_vl2_lora/evaluation/eval_set.py), exactly those the
+training loop logs: evaluating a run dir reproduces its final eval. The predictions go next to eval.json
 (`<name>.predictions.jsonl`).
 """
 
@@ -32,7 +32,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from . import REPO_ROOT
+
 CONFIG_DIR = REPO_ROOT / "configs"
 RUN_CONFIG = "config_resolved.yaml"
 BASELINE_LABEL = "untrained baseline"
@@ -47,7 +48,7 @@ def default_config(overrides: list[str] = ()):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from .train_config import as_train_config
+    from .training.config import as_train_config
 
     if GlobalHydra.instance().is_initialized():  # e.g. called from inside a Hydra app
         GlobalHydra.instance().clear()
@@ -59,7 +60,7 @@ def run_config(run_dir: Path, overrides: list[str] = ()):
     """A run's config_resolved.yaml, with key=value overrides merged in."""
     from omegaconf import OmegaConf
 
-    from .train_config import as_train_config
+    from .training.config import as_train_config
 
     cfg = as_train_config(OmegaConf.load(run_dir / RUN_CONFIG))
     if overrides:
@@ -107,8 +108,8 @@ def resolve_target(path: str | None, baseline: bool, overrides: list[str]):
 
 def eval_datasets(cfg, processor):
     """(eval file, loss set, generation set) of cfg.data.eval_path, built as the training run builds them."""
-    from .preflight import eval_datasets as build
-    from .preflight import resolve_data_file
+    from .training.preflight import eval_datasets as build
+    from .training.preflight import resolve_data_file
 
     if not cfg.data.eval_path:
         raise EvalError("data.eval_path is null: nothing to evaluate (pass data.eval_path=<file.jsonl>)")
@@ -120,11 +121,11 @@ def _loaded(cfg, trained_dir, device):
     """cfg's model (+ the trained state in `trained_dir`) in eval mode, with its processor and run settings."""
     import torch
 
-    from .engine import DistEnv, resolve_device
-    from .policy import load_trained_state
-    from .processor import DeepseekVL2Processor
-    from .train_config import check_config
-    from .trainer import autocast_for, load_model, resolve_precision
+    from .data.processor import DeepseekVL2Processor
+    from .policy.groups import load_trained_state
+    from .training.config import check_config
+    from .training.engine import DistEnv, resolve_device
+    from .training.loop import autocast_for, load_model, resolve_precision
 
     check_config(cfg)
     dev = resolve_device(device or cfg.trainer.device, DistEnv.from_env())
@@ -164,7 +165,7 @@ def _loaded(cfg, trained_dir, device):
 def evaluate_config(cfg, trained_dir: str | Path | None = None, device: str | None = None) -> dict:
     """Load cfg's model (+ the trained state in `trained_dir`), evaluate it on cfg's eval split: eval.json's content
     (plus "predictions")."""
-    from .evaluation import evaluate
+    from .evaluation.eval_set import evaluate
 
     t0 = time.perf_counter()
     with _loaded(cfg, trained_dir, device) as m:
@@ -200,7 +201,7 @@ def evaluate_benchmarks(cfg, specs, trained_dir: str | Path | None = None, devic
     """Load the model as evaluate_config does and run the benchmarks of `specs` (BenchmarkSpecs) on it: eval.json's
     content, plus "benchmark_predictions" ({name: predictions}). The untrained baseline comes from (and goes to) the
     baseline cache the training runs share."""
-    from .benchmarks import BenchmarkSuite, load_benchmark
+    from .evaluation.benchmarks import BenchmarkSuite, load_benchmark
 
     t0 = time.perf_counter()
     benchmarks = [load_benchmark(s) for s in specs]  # a bad file fails before the model loads
@@ -274,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides.insert(0, args.path)
         args.path = None
 
-    from .benchmarks import parse_specs
-    from .trainer import USER_ERRORS
+    from .evaluation.benchmarks import parse_specs
+    from .training.loop import USER_ERRORS
 
     try:
         kind, cfg, trained_dir, default_out = resolve_target(args.path, args.baseline, args.overrides)

@@ -21,7 +21,7 @@ parameters kept in fp32; vision is frozen and runs without autograd.
 
 Reported per path: median step time over --steps after --warmup, LM tokens/s, useful TFLOP/s, peak memory;
 then the speedups and an agreement check of reference vs optimized (loss and trainable gradients, same weights,
-same batch). FLOP rule (deepseek_vl2_lora.metrics.FlopModel, the one the trainer logs): per LM token
+same batch). FLOP rule (deepseek_vl2_lora.training.metrics.FlopModel, the one the trainer logs): per LM token
 4·N_active + 2·N_trainable, plus 3·A for attention, where N_active counts the matmul weights a token passes
 through (attention projections, dense or shared + top-k routed experts, router, lm_head; not the embedding) and
 A = 2·H·(d_qk + d_v) per (query, visible key) pair of each sample; frozen vision adds its forward FLOPs per tile.
@@ -37,7 +37,7 @@ import time
 
 import torch
 
-from deepseek_vl2_lora.tiny import FAMILIES
+from deepseek_vl2_lora.model.tiny import FAMILIES
 
 SHAPES = {
     # VL2-Small language model (= DeepSeek-V2-Lite dims); a token vision tower (LM-only batches).
@@ -94,7 +94,7 @@ SHAPES = {
         "policy": "mha_lora",
         "images": True,
     },
-    # The small-mla tiny family (deepseek_vl2_lora/tiny.py): runs on a CPU in seconds, a check of the script.
+    # The small-mla tiny family (deepseek_vl2_lora/model/tiny.py): runs on a CPU in seconds, a check of the script.
     "cpu-tiny": {
         "vision": {**FAMILIES["small-mla"]["vision"], "image_size": 64, "patch_size": 16},
         "language": {**FAMILIES["small-mla"]["language"], "vocab_size": 512},
@@ -105,8 +105,7 @@ SHAPES = {
 
 
 def build(shapes: dict, device, dtype):
-    from deepseek_vl2_lora.config import VL2Config
-    from deepseek_vl2_lora.model import DeepseekVL2ForCausalLM
+    from deepseek_vl2_lora.model import DeepseekVL2ForCausalLM, VL2Config
 
     v, lm = shapes["vision"], shapes["language"]
     raw = {
@@ -140,7 +139,7 @@ def skew_routing(model, zipf_s: float = 0.5, seed: int = 0) -> None:
     distinct experts are drawn from it once per layer and batch shape, so every path sees the same routing. The
     gate still runs and its top-k weights scale the chosen experts, so the router trains as usual.
     With 64 experts, top-6 and s = 0.5 the busiest expert gets ~3.8× the mean load and the idlest ~0.55×."""
-    from deepseek_vl2_lora.moe import Router
+    from deepseek_vl2_lora.model.moe import Router
 
     chosen = {}
 
@@ -218,8 +217,8 @@ def make_batch(shapes, tokens: int, seq: int, supervised: float, device, sample_
 
 
 def set_path(model, path: dict, device, cache_dir=None) -> None:
-    from deepseek_vl2_lora.attention import MLAttention
-    from deepseek_vl2_lora.moe import RoutedExperts, grouped_mm_supported
+    from deepseek_vl2_lora.model.attention import MLAttention
+    from deepseek_vl2_lora.model.moe import RoutedExperts, grouped_mm_supported
 
     probe = torch.zeros(1, dtype=model.dtype, device=device)
     fused = "flash_attention_2" if device.type == "cuda" else "sdpa"
@@ -233,7 +232,7 @@ def set_path(model, path: dict, device, cache_dir=None) -> None:
     model.language.model.gradient_checkpointing = path["recompute"] is True
     model.feature_cache = None
     if path.get("cache"):
-        from deepseek_vl2_lora.feature_cache import VisionFeatureCache
+        from deepseek_vl2_lora.training.feature_cache import VisionFeatureCache
 
         model.feature_cache = VisionFeatureCache(cache_dir, model)
     for layer in model.language.model.layers:
@@ -329,7 +328,7 @@ def agreement(model, batch, device):
 
 def expert_imbalance(model, batch) -> float:
     """max/mean tokens per expert, averaged over the MoE layers (1.0 = perfectly balanced)."""
-    from deepseek_vl2_lora.moe import MoE
+    from deepseek_vl2_lora.model.moe import MoE
 
     ratios = []
 
@@ -367,10 +366,10 @@ def main() -> None:
 
     import yaml
 
-    from deepseek_vl2_lora.feature_cache import tile_key
-    from deepseek_vl2_lora.metrics import FlopModel
-    from deepseek_vl2_lora.packing import sample_lengths
-    from deepseek_vl2_lora.policy import apply_policy
+    from deepseek_vl2_lora.data.packing import sample_lengths
+    from deepseek_vl2_lora.policy.groups import apply_policy
+    from deepseek_vl2_lora.training.feature_cache import tile_key
+    from deepseek_vl2_lora.training.metrics import FlopModel
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -66,8 +66,8 @@ def one_start(data: Path, cache: Path, max_length: int) -> dict:
     import logging
 
     from deepseek_vl2_lora.data import SFTDataset
-    from deepseek_vl2_lora.processor import DeepseekVL2Processor
-    from deepseek_vl2_lora.tiny import ensure_tiny_checkpoint
+    from deepseek_vl2_lora.data.processor import DeepseekVL2Processor
+    from deepseek_vl2_lora.model.tiny import ensure_tiny_checkpoint
 
     logging.basicConfig(level=logging.INFO, format="  %(message)s")
     t0 = time.perf_counter()

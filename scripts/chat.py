@@ -65,9 +65,9 @@ class Chat:
     """The model, its processor and the decoding settings; `answer` turns conversations into replies."""
 
     def __init__(self, args: argparse.Namespace):
+        from deepseek_vl2_lora.data.processor import DeepseekVL2Processor
         from deepseek_vl2_lora.model import DeepseekVL2ForCausalLM
-        from deepseek_vl2_lora.policy import load_trained_state, resolve_trained_model
-        from deepseek_vl2_lora.processor import DeepseekVL2Processor
+        from deepseek_vl2_lora.policy.groups import load_trained_state, resolve_trained_model
 
         try:
             checkpoint, trained = resolve_trained_model(args.model)
@@ -95,8 +95,8 @@ class Chat:
 
     def answer(self, conversations: list[tuple[list[dict], list]], stream: bool = False) -> list[str]:
         """Replies to conversations [(messages ending with a user turn, PIL images)], as one left-padded batch."""
-        from deepseek_vl2_lora.generation import generate
-        from deepseek_vl2_lora.processor import Collator
+        from deepseek_vl2_lora.data.processor import Collator
+        from deepseek_vl2_lora.model.generation import generate
 
         encodings = [self.processor.encode(self.with_system(m), images, generation=True) for m, images in conversations]
         batch = Collator(self.processor.pad_id, padding_side="left")(encodings)
@@ -159,7 +159,7 @@ def ask_prompts(chat: Chat, args: argparse.Namespace) -> None:
 def converse(chat: Chat, args: argparse.Namespace, lines) -> None:
     """The multi-turn conversation on `lines` (stdin): history kept, images attached with /image."""
     from deepseek_vl2_lora.data.layouts import add_missing_placeholders
-    from deepseek_vl2_lora.processor import SampleError
+    from deepseek_vl2_lora.data.processor import SampleError
 
     messages, images, pending = [], [], load_images(args.image)
     interactive = sys.stdin.isatty()
@@ -195,7 +195,7 @@ def converse(chat: Chat, args: argparse.Namespace, lines) -> None:
 def batch_records(path: Path) -> list[tuple[int, list[dict], list[str]]]:
     """(line, messages ending with the user's turn, image paths) per line of a prompts JSONL."""
     from deepseek_vl2_lora.data.layouts import parse
-    from deepseek_vl2_lora.processor import SampleError
+    from deepseek_vl2_lora.data.processor import SampleError
 
     if not path.is_file():
         raise ChatError(f"--batch {path}: no such file")
@@ -224,7 +224,7 @@ def batch_records(path: Path) -> list[tuple[int, list[dict], list[str]]]:
 
 
 def run_batch(chat: Chat, args: argparse.Namespace) -> None:
-    from deepseek_vl2_lora.processor import SampleError
+    from deepseek_vl2_lora.data.processor import SampleError
 
     path = Path(args.batch)
     records = batch_records(path)
@@ -252,7 +252,7 @@ def run_batch(chat: Chat, args: argparse.Namespace) -> None:
 
 
 def main(argv=None) -> int:
-    from deepseek_vl2_lora.processor import SampleError
+    from deepseek_vl2_lora.data.processor import SampleError
 
     args = parse_args(argv)
     try:

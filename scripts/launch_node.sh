@@ -29,7 +29,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$RUN_DIR/logs"
 HOSTFILE="$RUN_DIR/logs/hostfile.node$NODE_RANK"
 for ((i = 0; i < NUM_NODES; i++)); do echo "node$i slots=$GPUS_PER_NODE"; done > "$HOSTFILE"
-# Preemption (deepseek_vl2_lora/preemption.py): the launchers ignore SIGTERM, SIGINT and SIGUSR1, so a signal to
+# Preemption (deepseek_vl2_lora/training/preemption.py): the launchers ignore SIGTERM, SIGINT and SIGUSR1, so a signal to
 # the whole job (SLURM's, Ctrl-C's) is the ranks' to handle: they finish the step, checkpoint together and exit 75.
 trap '' TERM INT USR1
 exec deepspeed --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" --num_nodes "$NUM_NODES" \

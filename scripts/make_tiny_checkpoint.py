@@ -7,7 +7,7 @@ python scripts/make_tiny_checkpoint.py OUT_DIR [--family tiny-mha|small-mla|full
 import argparse
 from pathlib import Path
 
-from deepseek_vl2_lora.tiny import FAMILIES, make_tiny_checkpoint
+from deepseek_vl2_lora.model.tiny import FAMILIES, make_tiny_checkpoint
 
 
 def main() -> None:

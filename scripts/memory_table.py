@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from deepseek_vl2_lora.plan.planner import GIB, Planner, fits  # noqa: E402
-from deepseek_vl2_lora.train_config import as_train_config  # noqa: E402
+from deepseek_vl2_lora.training.config import as_train_config  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 EXPERIMENT = {"deepseek-vl2-tiny": "vl2_tiny", "deepseek-vl2-small": "vl2_small", "deepseek-vl2": "vl2"}

@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from deepseek_vl2_lora.merge import merge_checkpoint
+from deepseek_vl2_lora.policy.merge import merge_checkpoint
 
 
 def main() -> None:

@@ -17,7 +17,7 @@
 # Each run is  <launcher> train.py <common> hydra.run.dir=DIR/<i> <run overrides>  with
 # DEEPSEEK_VL2_LORA_SWEEP_DIR=DIR, DEEPSEEK_VL2_LORA_SWEEP_JOB=<i> and DEEPSEEK_VL2_LORA_SWEEP_RUN=<run overrides>
 # exported, so W&B puts every run of the sweep in one group (<experiment name>-<sweep dir name>), names it by its
-# run overrides and tags it with all overrides, as a Hydra multirun would (deepseek_vl2_lora/sweep.py). DIR/runs.tsv lists run dir, exit status and overrides.
+# run overrides and tags it with all overrides, as a Hydra multirun would (deepseek_vl2_lora/training/sweep.py). DIR/runs.tsv lists run dir, exit status and overrides.
 # Compare the runs with
 #   python scripts/compare.py DIR
 # Example:

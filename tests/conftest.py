@@ -33,7 +33,7 @@ def proc_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def proc(proc_dir):
-    from deepseek_vl2_lora.processor import DeepseekVL2Processor
+    from deepseek_vl2_lora.data.processor import DeepseekVL2Processor
 
     return DeepseekVL2Processor.from_pretrained(proc_dir)
 

@@ -2,9 +2,8 @@
 
 import torch
 
-from deepseek_vl2_lora.config import VL2Config
-from deepseek_vl2_lora.model import DeepseekVL2ForCausalLM
-from deepseek_vl2_lora.tiny import _init_random, family_config
+from deepseek_vl2_lora.model import DeepseekVL2ForCausalLM, VL2Config
+from deepseek_vl2_lora.model.tiny import _init_random, family_config
 
 FAMILIES = ("tiny-mha", "small-mla", "full-noaux")
 
@@ -56,8 +55,8 @@ def make_batch(cfg: VL2Config, vocab: int = 300, seed: int = 0, pad: str = "righ
 
 def write_processor_files(out, image_size: int, patch_size: int):
     """A tokenizer and processor_config.json in `out` (the processor files of a checkpoint), returned."""
-    from deepseek_vl2_lora.processor import write_processor_config
-    from deepseek_vl2_lora.tokenizer_builder import write_tokenizer
+    from deepseek_vl2_lora.data.processor import write_processor_config
+    from deepseek_vl2_lora.model.tokenizer import write_tokenizer
 
     write_tokenizer(out)
     write_processor_config(out, image_size=image_size, patch_size=patch_size)

@@ -14,14 +14,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch.profiler import ProfilerActivity, profile
 
-from deepseek_vl2_lora.config import VL2Config
-from deepseek_vl2_lora.engine import DistEnv, SingleProcessEngine
-from deepseek_vl2_lora.model import DeepseekVL2ForCausalLM
+from deepseek_vl2_lora.model import DeepseekVL2ForCausalLM, VL2Config
 from deepseek_vl2_lora.plan.batch import synthetic_batch
 from deepseek_vl2_lora.plan.fake import assume_routing
-from deepseek_vl2_lora.policy import optimizer_param_groups
-from deepseek_vl2_lora.step import micro_step, prepare_model
-from deepseek_vl2_lora.train_config import as_train_config
+from deepseek_vl2_lora.policy.groups import optimizer_param_groups
+from deepseek_vl2_lora.training.config import as_train_config
+from deepseek_vl2_lora.training.engine import DistEnv, SingleProcessEngine
+from deepseek_vl2_lora.training.step import micro_step, prepare_model
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 RELEASED = Path(__file__).resolve().parent.parent / "deepseek_vl2_lora" / "assets" / "released"

@@ -5,15 +5,15 @@ import math
 import pytest
 import torch
 
-from deepseek_vl2_lora.attention import (
+from deepseek_vl2_lora.model import VL2Config
+from deepseek_vl2_lora.model.attention import (
     ATTENTION_FUNCTIONS,
     MHAttention,
     MLAttention,
     build_attention_mask,
     resolve_attn_implementation,
 )
-from deepseek_vl2_lora.config import VL2Config
-from deepseek_vl2_lora.tiny import family_config
+from deepseek_vl2_lora.model.tiny import family_config
 
 
 def reference_attention(q, k, v, attention_mask, scale):

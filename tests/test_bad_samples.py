@@ -6,11 +6,11 @@ import shutil
 import pytest
 from test_train_config import compose_cfg
 
-from deepseek_vl2_lora import trainer
 from deepseek_vl2_lora.data import SkipBadSamples
-from deepseek_vl2_lora.metrics import read_metrics
-from deepseek_vl2_lora.processor import SampleError
-from deepseek_vl2_lora.trainer import REPO_ROOT, USER_ERRORS, train
+from deepseek_vl2_lora.data.processor import SampleError
+from deepseek_vl2_lora.training import loop as trainer
+from deepseek_vl2_lora.training.loop import REPO_ROOT, USER_ERRORS, train
+from deepseek_vl2_lora.training.metrics import read_metrics
 
 N = 16
 

@@ -10,10 +10,16 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from deepseek_vl2_lora import evaluation
-from deepseek_vl2_lora.benchmarks import BenchmarkError, BenchmarkSpec, load_benchmark, parse_specs, run_benchmark
-from deepseek_vl2_lora.benchmarks.prompts import MCQ_INSTRUCTION, user_message
-from deepseek_vl2_lora.benchmarks.scoring import (
+from deepseek_vl2_lora.evaluation import eval_set as evaluation
+from deepseek_vl2_lora.evaluation.benchmarks import (
+    BenchmarkError,
+    BenchmarkSpec,
+    load_benchmark,
+    parse_specs,
+    run_benchmark,
+)
+from deepseek_vl2_lora.evaluation.benchmarks.prompts import MCQ_INSTRUCTION, user_message
+from deepseek_vl2_lora.evaluation.benchmarks.scoring import (
     anls,
     extract_choice,
     extract_yes_no,

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from deepseek_vl2_lora.tiny import ensure_tiny_checkpoint
+from deepseek_vl2_lora.model.tiny import ensure_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = ROOT / "data" / "demo" / "images" / "eval_0000.png"

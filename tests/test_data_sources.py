@@ -12,9 +12,9 @@ from test_layouts import LAYOUTS, assert_same_encoding, native
 from test_train_config import compose_cfg
 
 from deepseek_vl2_lora.data import EvalDataset, SFTDataset, open_source
-from deepseek_vl2_lora.metrics import read_metrics
-from deepseek_vl2_lora.processor import SampleError
-from deepseek_vl2_lora.trainer import resolve_data_file, train
+from deepseek_vl2_lora.data.processor import SampleError
+from deepseek_vl2_lora.training.loop import resolve_data_file, train
+from deepseek_vl2_lora.training.metrics import read_metrics
 
 A_PNG = png((10, 200, 30))
 

@@ -36,14 +36,15 @@ from safetensors.torch import load_file
 from test_fault_tolerance import events, wait_for_step
 from test_train_config import compose_cfg
 
-from deepseek_vl2_lora.engine import DistEnv, EngineError, SingleProcessEngine, deepspeed_config
-from deepseek_vl2_lora.manifest import verify_manifest
-from deepseek_vl2_lora.metrics import read_metrics
-from deepseek_vl2_lora.preemption import PREEMPTED_EXIT
-from deepseek_vl2_lora.run_lock import LOCK_FILE
-from deepseek_vl2_lora.tiny import ensure_tiny_checkpoint
-from deepseek_vl2_lora.train_config import OptimConfig
-from deepseek_vl2_lora.train_state import (
+from deepseek_vl2_lora.model.tiny import ensure_tiny_checkpoint
+from deepseek_vl2_lora.training.config import OptimConfig
+from deepseek_vl2_lora.training.engine import DistEnv, EngineError, SingleProcessEngine, deepspeed_config
+from deepseek_vl2_lora.training.loop import FAULT_ENV
+from deepseek_vl2_lora.training.manifest import verify_manifest
+from deepseek_vl2_lora.training.metrics import read_metrics
+from deepseek_vl2_lora.training.preemption import PREEMPTED_EXIT
+from deepseek_vl2_lora.training.run_lock import LOCK_FILE
+from deepseek_vl2_lora.training.train_state import (
     CHECKPOINTS,
     EpochBatchSampler,
     ResumeError,
@@ -54,7 +55,6 @@ from deepseek_vl2_lora.train_state import (
     save_checkpoint,
     step_dir_name,
 )
-from deepseek_vl2_lora.trainer import FAULT_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's `deepspeed` launcher

@@ -18,12 +18,12 @@ import pytest
 from safetensors.torch import load_file
 from test_train_resume import MAX_STEPS, ROOT, curve, launch, output
 
-from deepseek_vl2_lora.manifest import MANIFEST_FILE
-from deepseek_vl2_lora.metrics import read_metrics
-from deepseek_vl2_lora.preemption import PREEMPTED_EXIT, Interrupted, Preemption
-from deepseek_vl2_lora.run_lock import LOCK_FILE
-from deepseek_vl2_lora.train_state import CHECKPOINTS, step_dir_name
-from deepseek_vl2_lora.trainer import FAULT_ENV
+from deepseek_vl2_lora.training.loop import FAULT_ENV
+from deepseek_vl2_lora.training.manifest import MANIFEST_FILE
+from deepseek_vl2_lora.training.metrics import read_metrics
+from deepseek_vl2_lora.training.preemption import PREEMPTED_EXIT, Interrupted, Preemption
+from deepseek_vl2_lora.training.run_lock import LOCK_FILE
+from deepseek_vl2_lora.training.train_state import CHECKPOINTS, step_dir_name
 
 
 def logged_steps(run_dir: Path) -> list[int]:
@@ -93,7 +93,7 @@ def test_a_second_signal_exits_at_once(tmp_path):
     """No model: the handler alone, in a child process that would otherwise sleep."""
     code = (
         "import os, signal, time\n"
-        "from deepseek_vl2_lora.preemption import DUPLICATE_WINDOW_S, Preemption\n"
+        "from deepseek_vl2_lora.training.preemption import DUPLICATE_WINDOW_S, Preemption\n"
         "stop = Preemption()\n"
         "stop.arm()  # the training loop has started\n"
         "os.kill(os.getpid(), signal.SIGTERM)\n"
@@ -130,9 +130,9 @@ def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path):
     checkpoint to resume from and a temporary directory that the next run removes."""
     code = (
         "import os, signal, sys, torch\n"
-        "from deepseek_vl2_lora.engine import DistEnv, SingleProcessEngine\n"
-        "from deepseek_vl2_lora.train_config import OptimConfig\n"
-        "from deepseek_vl2_lora.train_state import TrainState, save_checkpoint\n"
+        "from deepseek_vl2_lora.training.engine import DistEnv, SingleProcessEngine\n"
+        "from deepseek_vl2_lora.training.config import OptimConfig\n"
+        "from deepseek_vl2_lora.training.train_state import TrainState, save_checkpoint\n"
         "model = torch.nn.Linear(3, 2)\n"
         "groups = [{'name': 'all', 'params': list(model.parameters()), 'lr': 0.1, 'weight_decay': 0.0}]\n"
         "engine = SingleProcessEngine(model, groups, OptimConfig(), max_steps=10, env=DistEnv())\n"
@@ -144,7 +144,7 @@ def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, timeout=120)
     assert done.returncode == -signal.SIGKILL, done.stderr
-    from deepseek_vl2_lora.train_state import clean_temporary, find_resume_checkpoint
+    from deepseek_vl2_lora.training.train_state import clean_temporary, find_resume_checkpoint
 
     leftovers = [p.name for p in (tmp_path / CHECKPOINTS).iterdir() if p.name.startswith(".tmp-")]
     assert leftovers == [".tmp-step_00000002"]

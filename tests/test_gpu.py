@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import FAMILIES, build_model, make_batch
 
-from deepseek_vl2_lora.moe import RoutedExperts, grouped_mm_supported
+from deepseek_vl2_lora.model.moe import RoutedExperts, grouped_mm_supported
 
 pytestmark = pytest.mark.gpu
 
@@ -50,7 +50,7 @@ def test_flash_on_mla_uses_a_fused_kernel_not_math():
     """MLA's q/k 192 vs v 128: the flash path must run cuDNN or flash (V padded), never silently fall to math."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from deepseek_vl2_lora.attention import flash_attention
+    from deepseek_vl2_lora.model.attention import flash_attention
 
     q = torch.randn(1, 4, 256, 192, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(1, 4, 256, 128, device="cuda", dtype=torch.bfloat16)
@@ -73,7 +73,7 @@ def test_packed_rows_on_flash_match_eager_on_gpu(family):
     logits and the loss's gradients."""
     from test_packing import _run, _samples
 
-    from deepseek_vl2_lora.processor import Collator
+    from deepseek_vl2_lora.data.processor import Collator
 
     cpu_model = build_model(family)
     batch = Collator(0, pack_length=64)(_samples(cpu_model.config))

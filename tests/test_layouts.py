@@ -9,8 +9,8 @@ from test_data import png, write_jsonl
 
 from deepseek_vl2_lora.data import SFTDataset
 from deepseek_vl2_lora.data.layouts import detect_layout, parse
-from deepseek_vl2_lora.processor import SampleError
-from deepseek_vl2_lora.train_config import ConfigError, check_config
+from deepseek_vl2_lora.data.processor import SampleError
+from deepseek_vl2_lora.training.config import ConfigError, check_config
 
 SYSTEM = "You answer briefly."
 Q1, A1, Q2, A2 = "What colour is the shape?", "red", "And its shape?", "circle"

@@ -13,13 +13,12 @@ import pytest
 import torch
 from memory_reference import compose_config, measure_real_step, real_model, write_slice
 
-from deepseek_vl2_lora.config import VL2Config
-from deepseek_vl2_lora.model import DeepseekVL2ForCausalLM
+from deepseek_vl2_lora.model import DeepseekVL2ForCausalLM, VL2Config
 from deepseek_vl2_lora.plan.fake import HostValues, fake_mode, routing_assumption
 from deepseek_vl2_lora.plan.measure import FakeTrainingModel
 from deepseek_vl2_lora.plan.planner import RELEASED_DIR, Planner, model_config_for, released_config
 from deepseek_vl2_lora.plan.zero import ParamCounts, zero_model_states
-from deepseek_vl2_lora.trainer import train
+from deepseek_vl2_lora.training.loop import train
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -314,7 +313,7 @@ def test_full_size_vl2_tiny_trains_one_step_on_the_cpu_within_its_plan(tmp_path)
     # kernels' own scratch, e.g. oneDNN's packed bf16 weights, freed blocks malloc keeps, weight pages mapped in).
     assert rss_growth >= 0.9 * planned_growth
 
-    from deepseek_vl2_lora.policy import merge_lora
+    from deepseek_vl2_lora.policy.groups import merge_lora
 
     merge_lora(model)
     model.save_pretrained(tmp_path / "round_trip", max_shard_bytes=2 * 2**30)

@@ -12,12 +12,12 @@ from test_train_config import compose_cfg
 
 from deepseek_vl2_lora.data import CollateItems, Mixture, SFTDataset, SkipBadSamples, unwrap_batch
 from deepseek_vl2_lora.data.mixture import largest_remainder, source_names
+from deepseek_vl2_lora.data.processor import SampleError
 from deepseek_vl2_lora.data.report import DataReport
-from deepseek_vl2_lora.metrics import read_metrics
-from deepseek_vl2_lora.processor import SampleError
-from deepseek_vl2_lora.train_config import ConfigError, check_config
-from deepseek_vl2_lora.train_state import EpochBatchSampler, ResumeError, batch_stream
-from deepseek_vl2_lora.trainer import train
+from deepseek_vl2_lora.training.config import ConfigError, check_config
+from deepseek_vl2_lora.training.loop import train
+from deepseek_vl2_lora.training.metrics import read_metrics
+from deepseek_vl2_lora.training.train_state import EpochBatchSampler, ResumeError, batch_stream
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "data" / "demo"
@@ -202,7 +202,7 @@ def mixture_run(run_dir, small, large, *overrides, weights=(3, 1)):
 
 def test_mixture_run_reports_sources_and_resumes_bitwise(tiny_cache, tmp_path, caplog):
     small, large = demo_sources(tmp_path)
-    with caplog.at_level("INFO", logger="deepseek_vl2_lora.trainer"):
+    with caplog.at_level("INFO", logger="deepseek_vl2_lora.training.loop"):
         mixture_run(tmp_path / "full", small, large)
     text = caplog.text
     assert "train data: mixture of 2 sources, 24 draws per epoch: layout messages (24 records)" in text

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from helpers import FAMILIES, build_model, make_batch, tokens_per_image
 
-from deepseek_vl2_lora.config import VL2Config
-from deepseek_vl2_lora.generation import generate
-from deepseek_vl2_lora.tiny import family_config
+from deepseek_vl2_lora.model import VL2Config
+from deepseek_vl2_lora.model.generation import generate
+from deepseek_vl2_lora.model.tiny import family_config
 
 
 def test_token_layout_for_2x1_tiling_by_hand():

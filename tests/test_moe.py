@@ -5,9 +5,9 @@ import dataclasses
 import pytest
 import torch
 
-from deepseek_vl2_lora.config import VL2Config
-from deepseek_vl2_lora.moe import MoE, RoutedExperts, Router
-from deepseek_vl2_lora.tiny import family_config
+from deepseek_vl2_lora.model import VL2Config
+from deepseek_vl2_lora.model.moe import MoE, RoutedExperts, Router
+from deepseek_vl2_lora.model.tiny import family_config
 
 
 def _cfg(family="small-mla", **changes):

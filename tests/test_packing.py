@@ -6,17 +6,17 @@ import pytest
 import torch
 from helpers import FAMILIES, build_model, tokens_per_image
 
-from deepseek_vl2_lora.attention import (
+from deepseek_vl2_lora.data.packing import first_fit_decreasing, pack_samples, sample_lengths
+from deepseek_vl2_lora.data.processor import Collator
+from deepseek_vl2_lora.evaluation.eval_set import MODEL_INPUTS
+from deepseek_vl2_lora.model.attention import (
     SegmentMask,
     eager_attention,
     per_sample_attention,
     positions_from_segments,
     sdpa_attention,
 )
-from deepseek_vl2_lora.evaluation import MODEL_INPUTS
-from deepseek_vl2_lora.moe import Router
-from deepseek_vl2_lora.packing import first_fit_decreasing, pack_samples, sample_lengths
-from deepseek_vl2_lora.processor import Collator
+from deepseek_vl2_lora.model.moe import Router
 
 VOCAB = 300
 

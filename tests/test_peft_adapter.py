@@ -15,9 +15,8 @@ from safetensors.torch import load_file, save_file
 from test_train_config import compose_cfg
 
 from deepseek_vl2_lora import eval as eval_mod
-from deepseek_vl2_lora.merge import merge_checkpoint
 from deepseek_vl2_lora.model import DeepseekVL2ForCausalLM
-from deepseek_vl2_lora.policy import (
+from deepseek_vl2_lora.policy.groups import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     POLICY_FILE,
@@ -29,8 +28,9 @@ from deepseek_vl2_lora.policy import (
     resolve_trained_dir,
     save_trained_state,
 )
-from deepseek_vl2_lora.train_state import TRAINABLE_FILE, list_checkpoints
-from deepseek_vl2_lora.trainer import resolve_model_dir, train
+from deepseek_vl2_lora.policy.merge import merge_checkpoint
+from deepseek_vl2_lora.training.loop import resolve_model_dir, train
+from deepseek_vl2_lora.training.train_state import TRAINABLE_FILE, list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 2

@@ -9,7 +9,8 @@ import yaml
 from helpers import FAMILIES, build_model, make_batch
 
 from deepseek_vl2_lora.model import DeepseekVL2ForCausalLM
-from deepseek_vl2_lora.policy import (
+from deepseek_vl2_lora.policy.config import GROUP_NAMES
+from deepseek_vl2_lora.policy.groups import (
     GROUPS,
     PolicyError,
     apply_policy,
@@ -19,7 +20,6 @@ from deepseek_vl2_lora.policy import (
     optimizer_param_groups,
     save_trained_state,
 )
-from deepseek_vl2_lora.policy_config import GROUP_NAMES
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "policy"
 
@@ -164,7 +164,7 @@ def test_trained_state_round_trip_and_merge(tmp_path):
     with torch.no_grad():
         assert torch.equal(reloaded(**batch).logits, trained)
 
-    from deepseek_vl2_lora.merge import merge_checkpoint
+    from deepseek_vl2_lora.policy.merge import merge_checkpoint
 
     merge_checkpoint(tmp_path / "base", tmp_path / "trained", tmp_path / "merged")
     merged = DeepseekVL2ForCausalLM.from_pretrained(tmp_path / "merged")
@@ -220,7 +220,7 @@ def _expert_lora_model(kernel, r=4):
 def test_expert_lora_factors_are_pefts_delta():
     from peft.tuners.lora.layer import ParamWrapper
 
-    from deepseek_vl2_lora.policy import expert_lora_factors
+    from deepseek_vl2_lora.policy.groups import expert_lora_factors
 
     model = _expert_lora_model("loop")
     wrappers = [m for m in model.modules() if isinstance(m, ParamWrapper)]

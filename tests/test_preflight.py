@@ -6,11 +6,11 @@ import shutil
 import pytest
 from test_train_config import compose_cfg
 
-from deepseek_vl2_lora import trainer
 from deepseek_vl2_lora.model import DeepseekVL2ForCausalLM
-from deepseek_vl2_lora.preflight import read_safetensors_header
-from deepseek_vl2_lora.tiny import ensure_tiny_checkpoint
-from deepseek_vl2_lora.trainer import USER_ERRORS, train
+from deepseek_vl2_lora.model.tiny import ensure_tiny_checkpoint
+from deepseek_vl2_lora.training import loop as trainer
+from deepseek_vl2_lora.training.loop import USER_ERRORS, train
+from deepseek_vl2_lora.training.preflight import read_safetensors_header
 
 
 @pytest.fixture(autouse=True)
@@ -99,7 +99,7 @@ def test_resume_checkpoint_of_another_layout(tmp_path):
     step = tmp_path / "old" / "checkpoints" / "step_00000003"
     step.mkdir(parents=True)
     (step / "state.json").write_text(json.dumps({"dist": "zero2", "world_size": 2}))
-    from deepseek_vl2_lora.manifest import write_manifest
+    from deepseek_vl2_lora.training.manifest import write_manifest
 
     write_manifest(step)
     message = user_error(tmp_path, f"trainer.resume={step}")

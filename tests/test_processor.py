@@ -8,7 +8,7 @@ from helpers import write_processor_files
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from deepseek_vl2_lora.processor import (
+from deepseek_vl2_lora.data.processor import (
     Collator,
     DeepseekVL2Processor,
     ProcessorConfigError,
@@ -18,7 +18,7 @@ from deepseek_vl2_lora.processor import (
     select_best_resolution,
     write_processor_config,
 )
-from deepseek_vl2_lora.tokenizer_builder import CORPUS_PATH
+from deepseek_vl2_lora.model.tokenizer import CORPUS_PATH
 
 BOS, EOS, PAD, IMG, USER, ASSISTANT = 0, 1, 2, 3, 9, 10  # the documented id layout
 

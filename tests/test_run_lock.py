@@ -1,4 +1,4 @@
-"""The run-dir lock (deepseek_vl2_lora/run_lock.py) without training: who is refused, which lock is stale."""
+"""The run-dir lock (deepseek_vl2_lora/training/run_lock.py) without training: who is refused, which lock is stale."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from deepseek_vl2_lora.run_lock import LOCK_FILE, RunLock, RunLockError
+from deepseek_vl2_lora.training.run_lock import LOCK_FILE, RunLock, RunLockError
 
 
 def _write_lock(run_dir, **owner):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-from deepseek_vl2_lora.tokenizer_builder import CORPUS_PATH, write_tokenizer
+from deepseek_vl2_lora.model.tokenizer import CORPUS_PATH, write_tokenizer
 
 DEMO = Path(__file__).resolve().parent.parent / "data" / "demo"
 EXPECTED_SPECIALS = [  # written out by hand: the documented id order

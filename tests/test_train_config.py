@@ -11,9 +11,9 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
-from deepseek_vl2_lora.engine import DistEnv, EngineError, build_engine
-from deepseek_vl2_lora.train_config import ConfigError, TrainConfig, as_train_config, check_config
-from deepseek_vl2_lora.trainer import resolve_model_dir
+from deepseek_vl2_lora.training.config import ConfigError, TrainConfig, as_train_config, check_config
+from deepseek_vl2_lora.training.engine import DistEnv, EngineError, build_engine
+from deepseek_vl2_lora.training.loop import resolve_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

@@ -10,13 +10,13 @@ from safetensors.torch import load_file
 from test_train_config import compose_cfg
 
 from deepseek_vl2_lora.data import SFTDataset
-from deepseek_vl2_lora.metrics import read_metrics
+from deepseek_vl2_lora.data.processor import DeepseekVL2Processor
 from deepseek_vl2_lora.model import DeepseekVL2ForCausalLM
-from deepseek_vl2_lora.policy import read_trained_state
-from deepseek_vl2_lora.processor import DeepseekVL2Processor
-from deepseek_vl2_lora.train_config import ConfigError
-from deepseek_vl2_lora.train_state import ResumeError, list_checkpoints
-from deepseek_vl2_lora.trainer import NonFiniteError, resolve_data_file, resolve_model_dir, train
+from deepseek_vl2_lora.policy.groups import read_trained_state
+from deepseek_vl2_lora.training.config import ConfigError
+from deepseek_vl2_lora.training.loop import NonFiniteError, resolve_data_file, resolve_model_dir, train
+from deepseek_vl2_lora.training.metrics import read_metrics
+from deepseek_vl2_lora.training.train_state import ResumeError, list_checkpoints
 
 TRAIN_KEYS = {
     "train/loss", "train/aux_loss", "train/objective", "train/grad_norm", "train/lr", "train/tokens",
@@ -194,7 +194,7 @@ def test_bf16_weights_train_with_fp32_master_copies(tmp_path):
 
 
 def test_resume_auto_without_checkpoint_starts_fresh(tmp_path, caplog):
-    caplog.set_level("INFO", logger="deepseek_vl2_lora.trainer")
+    caplog.set_level("INFO", logger="deepseek_vl2_lora.training.loop")
     _, result = run(tmp_path, "trainer.resume=auto", "trainer.max_steps=2", "trainer.eval_before=false")
     assert result.steps == 2 and "no checkpoint" in caplog.text
     assert not read_metrics(tmp_path, "event")
@@ -247,7 +247,7 @@ def test_epochs_decide_the_steps_and_resume_exactly(tmp_path, caplog):
         "trainer.print_every=1",
         "trainer.peak_flops=1e12",
     ]
-    with caplog.at_level("INFO", logger="deepseek_vl2_lora.trainer"):
+    with caplog.at_level("INFO", logger="deepseek_vl2_lora.training.loop"):
         _, result = run(tmp_path / "a", *overrides)
     assert result.steps == 5
     records = read_metrics(tmp_path / "a", "train")

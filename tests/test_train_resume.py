@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from deepseek_vl2_lora.metrics import read_metrics
-from deepseek_vl2_lora.train_state import CHECKPOINTS, LATEST
+from deepseek_vl2_lora.training.metrics import read_metrics
+from deepseek_vl2_lora.training.train_state import CHECKPOINTS, LATEST
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS = 40

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from deepseek_vl2_lora.engine import DistEnv, SingleProcessEngine, lr_factor
-from deepseek_vl2_lora.manifest import MANIFEST_FILE, verify_manifest
 from deepseek_vl2_lora.manifest import main as manifest_main
-from deepseek_vl2_lora.metrics import FlopModel, MetricsLogger, read_metrics
-from deepseek_vl2_lora.train_config import OptimConfig
-from deepseek_vl2_lora.train_state import (
+from deepseek_vl2_lora.training.config import OptimConfig
+from deepseek_vl2_lora.training.engine import DistEnv, SingleProcessEngine, lr_factor
+from deepseek_vl2_lora.training.manifest import MANIFEST_FILE, verify_manifest
+from deepseek_vl2_lora.training.metrics import FlopModel, MetricsLogger, read_metrics
+from deepseek_vl2_lora.training.train_state import (
     CHECKPOINTS,
     LATEST,
     EpochBatchSampler,

@@ -16,7 +16,7 @@ from deepseek_vl2_lora.data import EvalDataset, SFTDataset, load_image, validati
 from deepseek_vl2_lora.data import images as images_module
 from deepseek_vl2_lora.data.check import main as check_main
 from deepseek_vl2_lora.data.images import ImageRef, probe_image
-from deepseek_vl2_lora.processor import SampleError
+from deepseek_vl2_lora.data.processor import SampleError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -372,7 +372,7 @@ def test_check_cli_lists_every_bad_line(tmp_path, proc_dir, capsys):
 
 
 def test_the_run_lists_every_skipped_line(tmp_path, proc):
-    from deepseek_vl2_lora.trainer import SKIPPED_FILE, _write_skipped
+    from deepseek_vl2_lora.training.loop import SKIPPED_FILE, _write_skipped
 
     d = tmp_path / "d"
     d.mkdir()
@@ -394,8 +394,8 @@ def test_the_run_lists_every_skipped_line(tmp_path, proc):
 def test_config_keys_are_checked_and_reach_the_datasets(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from deepseek_vl2_lora.preflight import dataset_options
-    from deepseek_vl2_lora.train_config import ConfigError, check_config
+    from deepseek_vl2_lora.training.config import ConfigError, check_config
+    from deepseek_vl2_lora.training.preflight import dataset_options
 
     def compose_cfg(*overrides):
         with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):

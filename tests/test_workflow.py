@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepseek_vl2_lora import compare as compare_mod
 from deepseek_vl2_lora import eval as eval_mod
+from deepseek_vl2_lora.compare import runs as compare_mod
 from deepseek_vl2_lora.data import EvalDataset, SFTDataset
-from deepseek_vl2_lora.evaluation import evaluate
+from deepseek_vl2_lora.data.processor import DeepseekVL2Processor
+from deepseek_vl2_lora.evaluation.eval_set import evaluate
 from deepseek_vl2_lora.model import DeepseekVL2ForCausalLM
-from deepseek_vl2_lora.processor import DeepseekVL2Processor
-from deepseek_vl2_lora.sweep import (
+from deepseek_vl2_lora.model.tiny import ensure_tiny_checkpoint
+from deepseek_vl2_lora.training.sweep import (
     SWEEP_DIR_ENV,
     SWEEP_JOB_ENV,
     SWEEP_RUN_ENV,
@@ -25,7 +26,6 @@ from deepseek_vl2_lora.sweep import (
     hydra_context,
     wandb_names,
 )
-from deepseek_vl2_lora.tiny import ensure_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 # Long enough that both policies get some eval answers right (accuracies are not all zero), a few seconds each.

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..processor import SampleError
+from .processor import SampleError
 from .report import DataReport
 
 ON_BAD_SAMPLE = ("error", "skip")

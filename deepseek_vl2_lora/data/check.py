@@ -20,9 +20,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from ..processor import DeepseekVL2Processor, ProcessorConfigError, SampleError, one_line
 from .datasets import EvalDataset, SFTDataset
 from .images import DEFAULT_MAX_IMAGE_PIXELS, LARGE_IMAGE
+from .processor import DeepseekVL2Processor, ProcessorConfigError, SampleError, one_line
 
 DEFAULT_REPORT = "data_check.jsonl"
 TINY_FAMILY = "full-noaux"  # model=tiny_random's
@@ -72,7 +72,7 @@ def _columns(pairs: list[str]) -> dict[str, str]:
 
 def load_processor(model: str | None) -> DeepseekVL2Processor:
     if model is None:
-        from ..tiny import ensure_tiny_checkpoint
+        from ..model.tiny import ensure_tiny_checkpoint
 
         return DeepseekVL2Processor.from_pretrained(ensure_tiny_checkpoint(TINY_FAMILY))
     return DeepseekVL2Processor.from_pretrained(Path(model).expanduser())

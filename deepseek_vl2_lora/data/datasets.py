@@ -38,10 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..processor import DeepseekVL2Processor, SampleError
 from . import layouts
 from .bad_samples import ON_BAD_SAMPLE
 from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageLimits, ImageRef, load_image, oriented_size, resolve_image
+from .processor import DeepseekVL2Processor, SampleError
 from .records import RecordSource, open_source
 from .report import DataReport
 from .validation_cache import (

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from ..processor import SampleError
+from .processor import SampleError
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..processor import IMAGE_TOKEN, SampleError
+from .processor import IMAGE_TOKEN, SampleError
 
 LLAVA_ROLES = {
     "human": "user",

@@ -89,7 +89,7 @@ class Mixture(torch.utils.data.Dataset):
 
     def epoch_order(self, seed: int, epoch: int) -> list[int]:
         """The global indices epoch `epoch` visits, in order (N of them; see the module docstring)."""
-        from ..train_state import epoch_order  # (train_state imports the engine; data must not at import time)
+        from ..training.train_state import epoch_order  # (train_state imports the engine; data must not at import time)
 
         draws = []
         for s, (n, c) in enumerate(zip(self.sizes, self.draws)):

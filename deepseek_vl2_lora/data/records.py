@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..processor import SampleError, one_line
+from .processor import SampleError, one_line
 
 JSON_SUFFIXES = (".jsonl", ".json")
 SPLIT_PREFERENCE = {"train": ("train",), "eval": ("validation", "val", "test", "eval")}

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..processor import SampleError
+from .processor import SampleError
 
 
 @dataclass

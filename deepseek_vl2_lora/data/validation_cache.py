@@ -35,8 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..processor import SampleError, one_line
 from .images import ImageRef, probe_header
+from .processor import SampleError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def digest(obj: Any) -> str:
 
 def write_atomic(path: Path, data: bytes | str) -> None:
     """Write `path` through a temporary file and os.replace, with the mode the umask gives."""
-    from ..checkpoint import honour_umask
+    from ..model.checkpoint import honour_umask
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from ..model import IGNORE_INDEX
-from ..processor import Collator, image_token_count
+from ..data.processor import Collator, image_token_count
+from ..model.deepseek_vl2 import IGNORE_INDEX
 
 
 class PlanError(ValueError):

@@ -153,7 +153,7 @@ def routing_assumption(n_tokens: int, n_experts: int, top_k: int, skew: float, s
 def assume_routing(model: torch.nn.Module, skew: float = 0.0):
     """Each MoE router's top-k choice (`Router.choose`) replaced by `routing_assumption`; the weights still come
     from the router's own scores at those experts, so gradients flow as in training."""
-    from ..moe import Router
+    from ..model.moe import Router
 
     routers = [m for m in model.modules() if isinstance(m, Router)]
     for layer, router in enumerate(routers):

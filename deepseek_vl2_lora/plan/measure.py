@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine import DistEnv, SingleProcessEngine
-from ..metrics import FlopModel
-from ..model import DeepseekVL2ForCausalLM
-from ..packing import sample_lengths
-from ..policy import optimizer_param_groups
-from ..step import micro_step, prepare_model, resolve_dtype, resolve_precision
+from ..data.packing import sample_lengths
+from ..model.deepseek_vl2 import DeepseekVL2ForCausalLM
+from ..policy.groups import optimizer_param_groups
+from ..training.engine import DistEnv, SingleProcessEngine
+from ..training.metrics import FlopModel
+from ..training.step import micro_step, prepare_model, resolve_dtype, resolve_precision
 from .batch import sample_layout, synthetic_batch
 from .fake import ATTENTION_KERNELS, CudaAttentionKernels, HostValues, assume_routing, fake_mode
 from .tracker import CUDA_BLOCK, MemoryTracker, Snapshot

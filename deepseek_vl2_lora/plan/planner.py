@@ -17,14 +17,15 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import VL2Config
+from .. import PACKAGE_DIR
+from ..model.config import VL2Config
 from .measure import FakeTrainingModel, StepMeasurement
 from .tracker import MODEL_STATES
 from .zero import zero_model_states, zero_settings
 
 log = logging.getLogger(__name__)
 GIB = 2**30
-RELEASED_DIR = Path(__file__).resolve().parent.parent / "assets" / "released"
+RELEASED_DIR = PACKAGE_DIR / "assets" / "released"
 RELEASED = ("deepseek-vl2-tiny", "deepseek-vl2-small", "deepseek-vl2")
 ROWS = [
     ("weights", "weights (frozen, + buffers)"),
@@ -58,7 +59,7 @@ def model_config_for(cfg) -> tuple[VL2Config, str]:
         return VL2Config.from_file(path), str(path)
     if m.released is not None:
         return released_config(m.released), f"{m.released} (released config.json shipped with the repo)"
-    from ..tiny import ensure_tiny_checkpoint
+    from ..model.tiny import ensure_tiny_checkpoint
 
     path = ensure_tiny_checkpoint(m.tiny_family, seed=m.tiny_seed) / "config.json"
     return VL2Config.from_file(path), f"tiny family {m.tiny_family}"
@@ -125,7 +126,7 @@ class Plan:
 
 class Planner:
     def __init__(self, cfg, ranks: int):
-        from ..engine import deepspeed_config
+        from ..training.engine import deepspeed_config
 
         self.cfg, self.ranks = cfg, ranks
         self.vl2_config, self.source = model_config_for(cfg)

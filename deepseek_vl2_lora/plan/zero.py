@@ -46,7 +46,7 @@ class ParamCounts:
 
 
 def param_counts(model: torch.nn.Module, persistence_threshold: int) -> ParamCounts:
-    from ..moe import MoE
+    from ..model.moe import MoE
 
     frozen = trainable = pf = pt = 0
     for p in model.parameters():

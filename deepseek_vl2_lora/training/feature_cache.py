@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .checkpoint import save_safetensors
+from ..model.checkpoint import save_safetensors
 
 
 def tile_key(tile: torch.Tensor) -> str:

@@ -28,18 +28,18 @@ from types import SimpleNamespace
 import torch
 from omegaconf import OmegaConf
 
-from .checkpoint import CONFIG_NAME, check_keys, official_shapes, weight_files
-from .config import VL2Config
-from .data import DataReport, EvalDataset, Mixture, SFTDataset
-from .data.images import DEFAULT_MAX_IMAGE_PIXELS
-from .data.mixture import source_names
+from .. import REPO_ROOT
+from ..data import DataReport, EvalDataset, Mixture, SFTDataset
+from ..data.images import DEFAULT_MAX_IMAGE_PIXELS
+from ..data.mixture import source_names
+from ..data.processor import DeepseekVL2Processor, one_line
+from ..model.checkpoint import CONFIG_NAME, check_keys, official_shapes, weight_files
+from ..model.config import VL2Config
+from ..model.tiny import ensure_tiny_checkpoint
+from .config import ConfigError
 from .engine import DistEnv
-from .processor import DeepseekVL2Processor, one_line
-from .tiny import ensure_tiny_checkpoint
-from .train_config import ConfigError
 from .train_state import STATE_FILE, ResumeError, find_resume_checkpoint
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit on a header's size
 
 
@@ -207,7 +207,7 @@ def check_checkpoint_files(model_dir: Path) -> None:
             if key in found:
                 raise ConfigError(f"{shard}: key {key} appears in more than one shard; restore the checkpoint's files")
             found[key] = SimpleNamespace(shape=shape)
-    from .model import DeepseekVL2ForCausalLM  # the model module is heavy; loaded anyway right after
+    from ..model.deepseek_vl2 import DeepseekVL2ForCausalLM  # the model module is heavy; loaded anyway right after
 
     with torch.device("meta"):  # shapes only: no memory, no init
         model = DeepseekVL2ForCausalLM(config)

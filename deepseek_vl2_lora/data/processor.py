@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .tokenizer_builder import CHAT_TOKENS, GROUNDING_TOKENS, IMAGE_TOKEN, PAD_TOKEN
+from ..model.tokenizer import CHAT_TOKENS, GROUNDING_TOKENS, IMAGE_TOKEN, PAD_TOKEN
 
 PROCESSOR_CONFIG_NAME = "processor_config.json"
 USER_ROLES = ("user", "<|User|>")
@@ -578,7 +578,7 @@ class Collator:
     answer string) are gathered into lists.
 
     With `pack_length`, the samples are first packed into rows of at most that many tokens
-    (`deepseek_vl2_lora.packing`): the batch then has one row per pack and a `segment_ids` field.
+    (`deepseek_vl2_lora.data.packing`): the batch then has one row per pack and a `segment_ids` field.
     """
 
     def __init__(
@@ -641,7 +641,7 @@ class Collator:
             if key not in batch and not isinstance(samples[0][key], torch.Tensor):
                 batch[key] = [s.get(key) for s in samples]
         if self.tile_keys:
-            from .feature_cache import tile_key
+            from ..training.feature_cache import tile_key
 
             batch["tile_keys"] = [[tile_key(t) for t in s["images"]] for s in samples]
         return batch

@@ -47,7 +47,8 @@ from typing import Any
 
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from ... import REPO_ROOT
+
 TASKS = ("mcq", "vqa", "anls", "relaxed", "yesno", "ocrbench")
 OPTION_LETTERS = string.ascii_uppercase
 CIRCULAR_OFFSET = 1_000_000  # VLMEvalKit stores MMBench's rotated copies at index + k * 1e6

@@ -9,8 +9,8 @@ from functools import partial
 
 import torch
 
-from .evaluation import MODEL_INPUTS
-from .policy import PolicyReport, apply_policy
+from ..evaluation.eval_set import MODEL_INPUTS
+from ..policy.groups import PolicyReport, apply_policy
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -24,7 +24,7 @@ def resolve_dtype(dtype: str, precision: str, device: torch.device) -> torch.dty
     if dtype == "auto":
         return torch.bfloat16 if precision == "bf16" and device.type == "cuda" else torch.float32
     if dtype == "bfloat16" and precision != "bf16":
-        from .train_config import ConfigError
+        from .config import ConfigError
 
         raise ConfigError(f"model.dtype=bfloat16 needs bf16 autocast, but training runs in {precision} on {device}")
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]

@@ -16,7 +16,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from .policy_config import PolicyConfig
+from ..policy.config import PolicyConfig
 
 HUB = "https://huggingface.co/"
 
@@ -28,7 +28,7 @@ class ModelConfig:
     # tokenizer files). Required for the real models; leave null with `tiny_family` set to generate a tiny
     # random checkpoint (cached under $DEEPSEEK_VL2_LORA_CACHE or ~/.cache/deepseek_vl2_lora).
     path: str | None = None
-    tiny_family: str | None = None  # tiny-mha | small-mla | full-noaux (deepseek_vl2_lora.tiny.FAMILIES)
+    tiny_family: str | None = None  # tiny-mha | small-mla | full-noaux (deepseek_vl2_lora.model.tiny.FAMILIES)
     tiny_seed: int = 0
     hub_id: str | None = None  # where the real checkpoint lives, e.g. deepseek-ai/deepseek-vl2-small (messages)
     # A config.json shipped with the repo (deepseek_vl2_lora/assets/released/<name>/) that a dry run
@@ -180,7 +180,7 @@ class DistConfig:
 
     zero2 shards optimizer state and gradients over the ranks (weights replicated); zero3 shards the weights too,
     frozen ones included. The DeepSpeed JSON's batch, accumulation, clipping and precision fields are filled from
-    trainer.* / optim.* (deepseek_vl2_lora.engine.deepspeed_config): one source of truth."""
+    trainer.* / optim.* (deepseek_vl2_lora.training.engine.deepspeed_config): one source of truth."""
 
     name: str = "single"
     kind: str = "single"  # single (one process, CPU or one GPU) | zero2 | zero3 (DeepSpeed)
@@ -269,7 +269,7 @@ def as_train_config(cfg) -> DictConfig:
         cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
     unknown = _unknown_keys(cfg, OmegaConf.structured(TrainConfig))
     if unknown:
-        raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; see deepseek_vl2_lora/train_config.py")
+        raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; see deepseek_vl2_lora/training/config.py")
     return cfg
 
 

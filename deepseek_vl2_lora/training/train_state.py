@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from .checkpoint import replace_dir, save_safetensors
+from ..model.checkpoint import replace_dir, save_safetensors
 from .engine import DistEnv
 from .manifest import verify_manifest, write_manifest
 

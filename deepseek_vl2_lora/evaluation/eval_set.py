@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .data.datasets import reference_answer
-from .generation import generate
-from .processor import Collator, SampleError
+from ..data.datasets import reference_answer
+from ..data.processor import Collator, SampleError
+from ..model.generation import generate
 
 log = logging.getLogger(__name__)
 

@@ -40,22 +40,22 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .benchmarks import BenchmarkError, BenchmarkSuite, parse_specs
-from .data import CollateItems, EvalDataset, Mixture, SFTDataset, SkipBadSamples, unwrap_batch
+from ..data import CollateItems, EvalDataset, Mixture, SFTDataset, SkipBadSamples, unwrap_batch
+from ..data.packing import sample_lengths
+from ..data.processor import Collator, DeepseekVL2Processor, ProcessorConfigError, SampleError
+from ..evaluation.benchmarks import BenchmarkError, BenchmarkSuite, parse_specs
+from ..evaluation.eval_set import evaluate
+from ..model.deepseek_vl2 import IGNORE_INDEX, DeepseekVL2ForCausalLM
+from ..plan.batch import PlanError
+from ..policy.groups import PolicyError, optimizer_param_groups, save_trained_state
+from .config import ConfigError, as_train_config, check_config
 from .engine import DistEnv, EngineError, build_engine, lr_factor, resolve_device
-from .evaluation import evaluate
 from .feature_cache import VisionFeatureCache
 from .metrics import FlopModel, MetricsLogger, init_wandb, peak_flops, peak_memory_gb, wandb_log_policy
-from .model import IGNORE_INDEX, DeepseekVL2ForCausalLM
-from .packing import sample_lengths
-from .plan.batch import PlanError
-from .policy import PolicyError, optimizer_param_groups, save_trained_state
 from .preemption import Preemption
 from .preflight import REPO_ROOT, Preflight, preflight, resolve_data_file, resolve_model_dir  # noqa: F401 (eval.py)
-from .processor import Collator, DeepseekVL2Processor, ProcessorConfigError, SampleError
 from .run_lock import RunLock, RunLockError
 from .step import autocast_for, micro_step, prepare_model, resolve_dtype, resolve_precision
-from .train_config import ConfigError, as_train_config, check_config
 from .train_state import (
     ResumeError,
     TrainState,
@@ -447,7 +447,7 @@ def train(cfg, run_dir: str | Path) -> TrainResult:
     cfg = as_train_config(cfg)
     check_config(cfg)
     if cfg.trainer.dry_run:  # plan memory on fake tensors instead of training (deepseek_vl2_lora/plan)
-        from .plan.planner import dry_run
+        from ..plan.planner import dry_run
 
         t0 = time.perf_counter()
         dry_run(cfg, Path(run_dir))

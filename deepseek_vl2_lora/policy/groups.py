@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .policy_config import GROUP_NAMES, MODES, GroupPolicy, PolicyConfig, PolicyGroups
+from .config import GROUP_NAMES, MODES, GroupPolicy, PolicyConfig, PolicyGroups
 
 _L = r"^language\.model\.layers\.\d+\."
 _ATTN = _L + r"self_attn\."
@@ -295,7 +295,7 @@ def _use_low_rank_expert_lora(model: nn.Module) -> None:
     to the tokens routed to each expert (`RoutedExperts.forward(lora=...)`), in both expert kernels."""
     from peft.tuners.lora.layer import ParamWrapper
 
-    from .moe import RoutedExperts
+    from ..model.moe import RoutedExperts
 
     for module in model.modules():
         if isinstance(module, ParamWrapper) and isinstance(module.get_base_layer(), RoutedExperts):
@@ -486,7 +486,7 @@ def save_trained_state(model: nn.Module, out_dir: str | Path, base_model: str | 
     PEFT cannot hold (see `peft_modules_to_save`), `trained_tensors.safetensors`."""
     import shutil
 
-    from .checkpoint import make_temp_dir, replace_dir, save_safetensors
+    from ..model.checkpoint import make_temp_dir, replace_dir, save_safetensors
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

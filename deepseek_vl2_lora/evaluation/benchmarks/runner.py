@@ -112,7 +112,7 @@ def run_benchmark(
     autocast=nullcontext,
 ) -> BenchmarkResult:
     """Generate greedily for every question (every rotation) of `bench` and score the replies."""
-    from ..evaluation import generate_replies  # torch-heavy: only when evaluating
+    from ..eval_set import generate_replies  # torch-heavy: only when evaluating
 
     asks = build_asks(bench)
 
@@ -176,7 +176,7 @@ class BaselineCache:
 
     def __init__(self, root: str | Path | None = None):
         if root is None:
-            from ..tiny import cache_root
+            from ...model.tiny import cache_root
 
             root = cache_root()
         self.dir = Path(root) / "benchmark_baselines"

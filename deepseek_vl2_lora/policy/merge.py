@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CONFIG_NAME, INDEX_FILE
-from .model import DeepseekVL2ForCausalLM
-from .policy import load_trained_state, merge_lora, resolve_trained_dir, resolve_trained_model
+from ..model.checkpoint import CONFIG_NAME, INDEX_FILE
+from ..model.deepseek_vl2 import DeepseekVL2ForCausalLM
+from .groups import load_trained_state, merge_lora, resolve_trained_dir, resolve_trained_model
 
 
 def merge_checkpoint(base: str | Path | None, trained: str | Path, out: str | Path, torch_dtype=None) -> Path:

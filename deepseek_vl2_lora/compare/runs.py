@@ -39,7 +39,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .sweep import relevant_overrides
+from ..training.sweep import relevant_overrides
 
 BASELINE_LABEL = "untrained baseline"
 RUN_MARKERS = ("summary.json", "metrics.jsonl", "config_resolved.yaml")
@@ -154,7 +154,7 @@ def _hydra_overrides(run_dir: Path) -> list[str]:
 
 def load_run(run_dir: str | Path) -> RunData:
     """A local run dir's files as RunData (missing files leave their fields empty)."""
-    from .metrics import read_metrics
+    from ..training.metrics import read_metrics
 
     run_dir = Path(run_dir)
     run = RunData(source=str(run_dir), overrides=relevant_overrides(_hydra_overrides(run_dir)))

@@ -36,12 +36,14 @@ from pathlib import Path
 
 import torch
 
+from .. import REPO_ROOT
+
 log = logging.getLogger(__name__)
 
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"  # DeepSpeed engines: our lr schedule (DeepSpeed's own files hold the optimizer)
 DEEPSPEED_TAG = "deepspeed"  # DeepSpeed's checkpoint files go to <checkpoint>/deepspeed/
-DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
+DEEPSPEED_CONFIG_DIR = REPO_ROOT / "configs" / "deepspeed"
 
 
 class EngineError(RuntimeError):
@@ -193,7 +195,7 @@ class SingleProcessEngine:
         return nullcontext()
 
     def load_trainable(self, tensors: dict[str, torch.Tensor], source: str) -> None:
-        from .policy import load_trainable_state_dict
+        from ..policy.groups import load_trainable_state_dict
 
         load_trainable_state_dict(self.model, tensors, source)
 
@@ -336,7 +338,7 @@ class DeepSpeedEngine:
         device = next(model.parameters()).device
         logging.getLogger("compilers").setLevel(logging.WARNING)  # DeepSpeed's op probes log each test compile
         deepspeed = import_deepspeed(kind, device)
-        from .moe import MoE
+        from ..model.moe import MoE
 
         if device.type == "cuda":
             torch.cuda.set_device(device)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from .. import PACKAGE_DIR
+
 BOS_TOKEN = "<｜begin▁of▁sentence｜>"
 EOS_TOKEN = "<｜end▁of▁sentence｜>"
 PAD_TOKEN = "<｜▁pad▁｜>"
@@ -29,7 +31,7 @@ CHAT_TOKENS = ("<|User|>", "<|Assistant|>")
 SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, IMAGE_TOKEN, *GROUNDING_TOKENS, *CHAT_TOKENS)
 
 DEFAULT_VOCAB_SIZE = 1280
-CORPUS_PATH = Path(__file__).parent / "assets" / "tokenizer_corpus.txt"
+CORPUS_PATH = PACKAGE_DIR / "assets" / "tokenizer_corpus.txt"
 
 
 def build_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE, corpus_path: str | Path | None = None) -> Tokenizer:

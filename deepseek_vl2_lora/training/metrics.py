@@ -150,7 +150,7 @@ class FlopModel:
         """Model FLOPs of one forward+backward over `batch` (a collated training batch, on any device).
         `seq_lens`: its samples' lengths (`packing.sample_lengths`) when the caller has them already."""
         if seq_lens is None:
-            from .packing import sample_lengths
+            from ..data.packing import sample_lengths
 
             seq_lens = sample_lengths(batch)  # packed rows: attention is per sample
         crop = batch.get("images_spatial_crop")
@@ -239,7 +239,7 @@ def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict]:
 def init_wandb(logger_cfg, name: str, tags: list[str], run_dir: Path, config: dict, run_id: str | None):
     """A W&B run (offline unless WANDB_MODE says otherwise), resumed when `run_id` is given.
 
-    Group, run name and tags come from the Hydra sweep the run belongs to (deepseek_vl2_lora/sweep.py);
+    Group, run name and tags come from the Hydra sweep the run belongs to (deepseek_vl2_lora/training/sweep.py);
     they, the run id and the project are also written to <run dir>/wandb_run.json, which is how
     `scripts/compare.py` and a human find the W&B run of a run dir."""
     import wandb
