@@ -27,11 +27,16 @@ register_configs()
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     try:  # here, so --help and --cfg need no torch
-        from deepseek_vl2_lora.training.loop import USER_ERRORS, train
+        from deepseek_vl2_lora.training import USER_ERRORS, train
         from deepseek_vl2_lora.training.preemption import PREEMPTED_EXIT, Interrupted
     except KeyboardInterrupt:  # Ctrl-C while importing, before train() installs its handlers
         sys.exit("interrupted")
     try:
+        if cfg.trainer.dry_run:  # plan GPU memory on fake tensors instead of training (deepseek_vl2_lora/plan)
+            from deepseek_vl2_lora.plan.planner import dry_run
+
+            dry_run(cfg, HydraConfig.get().runtime.output_dir)
+            return None
         result = train(cfg, HydraConfig.get().runtime.output_dir)
     except Interrupted as e:  # a signal during setup: nothing was trained, nothing to save
         print(f"stopped: {e}", file=sys.stderr)

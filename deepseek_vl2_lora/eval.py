@@ -113,7 +113,7 @@ def eval_datasets(cfg, processor):
 
     if not cfg.data.eval_path:
         raise EvalError("data.eval_path is null: nothing to evaluate (pass data.eval_path=<file.jsonl>)")
-    return resolve_data_file(cfg.data.eval_path, "data.eval_path"), *build(cfg, processor)
+    return resolve_data_file(cfg.data.eval_path, "data.eval_path"), *build(cfg.data, processor)
 
 
 @contextmanager
@@ -122,10 +122,11 @@ def _loaded(cfg, trained_dir, device):
     import torch
 
     from .data.processor import DeepseekVL2Processor
-    from .policy.groups import load_trained_state
+    from .policy.adapters import load_trained_state
     from .training.config import check_config
-    from .training.engine import DistEnv, resolve_device
-    from .training.loop import autocast_for, load_model, resolve_precision
+    from .training.dist_env import DistEnv, resolve_device
+    from .training.run import load_model
+    from .training.step import autocast_for, resolve_precision
 
     check_config(cfg)
     dev = resolve_device(device or cfg.trainer.device, DistEnv.from_env())
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         args.path = None
 
     from .evaluation.benchmarks import parse_specs
-    from .training.loop import USER_ERRORS
+    from .training import USER_ERRORS
 
     try:
         kind, cfg, trained_dir, default_out = resolve_target(args.path, args.baseline, args.overrides)

@@ -367,8 +367,8 @@ def main() -> None:
     import yaml
 
     from deepseek_vl2_lora.data.packing import sample_lengths
+    from deepseek_vl2_lora.data.tiling import tile_key
     from deepseek_vl2_lora.policy.groups import apply_policy
-    from deepseek_vl2_lora.training.feature_cache import tile_key
     from deepseek_vl2_lora.training.metrics import FlopModel
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -90,9 +90,10 @@ def main() -> None:
         import torch
 
         from deepseek_vl2_lora.data import CollateItems, SFTDataset, SkipBadSamples, unwrap_batch
-        from deepseek_vl2_lora.data.processor import Collator, DeepseekVL2Processor
+        from deepseek_vl2_lora.data.collate import Collator
+        from deepseek_vl2_lora.data.processor import DeepseekVL2Processor
+        from deepseek_vl2_lora.data.sampling import batch_stream
         from deepseek_vl2_lora.model.tiny import ensure_tiny_checkpoint
-        from deepseek_vl2_lora.training.train_state import batch_stream
 
         torch.set_num_threads(1)
         parquet = tmp / "train.parquet"

@@ -67,7 +67,7 @@ class Chat:
     def __init__(self, args: argparse.Namespace):
         from deepseek_vl2_lora.data.processor import DeepseekVL2Processor
         from deepseek_vl2_lora.model import DeepseekVL2ForCausalLM
-        from deepseek_vl2_lora.policy.groups import load_trained_state, resolve_trained_model
+        from deepseek_vl2_lora.policy.adapters import load_trained_state, resolve_trained_model
 
         try:
             checkpoint, trained = resolve_trained_model(args.model)
@@ -95,7 +95,7 @@ class Chat:
 
     def answer(self, conversations: list[tuple[list[dict], list]], stream: bool = False) -> list[str]:
         """Replies to conversations [(messages ending with a user turn, PIL images)], as one left-padded batch."""
-        from deepseek_vl2_lora.data.processor import Collator
+        from deepseek_vl2_lora.data.collate import Collator
         from deepseek_vl2_lora.model.generation import generate
 
         encodings = [self.processor.encode(self.with_system(m), images, generation=True) for m, images in conversations]

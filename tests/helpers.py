@@ -55,7 +55,7 @@ def make_batch(cfg: VL2Config, vocab: int = 300, seed: int = 0, pad: str = "righ
 
 def write_processor_files(out, image_size: int, patch_size: int):
     """A tokenizer and processor_config.json in `out` (the processor files of a checkpoint), returned."""
-    from deepseek_vl2_lora.data.processor import write_processor_config
+    from deepseek_vl2_lora.model.processor_config import write_processor_config
     from deepseek_vl2_lora.model.tokenizer import write_tokenizer
 
     write_tokenizer(out)

@@ -19,7 +19,8 @@ from deepseek_vl2_lora.plan.batch import synthetic_batch
 from deepseek_vl2_lora.plan.fake import assume_routing
 from deepseek_vl2_lora.policy.groups import optimizer_param_groups
 from deepseek_vl2_lora.training.config import as_train_config
-from deepseek_vl2_lora.training.engine import DistEnv, SingleProcessEngine
+from deepseek_vl2_lora.training.dist_env import DistEnv
+from deepseek_vl2_lora.training.engine import SingleProcessEngine
 from deepseek_vl2_lora.training.step import micro_step, prepare_model
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -66,7 +67,7 @@ def measure_real_step(cfg, model, device="cpu", autocast=nullcontext, around_ste
     """Peak bytes of one steady-state training step (weights, optimizer state and batch included). `around_step`:
     a context entered around the step alone (e.g. to watch resident memory)."""
     tc = cfg.trainer
-    prepare_model(model, cfg, compile_layers=False)
+    prepare_model(model, cfg.policy, cfg.trainer, compile_layers=False)
     groups = optimizer_param_groups(model, cfg.policy, lr=cfg.optim.lr)
     engine = SingleProcessEngine(model, groups, cfg.optim, 10, DistEnv())
     for p in engine.params:

@@ -6,10 +6,11 @@ import shutil
 import pytest
 from test_train_config import compose_cfg
 
+from deepseek_vl2_lora import REPO_ROOT
 from deepseek_vl2_lora.data import SkipBadSamples
 from deepseek_vl2_lora.data.processor import SampleError
-from deepseek_vl2_lora.training import loop as trainer
-from deepseek_vl2_lora.training.loop import REPO_ROOT, USER_ERRORS, train
+from deepseek_vl2_lora.training import USER_ERRORS, train
+from deepseek_vl2_lora.training import run as trainer_run
 from deepseek_vl2_lora.training.metrics import read_metrics
 
 N = 16
@@ -36,14 +37,14 @@ def data_dir(tmp_path):
 
 def delete_images_after_setup(monkeypatch, data_dir, count):
     """Delete the first `count` images once the data is validated (in _plan_steps, before the first batch)."""
-    plan = trainer._plan_steps
+    plan = trainer_run._plan_steps
 
     def plan_then_delete(*args, **kwargs):
         for path in sorted((data_dir / "images").iterdir())[:count]:
             path.unlink()
         return plan(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "_plan_steps", plan_then_delete)
+    monkeypatch.setattr(trainer_run, "_plan_steps", plan_then_delete)
 
 
 def compose(data_dir, *overrides):

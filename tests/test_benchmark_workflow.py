@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from test_train_config import compose_cfg
 
+from deepseek_vl2_lora import compare as compare_mod
 from deepseek_vl2_lora import eval as eval_mod
-from deepseek_vl2_lora.compare import runs as compare_mod
-from deepseek_vl2_lora.training.loop import train
+from deepseek_vl2_lora.training import train
 from deepseek_vl2_lora.training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from deepseek_vl2_lora.data import DataReport, EvalDataset, SFTDataset, collate_eval, convert_llava, load_image
-from deepseek_vl2_lora.data.processor import Collator, SampleError
+from deepseek_vl2_lora.data.collate import Collator
+from deepseek_vl2_lora.data.processor import SampleError
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "data" / "demo"

@@ -13,8 +13,9 @@ from test_train_config import compose_cfg
 
 from deepseek_vl2_lora.data import EvalDataset, SFTDataset, open_source
 from deepseek_vl2_lora.data.processor import SampleError
-from deepseek_vl2_lora.training.loop import resolve_data_file, train
+from deepseek_vl2_lora.training import train
 from deepseek_vl2_lora.training.metrics import read_metrics
+from deepseek_vl2_lora.training.preflight import resolve_data_file
 
 A_PNG = png((10, 200, 30))
 

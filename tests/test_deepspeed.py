@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO-2/3 with the real `deepspeed` launcher, on CPU ranks that talk over gloo (docs/deepspeed.md).
 
 What "the same run" means: 2 ranks × micro batch m read, between them, exactly the samples of 1 rank × micro batch
-2m (train_state.EpochBatchSampler); each rank weights its mean token loss by its share of the global micro batch's
+2m (data.sampling.EpochBatchSampler); each rank weights its mean token loss by its share of the global micro batch's
 supervised tokens (trainer._sync_micro_batch), so the LM objective is the same function of the same weights. The
 MoE load-balancing (aux) loss, as in the official model, averages over padded positions too; the collator pads a
 micro batch to its longest sample, so 2 ranks padding m samples each are not 1 rank padding 2m, and the aux term
@@ -36,9 +36,12 @@ from safetensors.torch import load_file
 from test_fault_tolerance import events, wait_for_step
 from test_train_config import compose_cfg
 
+from deepseek_vl2_lora.data.sampling import EpochBatchSampler, batches_per_epoch, epoch_order
 from deepseek_vl2_lora.model.tiny import ensure_tiny_checkpoint
 from deepseek_vl2_lora.training.config import OptimConfig
-from deepseek_vl2_lora.training.engine import DistEnv, EngineError, SingleProcessEngine, deepspeed_config
+from deepseek_vl2_lora.training.deepspeed_engine import deepspeed_config
+from deepseek_vl2_lora.training.dist_env import DistEnv, EngineError
+from deepseek_vl2_lora.training.engine import SingleProcessEngine
 from deepseek_vl2_lora.training.loop import FAULT_ENV
 from deepseek_vl2_lora.training.manifest import verify_manifest
 from deepseek_vl2_lora.training.metrics import read_metrics
@@ -46,11 +49,8 @@ from deepseek_vl2_lora.training.preemption import PREEMPTED_EXIT
 from deepseek_vl2_lora.training.run_lock import LOCK_FILE
 from deepseek_vl2_lora.training.train_state import (
     CHECKPOINTS,
-    EpochBatchSampler,
     ResumeError,
     TrainState,
-    batches_per_epoch,
-    epoch_order,
     load_checkpoint,
     save_checkpoint,
     step_dir_name,

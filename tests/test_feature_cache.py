@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from helpers import build_model, make_batch
 
-from deepseek_vl2_lora.training.feature_cache import VisionFeatureCache, tile_key
+from deepseek_vl2_lora.data.tiling import tile_key
+from deepseek_vl2_lora.training.feature_cache import VisionFeatureCache
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ import pytest
 from test_train_config import compose_cfg
 
 from deepseek_vl2_lora.model.checkpoint import honour_umask, make_temp_dir
-from deepseek_vl2_lora.training.loop import train
+from deepseek_vl2_lora.training import train
 
 
 @pytest.fixture

@@ -73,7 +73,7 @@ def test_packed_rows_on_flash_match_eager_on_gpu(family):
     logits and the loss's gradients."""
     from test_packing import _run, _samples
 
-    from deepseek_vl2_lora.data.processor import Collator
+    from deepseek_vl2_lora.data.collate import Collator
 
     cpu_model = build_model(family)
     batch = Collator(0, pack_length=64)(_samples(cpu_model.config))

@@ -16,9 +16,8 @@ from memory_reference import compose_config, measure_real_step, real_model, writ
 from deepseek_vl2_lora.model import DeepseekVL2ForCausalLM, VL2Config
 from deepseek_vl2_lora.plan.fake import HostValues, fake_mode, routing_assumption
 from deepseek_vl2_lora.plan.measure import FakeTrainingModel
-from deepseek_vl2_lora.plan.planner import RELEASED_DIR, Planner, model_config_for, released_config
+from deepseek_vl2_lora.plan.planner import RELEASED_DIR, Planner, dry_run, model_config_for, released_config
 from deepseek_vl2_lora.plan.zero import ParamCounts, zero_model_states
-from deepseek_vl2_lora.training.loop import train
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,7 +46,7 @@ def test_released_configs_are_sparse_like_the_files_on_the_hub():
 # ---------------------------------------------------------------------------------------- plan == real step
 def _plan_and_real(*overrides, model_dir=None):
     cfg = compose_config(*overrides, *([f"model.path={model_dir}"] if model_dir else []))
-    vl2, _ = model_config_for(cfg)
+    vl2, _ = model_config_for(cfg.model)
     planned = FakeTrainingModel(cfg, vl2, target="cpu").measure(
         cfg.trainer.micro_batch_size, cfg.trainer.gradient_checkpointing
     )
@@ -176,7 +175,7 @@ def test_a_config_that_does_not_fit_names_the_change_that_fits(tmp_path):
         "trainer.gpu_memory_gb=40",
         "data.max_length=2048",
     )
-    train(cfg, tmp_path)
+    dry_run(cfg, tmp_path)
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["fits"] is False and plan["configured"] == "1 GPU"
     change = plan["change"]
@@ -237,7 +236,7 @@ def test_plan_peak_matches_cuda_max_memory_allocated_for_a_vl2_small_shaped_step
         "trainer.grad_accum=2",
         "data.max_length=4096",
     )
-    vl2, _ = model_config_for(cfg)
+    vl2, _ = model_config_for(cfg.model)
     planned = FakeTrainingModel(cfg, vl2, target="cuda").measure(2, True)
     model = real_model(vl2, cfg, device="cuda", dtype=torch.bfloat16)
     real = measure_real_step(cfg, model, "cuda", lambda: torch.autocast("cuda", dtype=torch.bfloat16))
@@ -313,7 +312,7 @@ def test_full_size_vl2_tiny_trains_one_step_on_the_cpu_within_its_plan(tmp_path)
     # kernels' own scratch, e.g. oneDNN's packed bf16 weights, freed blocks malloc keeps, weight pages mapped in).
     assert rss_growth >= 0.9 * planned_growth
 
-    from deepseek_vl2_lora.policy.groups import merge_lora
+    from deepseek_vl2_lora.policy.lora import merge_lora
 
     merge_lora(model)
     model.save_pretrained(tmp_path / "round_trip", max_shard_bytes=2 * 2**30)

@@ -14,10 +14,11 @@ from deepseek_vl2_lora.data import CollateItems, Mixture, SFTDataset, SkipBadSam
 from deepseek_vl2_lora.data.mixture import largest_remainder, source_names
 from deepseek_vl2_lora.data.processor import SampleError
 from deepseek_vl2_lora.data.report import DataReport
+from deepseek_vl2_lora.data.sampling import EpochBatchSampler, batch_stream
+from deepseek_vl2_lora.training import train
 from deepseek_vl2_lora.training.config import ConfigError, check_config
-from deepseek_vl2_lora.training.loop import train
 from deepseek_vl2_lora.training.metrics import read_metrics
-from deepseek_vl2_lora.training.train_state import EpochBatchSampler, ResumeError, batch_stream
+from deepseek_vl2_lora.training.train_state import ResumeError
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "data" / "demo"
@@ -202,7 +203,7 @@ def mixture_run(run_dir, small, large, *overrides, weights=(3, 1)):
 
 def test_mixture_run_reports_sources_and_resumes_bitwise(tiny_cache, tmp_path, caplog):
     small, large = demo_sources(tmp_path)
-    with caplog.at_level("INFO", logger="deepseek_vl2_lora.training.loop"):
+    with caplog.at_level("INFO", logger="deepseek_vl2_lora.training"):
         mixture_run(tmp_path / "full", small, large)
     text = caplog.text
     assert "train data: mixture of 2 sources, 24 draws per epoch: layout messages (24 records)" in text

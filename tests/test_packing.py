@@ -6,8 +6,8 @@ import pytest
 import torch
 from helpers import FAMILIES, build_model, tokens_per_image
 
+from deepseek_vl2_lora.data.collate import Collator
 from deepseek_vl2_lora.data.packing import first_fit_decreasing, pack_samples, sample_lengths
-from deepseek_vl2_lora.data.processor import Collator
 from deepseek_vl2_lora.evaluation.eval_set import MODEL_INPUTS
 from deepseek_vl2_lora.model.attention import (
     SegmentMask,

@@ -16,20 +16,20 @@ from test_train_config import compose_cfg
 
 from deepseek_vl2_lora import eval as eval_mod
 from deepseek_vl2_lora.model import DeepseekVL2ForCausalLM
-from deepseek_vl2_lora.policy.groups import (
+from deepseek_vl2_lora.policy.adapters import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     POLICY_FILE,
     TRAINED_TENSORS,
-    apply_policy,
-    load_trainable_state_dict,
     load_trained_state,
     read_trained_state,
     resolve_trained_dir,
     save_trained_state,
 )
+from deepseek_vl2_lora.policy.groups import apply_policy, load_trainable_state_dict
 from deepseek_vl2_lora.policy.merge import merge_checkpoint
-from deepseek_vl2_lora.training.loop import resolve_model_dir, train
+from deepseek_vl2_lora.training import train
+from deepseek_vl2_lora.training.preflight import resolve_model_dir
 from deepseek_vl2_lora.training.train_state import TRAINABLE_FILE, list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]

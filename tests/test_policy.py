@@ -9,17 +9,10 @@ import yaml
 from helpers import FAMILIES, build_model, make_batch
 
 from deepseek_vl2_lora.model import DeepseekVL2ForCausalLM
+from deepseek_vl2_lora.policy.adapters import load_trained_state, save_trained_state
 from deepseek_vl2_lora.policy.config import GROUP_NAMES
-from deepseek_vl2_lora.policy.groups import (
-    GROUPS,
-    PolicyError,
-    apply_policy,
-    group_of,
-    load_trained_state,
-    merge_lora,
-    optimizer_param_groups,
-    save_trained_state,
-)
+from deepseek_vl2_lora.policy.groups import GROUPS, PolicyError, apply_policy, group_of, optimizer_param_groups
+from deepseek_vl2_lora.policy.lora import merge_lora
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "policy"
 
@@ -220,7 +213,7 @@ def _expert_lora_model(kernel, r=4):
 def test_expert_lora_factors_are_pefts_delta():
     from peft.tuners.lora.layer import ParamWrapper
 
-    from deepseek_vl2_lora.policy.groups import expert_lora_factors
+    from deepseek_vl2_lora.policy.lora import expert_lora_factors
 
     model = _expert_lora_model("loop")
     wrappers = [m for m in model.modules() if isinstance(m, ParamWrapper)]

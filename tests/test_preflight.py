@@ -8,8 +8,8 @@ from test_train_config import compose_cfg
 
 from deepseek_vl2_lora.model import DeepseekVL2ForCausalLM
 from deepseek_vl2_lora.model.tiny import ensure_tiny_checkpoint
-from deepseek_vl2_lora.training import loop as trainer
-from deepseek_vl2_lora.training.loop import USER_ERRORS, train
+from deepseek_vl2_lora.training import USER_ERRORS, train
+from deepseek_vl2_lora.training import run as trainer_run
 from deepseek_vl2_lora.training.preflight import read_safetensors_header
 
 
@@ -22,7 +22,7 @@ def no_model_load(tmp_path_factory, monkeypatch):
     def load_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the mistake was reported")
 
-    monkeypatch.setattr(trainer, "load_model", load_model)
+    monkeypatch.setattr(trainer_run, "load_model", load_model)
 
 
 @pytest.fixture(scope="module")

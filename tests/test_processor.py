@@ -8,16 +8,10 @@ from helpers import write_processor_files
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from deepseek_vl2_lora.data.processor import (
-    Collator,
-    DeepseekVL2Processor,
-    ProcessorConfigError,
-    SampleError,
-    candidate_resolutions,
-    image_to_tensor,
-    select_best_resolution,
-    write_processor_config,
-)
+from deepseek_vl2_lora.data.collate import Collator
+from deepseek_vl2_lora.data.processor import DeepseekVL2Processor, SampleError
+from deepseek_vl2_lora.data.tiling import image_to_tensor, select_best_resolution
+from deepseek_vl2_lora.model.processor_config import ProcessorConfigError, candidate_resolutions, write_processor_config
 from deepseek_vl2_lora.model.tokenizer import CORPUS_PATH
 
 BOS, EOS, PAD, IMG, USER, ASSISTANT = 0, 1, 2, 3, 9, 10  # the documented id layout

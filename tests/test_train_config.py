@@ -12,8 +12,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 from deepseek_vl2_lora.training.config import ConfigError, TrainConfig, as_train_config, check_config
-from deepseek_vl2_lora.training.engine import DistEnv, EngineError, build_engine
-from deepseek_vl2_lora.training.loop import resolve_model_dir
+from deepseek_vl2_lora.training.dist_env import DistEnv, EngineError
+from deepseek_vl2_lora.training.engine import build_engine
+from deepseek_vl2_lora.training.preflight import resolve_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

@@ -12,10 +12,12 @@ from test_train_config import compose_cfg
 from deepseek_vl2_lora.data import SFTDataset
 from deepseek_vl2_lora.data.processor import DeepseekVL2Processor
 from deepseek_vl2_lora.model import DeepseekVL2ForCausalLM
-from deepseek_vl2_lora.policy.groups import read_trained_state
+from deepseek_vl2_lora.policy.adapters import read_trained_state
+from deepseek_vl2_lora.training import train
 from deepseek_vl2_lora.training.config import ConfigError
-from deepseek_vl2_lora.training.loop import NonFiniteError, resolve_data_file, resolve_model_dir, train
+from deepseek_vl2_lora.training.loop import NonFiniteError
 from deepseek_vl2_lora.training.metrics import read_metrics
+from deepseek_vl2_lora.training.preflight import resolve_data_file, resolve_model_dir
 from deepseek_vl2_lora.training.train_state import ResumeError, list_checkpoints
 
 TRAIN_KEYS = {
@@ -194,7 +196,7 @@ def test_bf16_weights_train_with_fp32_master_copies(tmp_path):
 
 
 def test_resume_auto_without_checkpoint_starts_fresh(tmp_path, caplog):
-    caplog.set_level("INFO", logger="deepseek_vl2_lora.training.loop")
+    caplog.set_level("INFO", logger="deepseek_vl2_lora.training")
     _, result = run(tmp_path, "trainer.resume=auto", "trainer.max_steps=2", "trainer.eval_before=false")
     assert result.steps == 2 and "no checkpoint" in caplog.text
     assert not read_metrics(tmp_path, "event")
@@ -247,7 +249,7 @@ def test_epochs_decide_the_steps_and_resume_exactly(tmp_path, caplog):
         "trainer.print_every=1",
         "trainer.peak_flops=1e12",
     ]
-    with caplog.at_level("INFO", logger="deepseek_vl2_lora.training.loop"):
+    with caplog.at_level("INFO", logger="deepseek_vl2_lora.training"):
         _, result = run(tmp_path / "a", *overrides)
     assert result.steps == 5
     records = read_metrics(tmp_path / "a", "train")

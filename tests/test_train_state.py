@@ -9,21 +9,21 @@ import numpy as np
 import pytest
 import torch
 
+from deepseek_vl2_lora.data.sampling import EpochBatchSampler, batch_stream, epoch_order
 from deepseek_vl2_lora.manifest import main as manifest_main
 from deepseek_vl2_lora.training.config import OptimConfig
-from deepseek_vl2_lora.training.engine import DistEnv, SingleProcessEngine, lr_factor
+from deepseek_vl2_lora.training.dist_env import DistEnv
+from deepseek_vl2_lora.training.engine import SingleProcessEngine
 from deepseek_vl2_lora.training.manifest import MANIFEST_FILE, verify_manifest
 from deepseek_vl2_lora.training.metrics import FlopModel, MetricsLogger, read_metrics
+from deepseek_vl2_lora.training.optim import lr_factor
 from deepseek_vl2_lora.training.train_state import (
     CHECKPOINTS,
     LATEST,
-    EpochBatchSampler,
     ResumeError,
     TrainState,
     agree_on_checkpoint,
-    batch_stream,
     clean_temporary,
-    epoch_order,
     find_resume_checkpoint,
     latest_checkpoint,
     list_checkpoints,

@@ -372,7 +372,7 @@ def test_check_cli_lists_every_bad_line(tmp_path, proc_dir, capsys):
 
 
 def test_the_run_lists_every_skipped_line(tmp_path, proc):
-    from deepseek_vl2_lora.training.loop import SKIPPED_FILE, _write_skipped
+    from deepseek_vl2_lora.training.run import SKIPPED_FILE, _write_skipped
 
     d = tmp_path / "d"
     d.mkdir()
@@ -410,7 +410,7 @@ def test_config_keys_are_checked_and_reach_the_datasets(tmp_path):
         assert key in str(info.value)
     cfg = compose_cfg("data.large_image=resize", "data.max_image_pixels=null", f"data.cache_dir={tmp_path}")
     check_config(cfg)
-    options = dataset_options(cfg, processor=None)
+    options = dataset_options(cfg.data, processor=None)
     chosen = (options["max_image_pixels"], options["large_image"], options["cache_dir"])
     assert chosen == (None, "resize", str(tmp_path))
     assert validation_cache.resolve_cache_dir(compose_cfg("data.cache_dir=false").data.cache_dir) is None

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from deepseek_vl2_lora import compare as compare_mod
 from deepseek_vl2_lora import eval as eval_mod
-from deepseek_vl2_lora.compare import runs as compare_mod
 from deepseek_vl2_lora.data import EvalDataset, SFTDataset
 from deepseek_vl2_lora.data.processor import DeepseekVL2Processor
 from deepseek_vl2_lora.evaluation.eval_set import evaluate

@@ -20,9 +20,10 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from ..model.processor_config import ProcessorConfigError
 from .datasets import EvalDataset, SFTDataset
 from .images import DEFAULT_MAX_IMAGE_PIXELS, LARGE_IMAGE
-from .processor import DeepseekVL2Processor, ProcessorConfigError, SampleError, one_line
+from .processor import DeepseekVL2Processor, SampleError, one_line
 
 DEFAULT_REPORT = "data_check.jsonl"
 TINY_FAMILY = "full-noaux"  # model=tiny_random's

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from ..model.checkpoint import write_atomic
 from .processor import SampleError
 
 log = logging.getLogger(__name__)
@@ -260,8 +261,6 @@ def _shrink(ref: ImageRef, exif_transpose: bool, max_pixels: int) -> Image.Image
 
 
 def _save_atomic(image: Image.Image, path: Path) -> None:
-    from .validation_cache import write_atomic  # (validation_cache imports this module)
-
     buf = io.BytesIO()
     if image.format == "JPEG":
         image.save(buf, format="JPEG", quality=95)

@@ -8,7 +8,7 @@ an endless stream of permutations of its records: draw k (counted from the start
 is ``perm_{s,p}[k mod n_s]`` with p = k // n_s and ``perm_{s,p}`` a randperm seeded by (seed, s, p). So an
 up-weighted small source repeats its records evenly (each ⌊c_s/n_s⌋ or ⌈c_s/n_s⌉ times in an epoch), and a
 down-weighted large one is covered over the epochs before any record repeats. The epoch's N draws are then shuffled
-by the single-source order `train_state.epoch_order(N, seed, epoch)`.
+by the single-source order `sampling.epoch_order(N, seed, epoch)`.
 
 Everything depends on (seed, epoch, the sources' sizes and weights) only: a resumed run rebuilds the same order
 (the checkpoint records the sizes and weights, `Mixture.signature`, and a resume with others is refused).
@@ -21,6 +21,8 @@ from fractions import Fraction
 from pathlib import Path
 
 import torch
+
+from .sampling import epoch_order
 
 _PRIME = 1_000_003
 
@@ -89,8 +91,6 @@ class Mixture(torch.utils.data.Dataset):
 
     def epoch_order(self, seed: int, epoch: int) -> list[int]:
         """The global indices epoch `epoch` visits, in order (N of them; see the module docstring)."""
-        from ..training.train_state import epoch_order  # (train_state imports the engine; data must not at import time)
-
         draws = []
         for s, (n, c) in enumerate(zip(self.sizes, self.draws)):
             first, last = epoch * c, (epoch + 1) * c  # this epoch's draws of source s, counted from the start

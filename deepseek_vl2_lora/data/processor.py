@@ -1,4 +1,5 @@
-"""DeepSeek-VL2 processor: anyres tiling, the `deepseek` chat template, SFT labels and batching.
+"""DeepSeek-VL2 processor: the `deepseek` chat template and SFT labels, with images tiled by tiling.py and batched by
+collate.py.
 
 The token stream reproduces the official `DeepseekVLV2Processor` (`format_messages_v2`, `tokenize_with_images`
 and `process_one(inference_mode=False)`) token for token:
@@ -24,18 +25,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
+from ..model.processor_config import (
+    PROCESSOR_CONFIG_NAME,
+    ProcessorConfigError,
+    check_processor_config,
+    image_token_count,
+)
 from ..model.tokenizer import CHAT_TOKENS, GROUNDING_TOKENS, IMAGE_TOKEN, PAD_TOKEN
+from .tiling import select_best_resolution, tile_image
 
-PROCESSOR_CONFIG_NAME = "processor_config.json"
 USER_ROLES = ("user", "<|User|>")
 ASSISTANT_ROLES = ("assistant", "<|Assistant|>")
 SYSTEM_ROLES = ("system",)
@@ -57,139 +62,9 @@ class SampleError(ValueError):
         return SampleError(self.reason, self.message, location)
 
 
-class ProcessorConfigError(ValueError):
-    """processor_config.json or the tokenizer next to it is missing or invalid."""
-
-
 def one_line(error: BaseException) -> str:
     """An exception's message on one line (library errors often span several), for one-line user errors."""
     return " ".join(str(error).split())
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Config
-
-
-def candidate_resolutions(image_size: int, candidate_grid: int = 9) -> list[list[int]]:
-    """All [image_size*m, image_size*n] with m*n <= candidate_grid, in the order of the released configs.
-
-    The released list (for 384 and grid 9) is sorted by tile count m*n, then puts the thin layouts first
-    (smaller min(m, n)), then the narrower one (smaller m) first: [1,1], [1,2], [2,1], [1,3], [3,1], [1,4],
-    [4,1], [2,2], ...
-    """
-    sides = range(1, candidate_grid + 1)
-    grids = [(m, n) for m in sides for n in sides if m * n <= candidate_grid]
-    grids.sort(key=lambda mn: (mn[0] * mn[1], min(mn), mn[0]))
-    return [[image_size * m, image_size * n] for m, n in grids]
-
-
-def image_token_count(image_size: int, patch_size: int, downsample_ratio: int, width_tiles: int, height_tiles: int):
-    """Tokens of one image: global view rows + newlines, one view separator, local grid rows + newlines."""
-    h = w = math.ceil((image_size // patch_size) / downsample_ratio)
-    return h * (w + 1) + 1 + (h * height_tiles) * (w * width_tiles + 1)
-
-
-def write_processor_config(
-    out_dir: str | Path,
-    image_size: int,
-    patch_size: int,
-    downsample_ratio: int = 2,
-    candidate_grid: int = 9,
-    **overrides: Any,
-) -> Path:
-    """Write a processor_config.json shaped like the released one; return its path."""
-    config = {
-        "processor_class": "DeepseekVLV2Processor",
-        "candidate_resolutions": candidate_resolutions(image_size, candidate_grid),
-        "patch_size": patch_size,
-        "downsample_ratio": downsample_ratio,
-        "image_mean": [0.5, 0.5, 0.5],
-        "image_std": [0.5, 0.5, 0.5],
-        "normalize": True,
-        "image_token": IMAGE_TOKEN,
-        "pad_token": PAD_TOKEN,
-        "add_special_token": False,
-        "sft_format": "deepseek",
-        "ignore_id": -100,
-        # The released file most likely says false here. It does not matter for us: `encode` always masks the
-        # prompt (SFT masking is forced through its `mask_prompt=True` argument, not read from this file).
-        "mask_prompt": True,
-    }
-    config.update(overrides)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / PROCESSOR_CONFIG_NAME
-    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return path
-
-
-def _is_pos_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x > 0
-
-
-def _validate_config(config: Any, path: Path) -> dict:
-    """Check the keys the processor depends on; every message names the file."""
-
-    def fail(msg: str) -> ProcessorConfigError:
-        return ProcessorConfigError(f"{path}: {msg}")
-
-    if not isinstance(config, dict):
-        raise fail("expected a JSON object")
-    for key in ("candidate_resolutions", "patch_size", "downsample_ratio"):
-        if key not in config:
-            raise fail(f"missing required key {key!r}")
-    res = config["candidate_resolutions"]
-    if not isinstance(res, list) or not res:
-        raise fail("'candidate_resolutions' must be a non-empty list of [width, height]")
-    for pair in res:
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(_is_pos_int(v) for v in pair)):
-            raise fail(f"bad entry in 'candidate_resolutions': {pair!r}")
-    tile = res[0][0]
-    if any(w % tile or h % tile for w, h in res):
-        raise fail(f"every candidate resolution must be a multiple of the tile size {tile}")
-    for key in ("patch_size", "downsample_ratio"):
-        if not _is_pos_int(config[key]):
-            raise fail(f"{key!r} must be a positive integer, got {config[key]!r}")
-    for key in ("image_mean", "image_std"):
-        val = config.get(key, [0.5, 0.5, 0.5])
-        if not (isinstance(val, list) and len(val) == 3 and all(isinstance(v, (int, float)) for v in val)):
-            raise fail(f"{key!r} must be a list of 3 numbers")
-    if config.get("sft_format", "deepseek") != "deepseek":
-        raise fail(f"only sft_format 'deepseek' is supported, got {config['sft_format']!r}")
-    return config
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Images
-
-
-def select_best_resolution(image_size: tuple[int, int], resolutions: list[list[int]]) -> tuple[int, int]:
-    """Anyres choice (LLaVA-NeXT rule, as in the official processor).
-
-    Each candidate (w, h) is scored by how many original pixels survive an aspect-preserving fit into it; the
-    highest score wins and ties go to the candidate with the least unused area. Candidates are visited in
-    config order and only strictly better ones replace the current choice.
-    """
-    width, height = image_size
-    best, best_effective, best_wasted = None, -1, math.inf
-    for cand_w, cand_h in resolutions:
-        scale = min(cand_w / width, cand_h / height)
-        effective = min(int(width * scale) * int(height * scale), width * height)
-        wasted = cand_w * cand_h - effective
-        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
-            best, best_effective, best_wasted = (cand_w, cand_h), effective, wasted
-    return best
-
-
-def image_to_tensor(image: Image.Image, mean, std, normalize: bool = True) -> torch.Tensor:
-    """ToTensor + Normalize(mean, std) with torchvision's arithmetic: uint8 -> float32 / 255, then (x-m)/s."""
-    x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
-    x = x.to(torch.float32).div(255)
-    if normalize:
-        m = torch.as_tensor(mean, dtype=torch.float32)[:, None, None]
-        s = torch.as_tensor(std, dtype=torch.float32)[:, None, None]
-        x = x.sub(m).div(s)
-    return x
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -297,7 +172,7 @@ class DeepseekVL2Processor:
             config = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ProcessorConfigError(f"{path}: not valid JSON ({e})") from e
-        config = _validate_config(config, path)
+        config = check_processor_config(config, path)
         tokenizer = _load_tokenizer(root)
         processor = cls(tokenizer, **config)
         processor.fingerprint = files_fingerprint(root)
@@ -337,25 +212,9 @@ class DeepseekVL2Processor:
             return self.image_size, self.image_size
         return select_best_resolution(image_size, self.candidate_resolutions)
 
-    def _pad_colour(self) -> tuple[int, ...]:
-        return tuple(int(x * 255) for x in self.image_mean)
-
-    def _to_tensor(self, image: Image.Image) -> torch.Tensor:
-        return image_to_tensor(image, self.image_mean, self.image_std, self.normalize)
-
     def image_tiles(self, image: Image.Image, best_size: tuple[int, int]) -> list[torch.Tensor]:
         """[global view, local tiles row-major] as [3, tile, tile] tensors."""
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        tile, colour = self.image_size, self._pad_colour()
-        global_view = ImageOps.pad(image, (tile, tile), color=colour)
-        tiles = [self._to_tensor(global_view)]
-        best_w, best_h = best_size
-        local = global_view if best_size == (tile, tile) else ImageOps.pad(image, best_size, color=colour)
-        for top in range(0, best_h, tile):
-            for left in range(0, best_w, tile):
-                tiles.append(self._to_tensor(local.crop((left, top, left + tile, top + tile))))
-        return tiles
+        return tile_image(image, best_size, self.image_size, self.image_mean, self.image_std, self.normalize)
 
     # -- template ----------------------------------------------------------------------------------------
 
@@ -562,86 +421,3 @@ def _load_tokenizer(root: Path):
         raise ProcessorConfigError(f"{root}: could not load the tokenizer ({type(e).__name__}: {e})") from e
     finally:
         hf_logging.set_verbosity(verbosity)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Batching
-
-
-class Collator:
-    """Pads encoded samples into a batch.
-
-    Right padding is for training, left padding for generation. `position_ids` count 0..len-1 over each
-    sample's real tokens and are 0 on padding, so left-padded prompts still start at position 0 (the LM's
-    default arange would not). `attention_mask` is long 1/0. Tiles are zero-padded to the batch maximum and
-    `images_spatial_crop` with [0, 0] rows, as in the official `batchify`. Non-tensor fields (e.g. a reference
-    answer string) are gathered into lists.
-
-    With `pack_length`, the samples are first packed into rows of at most that many tokens
-    (`deepseek_vl2_lora.data.packing`): the batch then has one row per pack and a `segment_ids` field.
-    """
-
-    def __init__(
-        self,
-        pad_id: int,
-        padding_side: str = "right",
-        ignore_id: int = -100,
-        tile_keys: bool = False,
-        pack_length: int | None = None,
-    ):
-        if padding_side not in ("right", "left"):
-            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
-        if pack_length is not None and padding_side != "right":
-            raise ValueError("packing is for training batches: use padding_side='right'")
-        self.pad_id = pad_id
-        self.padding_side = padding_side
-        self.ignore_id = ignore_id
-        self.tile_keys = tile_keys  # add `tile_keys` (content hashes per tile) for the vision feature cache
-        self.pack_length = pack_length
-
-    def _pad_1d(self, seqs: list[torch.Tensor], value, length: int) -> torch.Tensor:
-        out = torch.full((len(seqs), length), value, dtype=seqs[0].dtype)
-        for b, seq in enumerate(seqs):
-            if self.padding_side == "right":
-                out[b, : len(seq)] = seq
-            else:
-                out[b, length - len(seq) :] = seq
-        return out
-
-    @staticmethod
-    def _pad_first_dim(tensors: list[torch.Tensor]) -> torch.Tensor:
-        n = max(t.shape[0] for t in tensors)
-        out = tensors[0].new_zeros((len(tensors), n, *tensors[0].shape[1:]))
-        for b, t in enumerate(tensors):
-            out[b, : t.shape[0]] = t
-        return out
-
-    def __call__(self, samples: list[dict]) -> dict:
-        if not samples:
-            raise ValueError("cannot collate an empty batch")
-        if self.pack_length is not None:
-            from .packing import pack_samples
-
-            samples = pack_samples(samples, self.pack_length, self.ignore_id)
-        length = max(len(s["input_ids"]) for s in samples)
-        lengths = [len(s["input_ids"]) for s in samples]
-        positions = [s.get("position_ids", torch.arange(n, dtype=torch.long)) for s, n in zip(samples, lengths)]
-        batch = {
-            "input_ids": self._pad_1d([s["input_ids"] for s in samples], self.pad_id, length),
-            "attention_mask": self._pad_1d([torch.ones(n, dtype=torch.long) for n in lengths], 0, length),
-            "labels": self._pad_1d([s["labels"] for s in samples], self.ignore_id, length),
-            "position_ids": self._pad_1d(positions, 0, length),
-            "images_seq_mask": self._pad_1d([s["images_seq_mask"] for s in samples], False, length),
-            "images": self._pad_first_dim([s["images"] for s in samples]),
-            "images_spatial_crop": self._pad_first_dim([s["images_spatial_crop"] for s in samples]),
-        }
-        if "segment_ids" in samples[0]:
-            batch["segment_ids"] = self._pad_1d([s["segment_ids"] for s in samples], 0, length)
-        for key in samples[0]:
-            if key not in batch and not isinstance(samples[0][key], torch.Tensor):
-                batch[key] = [s.get(key) for s in samples]
-        if self.tile_keys:
-            from ..training.feature_cache import tile_key
-
-            batch["tile_keys"] = [[tile_key(t) for t in s["images"]] for s in samples]
-        return batch

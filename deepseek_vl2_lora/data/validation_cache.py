@@ -30,11 +30,11 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from ..model.checkpoint import write_atomic
 from .images import ImageRef, probe_header
 from .processor import SampleError, one_line
 
@@ -94,22 +94,6 @@ def source_fingerprint(path: Path) -> list:
 
 def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write `path` through a temporary file and os.replace, with the mode the umask gives."""
-    from ..model.checkpoint import honour_umask
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        honour_umask(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_json(path: Path) -> Any | None:

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..data.collate import Collator
 from ..data.datasets import reference_answer
-from ..data.processor import Collator, SampleError
+from ..data.processor import SampleError
 from ..model.generation import generate
 
 log = logging.getLogger(__name__)

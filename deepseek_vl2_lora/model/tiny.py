@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from ..data.processor import candidate_resolutions
 from .config import VL2Config
+from .processor_config import candidate_resolutions
 
 _VISION = {
     "model_type": "vision",
@@ -143,8 +143,8 @@ def _init_random(model: torch.nn.Module, seed: int) -> None:
 
 def make_tiny_checkpoint(out_dir: str | Path, family: str, seed: int = 0) -> Path:
     """Write a complete checkpoint directory (config, weights, tokenizer, processor config), atomically."""
-    from ..data.processor import write_processor_config
     from .deepseek_vl2 import DeepseekVL2ForCausalLM
+    from .processor_config import write_processor_config
     from .tokenizer import write_tokenizer
 
     out_dir = Path(out_dir)

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import torch
 
-from ..data.processor import Collator, image_token_count
+from ..data.collate import Collator
 from ..model.deepseek_vl2 import IGNORE_INDEX
+from ..model.processor_config import image_token_count
+from ..training.config import ConfigError
 
 
-class PlanError(ValueError):
+class PlanError(ConfigError):
     """The dry run cannot plan this config; the message says what to change."""
 
 

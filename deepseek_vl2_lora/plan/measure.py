@@ -17,7 +17,8 @@ import torch
 from ..data.packing import sample_lengths
 from ..model.deepseek_vl2 import DeepseekVL2ForCausalLM
 from ..policy.groups import optimizer_param_groups
-from ..training.engine import DistEnv, SingleProcessEngine
+from ..training.dist_env import DistEnv
+from ..training.engine import SingleProcessEngine
 from ..training.metrics import FlopModel
 from ..training.step import micro_step, prepare_model, resolve_dtype, resolve_precision
 from .batch import sample_layout, synthetic_batch
@@ -38,25 +39,25 @@ class Setting:
     notes: list[str]
 
 
-def resolve_setting(cfg, target: str = "cuda") -> Setting:
+def resolve_setting(model_cfg, trainer_cfg, target: str = "cuda") -> Setting:
     """The trainer's resolution of precision, storage dtype and kernels, for a `target` device."""
     device = torch.device(target)
     notes = []
-    if target == "cuda" and cfg.trainer.precision == "auto":
+    if target == "cuda" and trainer_cfg.precision == "auto":
         precision = "bf16"  # auto on a GPU with bf16 (every GPU the plan is for); this process may have no CUDA
     else:
-        precision = resolve_precision(cfg.trainer.precision, device)
-    dtype = resolve_dtype(cfg.model.dtype, precision, device)  # as the trainer: bf16 storage only on CUDA
-    attn = cfg.model.attn_implementation
+        precision = resolve_precision(trainer_cfg.precision, device)
+    dtype = resolve_dtype(model_cfg.dtype, precision, device)  # as the trainer: bf16 storage only on CUDA
+    attn = model_cfg.attn_implementation
     if target == "cuda" and attn.endswith("flash_attention_2"):
         # Without flash-attn, flash_attention_2 runs SDPA restricted to its fused kernels: the same kernels (and
         # memory) the sdpa path gets on an H100; this process has no CUDA, so the step runs the sdpa code path.
         attn = attn.replace("flash_attention_2", "sdpa")
         notes.append("flash_attention_2 planned as the fused SDPA kernels it runs on an H100 (no flash-attn)")
-    kernel = cfg.model.experts_kernel
+    kernel = model_cfg.experts_kernel
     if kernel == "auto":
         kernel = "grouped" if target == "cuda" and precision == "bf16" else "loop"  # what `auto` picks on Hopper
-    if cfg.trainer.compile_blocks:
+    if trainer_cfg.compile_blocks:
         notes.append("trainer.compile_blocks=true planned uncompiled (compiled layers fuse elementwise temporaries)")
     return Setting(target, precision, dtype, attn, kernel, notes)
 
@@ -101,14 +102,16 @@ class FakeTrainingModel:
 
     def __init__(self, cfg, vl2_config, target: str = "cuda", persistence_threshold: int = 100_000):
         self.cfg, self.vl2_config = cfg, vl2_config
-        self.setting = resolve_setting(cfg, target)
+        self.setting = resolve_setting(cfg.model, cfg.trainer, target)
         with torch.device("meta"):  # no time or memory spent on an init that nothing reads
             model = DeepseekVL2ForCausalLM(
                 vl2_config,
                 attn_implementation=self.setting.attn_implementation,
                 experts_kernel=self.setting.experts_kernel,
             ).to(self.setting.dtype)
-            self.report = prepare_model(model, cfg, compile_layers=False)  # PEFT adapters are made on meta too
+            self.report = prepare_model(
+                model, cfg.policy, cfg.trainer, compile_layers=False
+            )  # PEFT adapters are made on meta too
         self.fake = fake_mode()
         with self.fake:
             model = model.to_empty(device="cpu")

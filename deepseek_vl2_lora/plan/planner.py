@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .. import PACKAGE_DIR
 from ..model.config import VL2Config
+from ..training.config import as_train_config, check_config
 from .measure import FakeTrainingModel, StepMeasurement
 from .tracker import MODEL_STATES
 from .zero import zero_model_states, zero_settings
@@ -46,10 +47,10 @@ def released_config(name: str) -> VL2Config:
     return VL2Config.from_file(RELEASED_DIR / name / "config.json")
 
 
-def model_config_for(cfg) -> tuple[VL2Config, str]:
+def model_config_for(model_cfg) -> tuple[VL2Config, str]:
     """The architecture to plan: model.path's config.json (no weights read), else the shipped released config,
     else the tiny family's generated checkpoint."""
-    m = cfg.model
+    m = model_cfg
     if m.path is not None:
         path = Path(m.path).expanduser() / "config.json"
         if not path.is_file():
@@ -126,10 +127,10 @@ class Plan:
 
 class Planner:
     def __init__(self, cfg, ranks: int):
-        from ..training.engine import deepspeed_config
+        from ..training.deepspeed_engine import deepspeed_config
 
         self.cfg, self.ranks = cfg, ranks
-        self.vl2_config, self.source = model_config_for(cfg)
+        self.vl2_config, self.source = model_config_for(cfg.model)
         self.ds_configs = {}
         for kind in ("zero2", "zero3"):
             dist = cfg.dist if cfg.dist.kind == kind else _dist_like(cfg.dist, kind)
@@ -251,9 +252,9 @@ def _dist_like(dist_cfg, kind: str):
     )
 
 
-def ranks_for(cfg) -> int:
-    if cfg.dist.world_size:
-        return int(cfg.dist.world_size)
+def ranks_for(dist_cfg) -> int:
+    if dist_cfg.world_size:
+        return int(dist_cfg.world_size)
     env = int(os.environ.get("WORLD_SIZE", 1))
     return env if env > 1 else 8
 
@@ -334,8 +335,12 @@ def plan_to_dict(plan: Plan) -> dict:
 
 
 def dry_run(cfg, run_dir: Path) -> Plan:
-    """Plan `cfg`, print the plan, write <run dir>/plan.json."""
-    planner = Planner(cfg, ranks_for(cfg))
+    """Plan `cfg` (`trainer.dry_run=true`: train.py calls this instead of training), print the plan, write
+    <run dir>/plan.json."""
+    cfg = as_train_config(cfg)
+    check_config(cfg)
+    run_dir = Path(run_dir)
+    planner = Planner(cfg, ranks_for(cfg.dist))
     plan = planner.plan()
     log.info("\n%s", format_plan(plan))
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,8 @@ import torch
 
 from ..model.checkpoint import CONFIG_NAME, INDEX_FILE
 from ..model.deepseek_vl2 import DeepseekVL2ForCausalLM
-from .groups import load_trained_state, merge_lora, resolve_trained_dir, resolve_trained_model
+from .adapters import load_trained_state, resolve_trained_dir, resolve_trained_model
+from .lora import merge_lora
 
 
 def merge_checkpoint(base: str | Path | None, trained: str | Path, out: str | Path, torch_dtype=None) -> Path:

@@ -180,7 +180,7 @@ class DistConfig:
 
     zero2 shards optimizer state and gradients over the ranks (weights replicated); zero3 shards the weights too,
     frozen ones included. The DeepSpeed JSON's batch, accumulation, clipping and precision fields are filled from
-    trainer.* / optim.* (deepseek_vl2_lora.training.engine.deepspeed_config): one source of truth."""
+    trainer.* / optim.* (deepseek_vl2_lora.training.deepspeed_engine.deepspeed_config): one source of truth."""
 
     name: str = "single"
     kind: str = "single"  # single (one process, CPU or one GPU) | zero2 | zero3 (DeepSpeed)

@@ -24,12 +24,6 @@ from safetensors.torch import load_file
 from ..model.checkpoint import save_safetensors
 
 
-def tile_key(tile: torch.Tensor) -> str:
-    """Content hash of one preprocessed tile [3, H, W]."""
-    t = tile.detach().to("cpu", torch.float32).contiguous()
-    return hashlib.sha256(json.dumps(list(t.shape)).encode() + t.numpy().tobytes()).hexdigest()
-
-
 def fingerprint(model) -> str:
     """Hash of everything the cached features depend on besides the pixels."""
     h = hashlib.sha256()

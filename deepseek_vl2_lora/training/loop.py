@@ -1,76 +1,51 @@
 """The training loop: `train(cfg, run_dir)`; its body, `_train`, reads from top to bottom.
 
-    setup     model from a checkpoint dir (or a generated tiny one) -> freezing policy -> data -> engine
-              (AdamW with the policy's per-group learning rates, warmup + cosine; one process or DeepSpeed
-              ZeRO-2/3, `dist=`) -> resume -> loggers
+    setup     run.py's `_start`: preflight, model, freezing policy, data, engine, resume, loggers
     eval      the untrained model (loss and exact-match accuracy), unless resuming
-    loop      grad_accum micro batches: bf16 autocast on CUDA (fp32 on CPU), objective = LM loss + MoE aux
-              loss, backward; clip; a non-finite loss or grad norm skips the update (counted; N in a row
-              stop the run); log; eval every N steps; atomic checkpoint every N steps
-    finish    final eval, trained state (adapter + trained tensors) to <run dir>/trained, summary.json
+    loop      grad_accum micro batches (`_train_step`): bf16 autocast on CUDA (fp32 on CPU), objective = LM loss +
+              MoE aux loss, backward (step.micro_step); clip; a non-finite loss or grad norm skips the update
+              (counted; N in a row stop the run); log; eval every N steps; atomic checkpoint every N steps
+    finish    run.py's `_finish`: final eval, trained state (adapter + trained tensors), summary.json
 
 Several ranks (DeepSpeed): every rank runs this same function on its own slice of each global batch
-(train_state.batch_stream); each rank's LM loss is weighted by its share of the global micro batch's supervised
+(data.sampling.batch_stream); each rank's LM loss is weighted by its share of the global micro batch's supervised
 tokens, so the gradient DeepSpeed averages over ranks is the one-process gradient of micro batch × world size
 (the MoE aux loss too with dist.global_padding=true: see _sync_micro_batch).
 Every rank evaluates (ZeRO-3 needs all ranks in each forward); rank 0 alone writes metrics, W&B, reports and
 trained/; each rank logs to logs/rank{R}.log.
-
-Run-dir layout: config_resolved.yaml, trainable_parameters.json, data_report.json, data_skipped.jsonl, metrics.jsonl,
-eval/step_XXXXXXXX.jsonl (predictions), checkpoints/step_XXXXXXXX/ + checkpoints/latest, trained/,
-summary.json (plus .hydra/ and train.log from Hydra, wandb/ with logger=wandb, logs/ with several ranks).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ..data import CollateItems, EvalDataset, Mixture, SFTDataset, SkipBadSamples, unwrap_batch
+from ..data import CollateItems, SkipBadSamples, unwrap_batch
 from ..data.packing import sample_lengths
-from ..data.processor import Collator, DeepseekVL2Processor, ProcessorConfigError, SampleError
-from ..evaluation.benchmarks import BenchmarkError, BenchmarkSuite, parse_specs
-from ..evaluation.eval_set import evaluate
-from ..model.deepseek_vl2 import IGNORE_INDEX, DeepseekVL2ForCausalLM
-from ..plan.batch import PlanError
-from ..policy.groups import PolicyError, optimizer_param_groups, save_trained_state
+from ..data.processor import SampleError
+from ..data.sampling import batch_stream, batches_per_epoch
+from ..evaluation.benchmarks import BenchmarkError
+from ..model.deepseek_vl2 import IGNORE_INDEX
+from ..model.processor_config import ProcessorConfigError
+from ..policy.groups import PolicyError
 from .config import ConfigError, as_train_config, check_config
-from .engine import DistEnv, EngineError, build_engine, lr_factor, resolve_device
-from .feature_cache import VisionFeatureCache
-from .metrics import FlopModel, MetricsLogger, init_wandb, peak_flops, peak_memory_gb, wandb_log_policy
+from .dist_env import DistEnv, EngineError, resolve_device
+from .metrics import peak_memory_gb
+from .optim import lr_factor
 from .preemption import Preemption
-from .preflight import REPO_ROOT, Preflight, preflight, resolve_data_file, resolve_model_dir  # noqa: F401 (eval.py)
+from .run import TrainingError, TrainResult, _finish, _rank_logging, _Run, _start, _stop_preempted
 from .run_lock import RunLock, RunLockError
-from .step import autocast_for, micro_step, prepare_model, resolve_dtype, resolve_precision
-from .train_state import (
-    ResumeError,
-    TrainState,
-    agree_on_checkpoint,
-    batch_stream,
-    batches_per_epoch,
-    clean_temporary,
-    find_resume_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    seed_everything,
-    set_rng_state,
-    step_dir_name,
-    total_steps,
-)
+from .step import micro_step
+from .train_state import ResumeError, set_rng_state
 
 log = logging.getLogger(__name__)
 # Fault injection for the multi-process tests (tests/test_deepspeed.py): FAULT_ENV=<rank>:<step>:raise makes that
@@ -78,10 +53,6 @@ log = logging.getLogger(__name__)
 # first micro batch. They check that one failing rank ends the whole job, and that one rank's NaN skips the update
 # on every rank.
 FAULT_ENV = "DEEPSEEK_VL2_LORA_FAULT"
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on; the message says why and what to try."""
 
 
 class NonFiniteError(TrainingError):
@@ -97,39 +68,11 @@ USER_ERRORS = (
     TrainingError,
     SampleError,
     ProcessorConfigError,
-    PlanError,
     BenchmarkError,
     RunLockError,
 )
 
 
-@dataclass
-class TrainResult:
-    run_dir: Path
-    steps: int
-    seconds: float
-    eval_before: dict | None
-    eval_after: dict | None
-    nonfinite_skipped: int
-    trained_dir: Path | None
-    preempted: str | None = None  # the signal that stopped the run early (after a checkpoint), by name
-
-
-# ------------------------------------------------------------------------------------------------ setup helpers
-def load_model(model_cfg, precision: str, device: torch.device) -> tuple[DeepseekVL2ForCausalLM, Path]:
-    """The configured checkpoint (real or generated tiny) on `device`, in the dtype `precision` implies."""
-    model_dir = resolve_model_dir(model_cfg)
-    model = DeepseekVL2ForCausalLM.from_pretrained(
-        model_dir,
-        torch_dtype=resolve_dtype(model_cfg.dtype, precision, device),
-        attn_implementation=model_cfg.attn_implementation,
-        experts_kernel=model_cfg.experts_kernel,
-        device=device,
-    )
-    return model, model_dir
-
-
-# Collated training-batch fields with one entry per token position, and the value a padded position holds.
 _TOKEN_FIELDS = {
     "input_ids": None,
     "attention_mask": 0,
@@ -197,148 +140,6 @@ def _injected_fault(env: DistEnv) -> tuple[int, str] | None:
     return (int(step), kind) if int(rank) == env.rank else None
 
 
-def _rank_logging(run_dir: Path, env: DistEnv) -> logging.Handler | None:
-    """With several ranks: each rank logs to <run dir>/logs/rank{R}.log (rank 0 keeps Hydra's train.log too); the
-    console gets rank 0's lines and the other ranks' warnings. Returns the handler added (None: one process)."""
-    if env.world_size == 1:
-        return None
-    root = logging.getLogger()
-    formatter = next((h.formatter for h in root.handlers if h.formatter), None)
-    if not env.is_main:
-        for h in list(root.handlers):
-            if isinstance(h, logging.FileHandler):  # Hydra's train.log is rank 0's
-                root.removeHandler(h)
-                h.close()
-            elif isinstance(h, logging.StreamHandler):
-                h.setLevel(logging.WARNING)
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "logs" / f"rank{env.rank}.log")
-    handler.setFormatter(formatter or logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
-    handler.setLevel(logging.INFO)
-    root.addHandler(handler)
-    return handler
-
-
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-
-
-SKIPPED_FILE = "data_skipped.jsonl"  # every skipped line: {split, source, stage, location, reason, message}
-
-
-def _write_skipped(path: Path, reports: dict) -> None:
-    """Every record validation skipped, one JSON line each (data_report.json keeps 3 examples per reason); the
-    train-time skips an earlier run of this run dir listed are kept (this run's are appended at its end)."""
-    earlier = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                item = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(item, dict) and item.get("stage") == "train":
-                earlier.append(item)
-    lines = [x for name, r in reports.items() for x in r.skipped_records(name) if x["stage"] == "validation"]
-    path.write_text("".join(json.dumps(x) + "\n" for x in lines + earlier))
-
-
-def _append_jsonl(path: Path, items: list[dict]) -> None:
-    with open(path, "a") as f:
-        f.writelines(json.dumps(x) + "\n" for x in items)
-
-
-def _describe_eval(result_metrics: dict) -> str:
-    parts = []
-    if "eval/loss" in result_metrics:
-        parts.append(f"loss {result_metrics['eval/loss']:.4f}")
-    if "eval/accuracy" in result_metrics:
-        parts.append(f"accuracy {result_metrics['eval/accuracy']:.3f} ({result_metrics['eval/samples']} samples)")
-        by_type = {k.rsplit("/", 1)[1]: v for k, v in result_metrics.items() if k.startswith("eval/accuracy/")}
-        if by_type:
-            parts.append("[" + ", ".join(f"{k} {v:.2f}" for k, v in by_type.items()) + "]")
-    return " ".join(parts) or "nothing to evaluate"
-
-
-def _setup_model(cfg, device: torch.device, env: DistEnv, precision: str):
-    """(model prepared for training, its checkpoint dir, policy report, FLOP model)."""
-    model, model_dir = load_model(cfg.model, precision, device)
-    seed_everything(cfg.seed)  # after loading: generating a tiny checkpoint on first use draws random numbers
-    report = prepare_model(model, cfg)  # LoRA initialisation is the first consumer of the seeded RNG
-    flop_model = FlopModel.from_model(model)  # before the engine: ZeRO-3 shards the weights in place
-    if env.world_size > 1:  # initialisation above is the same on every rank; dropout draws differ per rank
-        seed_everything(cfg.seed + 1_000_003 * (env.rank + 1))
-    log.info("model %s (%s) on %s, %s\n%s", cfg.model.name, model_dir, device, precision, report.table())
-    return model, model_dir, report, flop_model
-
-
-@dataclass
-class _Data:
-    processor: DeepseekVL2Processor
-    train_set: torch.utils.data.Dataset
-    loss_set: SFTDataset | None  # the eval split, for the eval loss
-    gen_set: EvalDataset | None  # the eval split, for generation
-    reports: dict
-    collator: Collator
-
-
-def _setup_data(cfg, model, pre: Preflight, env: DistEnv) -> _Data:
-    """The processor, the training and eval sets (validated by preflight) and the training collator."""
-    tc = cfg.trainer
-    processor, train_set, reports = pre.processor, pre.train_set, pre.reports
-    if cfg.data.train_limit is not None:
-        train_set = torch.utils.data.Subset(train_set, range(min(cfg.data.train_limit, len(train_set))))
-    loss_set, gen_set = pre.loss_set, pre.gen_set
-    for name, data_report in reports.items():
-        if data_report.num_skipped:
-            log.warning("%s data: %s", name, data_report)
-    if len(train_set) < tc.micro_batch_size * env.world_size:
-        raise ConfigError(
-            f"the training set has {len(train_set)} usable samples, fewer than trainer.micro_batch_size="
-            f"{tc.micro_batch_size} × {env.world_size} rank(s)"
-        )
-    if tc.vision_feature_cache:
-        if model._vision_side_trainable():
-            raise ConfigError("trainer.vision_feature_cache needs the vision tower and projector frozen by the policy")
-        model.feature_cache = VisionFeatureCache(Path(tc.vision_feature_cache).expanduser(), model)
-        log.info("vision feature cache: %s", model.feature_cache.dir)
-    collator = Collator(
-        processor.pad_id,
-        padding_side="right",
-        tile_keys=model.feature_cache is not None,
-        pack_length=tc.pack_length,
-    )
-    return _Data(processor, train_set, loss_set, gen_set, reports, collator)
-
-
-def _plan_steps(cfg, num_samples: int, env: DistEnv, reports: dict, run_dir: Path) -> int:
-    """The run's optimizer steps (trainer.max_steps, or trainer.epochs over the data); logs the run dir, the data
-    per split and source (layout, records, placeholders added) and the step plan."""
-    tc = cfg.trainer
-    per_step = tc.micro_batch_size * env.world_size * tc.grad_accum
-    steps = total_steps(tc.max_steps, tc.epochs, num_samples, tc.micro_batch_size * env.world_size, tc.grad_accum)
-    log.info("run dir: %s", run_dir)
-    limits = {"train": (cfg.data.train_limit, "data.train_limit"), "eval": (cfg.data.eval_limit, "data.eval_limit")}
-    for name, data_report in reports.items():  # (a mixture: train, then train/<name> per source, with its sampling)
-        limit, key = limits.get(name, (None, None))
-        used = f", using the first {limit} ({key})" if limit is not None and limit < data_report.kept else ""
-        log.info("%s data: %s%s", name, data_report.summary(), used)
-    rule = f"trainer.epochs={tc.epochs}" if tc.epochs is not None else f"trainer.max_steps={tc.max_steps}"
-    if tc.epochs is not None and tc.max_steps is not None:
-        rule += f" (trainer.max_steps={tc.max_steps} ignored)"
-    log.info(
-        "steps: %d by %s, %.2f epochs of %d samples, %d samples per step (micro batch %d × grad accum %d × %d rank(s))",
-        steps,
-        rule,
-        steps * per_step / num_samples,
-        num_samples,
-        per_step,
-        tc.micro_batch_size,
-        tc.grad_accum,
-        env.world_size,
-    )
-    return steps
-
-
 @dataclass
 class _StepStats:
     """One optimizer step as the logs see it (losses averaged, counts summed over ranks)."""
@@ -397,61 +198,13 @@ def _log_step(metrics, state, cfg, max_steps: int, per_epoch: int, s: _StepStats
         )
 
 
-def _resume_or_start(
-    cfg, run_dir: Path, env: DistEnv, engine, num_samples: int, checked: Path | None = None, mixture=None
-):
-    """(train state, checkpoint resumed from or None, its RNG state or None) as `trainer.resume` says; `checked`:
-    the checkpoint preflight found (and verified) for an explicit path; `mixture`: the training mixture's
-    signature (its order depends on it; kept in the state's extra), None for one source."""
-    tc = cfg.trainer
-    state = TrainState(
-        num_samples=num_samples,
-        batch_size=tc.micro_batch_size,
-        seed=cfg.seed,
-        world_size=env.world_size,
-        dist=cfg.dist.kind,
-        extra={"mixture": mixture} if mixture is not None else {},
-    )
-    if env.is_main:
-        clean_temporary(run_dir)
-    # Rank 0 verifies the checkpoints' manifests (falling back past damaged ones); the others take its choice.
-    if checked is None:  # (an explicit path was verified by preflight: its checksums are not read twice)
-        resume_from = find_resume_checkpoint(tc.resume, run_dir, verify=env.is_main)
-    else:
-        resume_from = checked
-    resume_from = agree_on_checkpoint(engine, resume_from)
-    rng = None
-    if resume_from is not None:
-        state, rng = load_checkpoint(resume_from, engine, engine.load_trainable)
-        fits = (state.num_samples, state.batch_size, state.seed) == (num_samples, tc.micro_batch_size, cfg.seed)
-        if not fits:
-            raise ResumeError(
-                f"{resume_from}: its data position is for {state.num_samples} samples, micro batch "
-                f"{state.batch_size}, seed {state.seed}; this run has {num_samples}, {tc.micro_batch_size}, "
-                f"{cfg.seed}. Resume with the same data, trainer.micro_batch_size and seed."
-            )
-        if state.extra.get("mixture") != mixture:
-            raise ResumeError(
-                f"{resume_from}: its data order is for the mixture {state.extra.get('mixture')}; this run's is "
-                f"{mixture}. Resume with the same data.train (sources, limits and weights)."
-            )
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, state.step, state.epoch, state.batch)
-    elif tc.resume == "auto":
-        log.info("trainer.resume=auto: no checkpoint in %s, starting from scratch", run_dir)
-    return state, resume_from, rng
-
-
 # ------------------------------------------------------------------------------------------------ the loop
 def train(cfg, run_dir: str | Path) -> TrainResult:
     """Train as `cfg` (a composed TrainConfig) says, writing everything under `run_dir`."""
     cfg = as_train_config(cfg)
     check_config(cfg)
-    if cfg.trainer.dry_run:  # plan memory on fake tensors instead of training (deepseek_vl2_lora/plan)
-        from ..plan.planner import dry_run
-
-        t0 = time.perf_counter()
-        dry_run(cfg, Path(run_dir))
-        return TrainResult(Path(run_dir), 0, time.perf_counter() - t0, None, None, 0, None)
+    if cfg.trainer.dry_run:
+        raise ConfigError("trainer.dry_run=true plans memory instead of training: deepseek_vl2_lora.plan's dry_run")
     env = DistEnv.from_env()
     if cfg.dist.world_size is not None and cfg.dist.world_size != env.world_size:
         raise ConfigError(
@@ -488,130 +241,6 @@ def train(cfg, run_dir: str | Path) -> TrainResult:
         if rank_log is not None:
             logging.getLogger().removeHandler(rank_log)
             rank_log.close()
-
-
-@dataclass
-class _Run:
-    """What the loop, its evaluations, checkpoints and teardown share (built by `_start`)."""
-
-    cfg: Any
-    run_dir: Path
-    env: DistEnv
-    device: torch.device
-    autocast: Any
-    model: DeepseekVL2ForCausalLM
-    model_dir: Path
-    data: _Data
-    flop_model: FlopModel
-    engine: Any
-    state: TrainState
-    max_steps: int
-    metrics: MetricsLogger
-    wandb_run: Any
-    run_eval: Callable[[], Any]
-    benchmarks: BenchmarkSuite
-    peak: float | None  # peak FLOP/s for MFU (None: unknown)
-    resume_from: Path | None
-    rng: dict | None  # the RNG state to restore right before the loop (resumed runs)
-    t_start: float
-
-    def evaluate_and_log(self, tag: str) -> dict:
-        """Eval split and benchmarks: logged, predictions written (rank 0); every rank calls it."""
-        state = self.state
-        result = self.run_eval()
-        out = {**result.metrics(), **self.benchmarks(self.model, state.step, tag)}
-        self.metrics.log(state.step, "eval", {"eval/tag": tag, **out})
-        if self.env.is_main and result.predictions:
-            (self.run_dir / "eval").mkdir(exist_ok=True)
-            lines = "".join(json.dumps(p) + "\n" for p in result.predictions)
-            (self.run_dir / "eval" / f"step_{state.step:08d}.jsonl").write_text(lines)
-        log.info("eval (%s, step %d): %s", tag, state.step, _describe_eval(out))
-        return out
-
-    def save(self) -> Path | None:
-        """A resumable checkpoint, unless the state is not finite (then nothing is written). Every rank calls it."""
-        state = self.state
-        trainable, finite = self.engine.gather_trainable()  # full tensors on rank 0; `finite` is the same on all
-        if not state.last_step_finite or not finite:
-            log.warning("step %d: not saving a checkpoint from a non-finite state", state.step)
-            self.metrics.log(state.step, "event", {"event": "checkpoint_skipped_nonfinite"})
-            return None
-        path = save_checkpoint(self.run_dir, state, trainable, self.engine, self.cfg.trainer.keep_last)
-        self.metrics.log(state.step, "event", {"event": "checkpoint", "path": str(path)})
-        return path
-
-    def seconds(self) -> float:
-        return time.perf_counter() - self.t_start
-
-
-def _start(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> _Run:
-    """Everything before the first step: preflight, model and policy, data, eval, step plan, engine, resume, run-dir
-    files and loggers."""
-    t_start = time.perf_counter()
-    tc, oc = cfg.trainer, cfg.optim
-    run_dir.mkdir(parents=True, exist_ok=True)
-    precision = resolve_precision(tc.precision, device)
-    autocast = autocast_for(precision, device)
-
-    # -- model, freezing policy, data -----------------------------------------------------------------------
-    pre = preflight(cfg, run_dir, env)  # files, data, resume path: all checked before the (slow) model load
-    model, model_dir, report, flop_model = _setup_model(cfg, device, env, precision)
-    data = _setup_data(cfg, model, pre, env)
-    processor, train_set = data.processor, data.train_set
-    run_eval = partial(
-        evaluate,
-        model,
-        processor,
-        data.loss_set,
-        data.gen_set,
-        device,
-        batch_size=tc.eval_batch_size,
-        max_new_tokens=tc.eval_max_new_tokens,
-        limit=cfg.data.eval_limit,
-        autocast=autocast,
-        on_bad_sample=cfg.data.on_bad_sample,
-    )
-    benchmarks = BenchmarkSuite(  # loaded and checked now; baseline cached per model (one process only)
-        parse_specs(tc.eval_benchmarks),
-        processor,
-        device,
-        tc.eval_batch_size,
-        tc.eval_max_new_tokens,
-        autocast,
-        baseline_key=(model_dir, {"precision": precision}) if env.world_size == 1 else None,
-        out_dir=run_dir / "eval" if env.is_main else None,
-    )
-
-    # -- step plan, optimizer, schedule, engine -----------------------------------------------------------
-    max_steps = _plan_steps(cfg, len(train_set), env, data.reports, run_dir)
-    param_groups = optimizer_param_groups(model, cfg.policy, lr=oc.lr, weight_decay=oc.weight_decay)
-    engine = build_engine(cfg.dist, model, param_groups, oc, max_steps, env, tc, precision)
-
-    # -- resume -------------------------------------------------------------------------------------------
-    mixture = train_set.signature() if isinstance(train_set, Mixture) else None
-    state, resume_from, rng = _resume_or_start(cfg, run_dir, env, engine, len(train_set), pre.resume_from, mixture)
-
-    # -- run-dir files, loggers -----------------------------------------------------------------------------
-    wandb_run = None
-    if env.is_main:
-        (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        report.write_json(run_dir / "trainable_parameters.json")
-        _write_json(run_dir / "data_report.json", {name: r.to_dict() for name, r in data.reports.items()})
-        _write_skipped(run_dir / SKIPPED_FILE, data.reports)
-        if cfg.logger.wandb:
-            resolved = OmegaConf.to_container(cfg, resolve=True)
-            wandb_run = init_wandb(cfg.logger, cfg.name, cfg.tags, run_dir, resolved, state.wandb_id)
-            state.wandb_id = wandb_run.id
-            wandb_log_policy(wandb_run, report)
-    metrics = MetricsLogger(run_dir, jsonl=cfg.logger.jsonl and env.is_main, wandb_run=wandb_run)
-    if resume_from is not None:
-        dropped = metrics.truncate_after(state.step)
-        metrics.log(state.step, "event", {"event": "resume", "from": str(resume_from), "dropped_records": dropped})
-    peak = tc.peak_flops or peak_flops(device, precision)
-    return _Run(
-        cfg, run_dir, env, device, autocast, model, model_dir, data, flop_model, engine, state, max_steps, metrics,
-        wandb_run, run_eval, benchmarks, peak, resume_from, rng, t_start,
-    )  # fmt: skip
 
 
 def _train_stream(run: _Run):
@@ -741,73 +370,3 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preempt
     if preempted or stop.requested(run.engine):  # (a signal in the last step: the final eval etc. on the next run)
         return _stop_preempted(run, stop, last_checkpoint)
     return _finish(run)
-
-
-def _stop_preempted(run: _Run, stop: Preemption, last_checkpoint: Path | None) -> TrainResult:
-    """A signal stopped the run: a checkpoint of this step (unless there is one), a `preempted` event, no final eval
-    or trained state (the resumed run does those)."""
-    state = run.state
-    if last_checkpoint is None or last_checkpoint.name != step_dir_name(state.step):
-        last_checkpoint = run.save() or last_checkpoint
-    where = str(last_checkpoint) if last_checkpoint else None
-    run.metrics.log(state.step, "event", {"event": "preempted", "signal": stop.name, "checkpoint": where})
-    log.warning(
-        "%s: stopped after step %d, checkpoint %s; continue with trainer.resume=auto",
-        stop.name or "a signal on another rank",
-        state.step,
-        where,
-    )
-    if run.wandb_run is not None:
-        run.wandb_run.finish()
-    return TrainResult(
-        run.run_dir,
-        state.step,
-        run.seconds(),
-        state.eval_before,
-        None,
-        state.nonfinite_total,
-        None,
-        preempted=stop.name or "signal",
-    )
-
-
-def _finish(run: _Run) -> TrainResult:
-    """After the last step: final eval, cache stats, the data reports with train-time skips, the trained state
-    (PEFT adapter), summary.json."""
-    cfg, env, state, model, run_dir = run.cfg, run.env, run.state, run.model, run.run_dir
-    eval_after = run.evaluate_and_log("after") if cfg.data.eval_path or run.benchmarks else None
-    if model.feature_cache is not None:
-        run.metrics.log(state.step, "event", {"event": "vision_cache", **model.feature_cache.stats()})
-        log.info(
-            "vision feature cache: %(vision_cache/hits)d hits, %(vision_cache/misses)d misses",
-            model.feature_cache.stats(),
-        )
-    reports = run.data.reports
-    if env.is_main and state.extra.get("skipped_at_train"):  # the data report, with this run's train-time skips
-        _write_json(run_dir / "data_report.json", {name: r.to_dict() for name, r in reports.items()})
-        train_lines = [x for x in reports["train"].skipped_records("train") if x["stage"] == "train"]
-        _append_jsonl(run_dir / SKIPPED_FILE, train_lines)
-        log.warning("train data: %d samples went bad during training and were skipped", state.extra["skipped_at_train"])
-    trained_dir = None
-    if cfg.trainer.save_trained:
-        with run.engine.full_trainable_params():  # DeepSpeed: the fp32 master values, gathered on rank 0
-            if env.is_main:
-                trained_dir = save_trained_state(model, run_dir / "trained", base_model=run.model_dir)
-    seconds = run.seconds()
-    result = TrainResult(
-        run_dir, state.step, seconds, state.eval_before, eval_after, state.nonfinite_total, trained_dir
-    )
-    if env.is_main:
-        _write_json(
-            run_dir / "summary.json", {k: str(v) if isinstance(v, Path) else v for k, v in vars(result).items()}
-        )
-    before = (state.eval_before or {}).get("eval/accuracy")
-    after = (eval_after or {}).get("eval/accuracy")
-    if after is not None:
-        gain = f"before training {before:.3f} -> " if before is not None else ""
-        log.info("eval accuracy: %safter %d steps %.3f", gain, state.step, after)
-    log.info("done in %.1f s; run dir %s", seconds, run_dir)
-    if run.wandb_run is not None:
-        run.wandb_run.summary.update({k: v for k, v in (eval_after or {}).items()})
-        run.wandb_run.finish()
-    return result

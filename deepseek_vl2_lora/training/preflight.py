@@ -37,7 +37,7 @@ from ..model.checkpoint import CONFIG_NAME, check_keys, official_shapes, weight_
 from ..model.config import VL2Config
 from ..model.tiny import ensure_tiny_checkpoint
 from .config import ConfigError
-from .engine import DistEnv
+from .dist_env import DistEnv
 from .train_state import STATE_FILE, ResumeError, find_resume_checkpoint
 
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit on a header's size
@@ -62,7 +62,7 @@ def preflight(cfg, run_dir: Path, env: DistEnv | None = None) -> Preflight:
     model_dir = resolve_model_dir(cfg.model)
     check_checkpoint_files(model_dir)
     processor = DeepseekVL2Processor.from_pretrained(model_dir)
-    specs = mixture_specs(cfg)  # its paths resolved: a wrong one is reported before any data is validated
+    specs = mixture_specs(cfg.data)  # its paths resolved: a wrong one is reported before any data is validated
     if specs is None:
         train_file = resolve_data_file(cfg.data.train_path, "data.train_path")
     if cfg.data.eval_path:  # a wrong path is reported before the training set is validated
@@ -70,40 +70,40 @@ def preflight(cfg, run_dir: Path, env: DistEnv | None = None) -> Preflight:
     resume_from = check_resume(cfg.trainer.resume, run_dir, cfg.dist.kind, env)
     if specs is None:
         train_set = SFTDataset(
-            train_file, overlong=cfg.data.overlong, split=cfg.data.train_split, **dataset_options(cfg, processor)
+            train_file, overlong=cfg.data.overlong, split=cfg.data.train_split, **dataset_options(cfg.data, processor)
         )
         reports = {"train": train_set.report}
     else:
-        train_set, reports = train_mixture(cfg, processor, specs)
+        train_set, reports = train_mixture(cfg.data, processor, specs)
     loss_set = gen_set = None
     if cfg.data.eval_path:
-        loss_set, gen_set = eval_datasets(cfg, processor)
+        loss_set, gen_set = eval_datasets(cfg.data, processor)
         reports["eval"] = gen_set.report
     return Preflight(model_dir, processor, train_set, loss_set, gen_set, reports, resume_from)
 
 
-def dataset_options(cfg, processor: DeepseekVL2Processor) -> dict:
+def dataset_options(data_cfg, processor: DeepseekVL2Processor) -> dict:
     """The keyword arguments every dataset of a run is built with (data.* settings shared by all splits)."""
-    image_root = resolve_data_file(cfg.data.image_root, "data.image_root") if cfg.data.image_root else None
+    image_root = resolve_data_file(data_cfg.image_root, "data.image_root") if data_cfg.image_root else None
     return dict(
         processor=processor,
-        on_bad_sample=cfg.data.on_bad_sample,
-        max_length=cfg.data.max_length,
+        on_bad_sample=data_cfg.on_bad_sample,
+        max_length=data_cfg.max_length,
         image_root=image_root,
-        columns=dict(cfg.data.get("columns") or {}),
-        exif_transpose=bool(cfg.data.get("exif_transpose", False)),  # (absent from configs older than the option)
-        max_image_pixels=cfg.data.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
-        large_image=cfg.data.get("large_image", "reject"),
-        cache_dir=cfg.data.get("cache_dir"),  # validation_cache: local rank 0 validates, the other ranks read
+        columns=dict(data_cfg.get("columns") or {}),
+        exif_transpose=bool(data_cfg.get("exif_transpose", False)),  # (absent from configs older than the option)
+        max_image_pixels=data_cfg.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
+        large_image=data_cfg.get("large_image", "reject"),
+        cache_dir=data_cfg.get("cache_dir"),  # validation_cache: local rank 0 validates, the other ranks read
     )
 
 
-def mixture_specs(cfg) -> list[dict] | None:
+def mixture_specs(data_cfg) -> list[dict] | None:
     """data.train as plain dicts ({path, weight, name, ...}; a bare path: weight 1), paths resolved and names
     filled in; None: unset."""
-    if cfg.data.get("train") is None:
+    if data_cfg.get("train") is None:
         return None
-    specs = [{"path": s} if isinstance(s, str) else OmegaConf.to_container(s) for s in cfg.data.train]
+    specs = [{"path": s} if isinstance(s, str) else OmegaConf.to_container(s) for s in data_cfg.train]
     for i, spec in enumerate(specs):
         spec["path"] = resolve_data_file(spec["path"], f"data.train[{i}].path")
     for spec, name in zip(specs, source_names(specs)):
@@ -111,17 +111,19 @@ def mixture_specs(cfg) -> list[dict] | None:
     return specs
 
 
-def train_mixture(cfg, processor: DeepseekVL2Processor, specs: list[dict]) -> tuple[Mixture, dict[str, DataReport]]:
+def train_mixture(
+    data_cfg, processor: DeepseekVL2Processor, specs: list[dict]
+) -> tuple[Mixture, dict[str, DataReport]]:
     """The sources of data.train validated and mixed (`data/mixture.py`); reports: `train` (all sources) and
     `train/<name>` per source, with its sampling."""
     datasets, reports = [], {}
     for i, spec in enumerate(specs):
-        options = dataset_options(cfg, processor)
+        options = dataset_options(data_cfg, processor)
         if spec.get("image_root"):
             options["image_root"] = resolve_data_file(spec["image_root"], f"data.train[{i}].image_root")
         if spec.get("columns") is not None:
             options["columns"] = dict(spec["columns"])
-        dataset = SFTDataset(spec["path"], overlong=cfg.data.overlong, split=spec.get("split"), **options)
+        dataset = SFTDataset(spec["path"], overlong=data_cfg.overlong, split=spec.get("split"), **options)
         used = len(dataset) if spec.get("limit") is None else min(spec["limit"], len(dataset))
         if used == 0:
             raise ConfigError(
@@ -143,10 +145,10 @@ def train_mixture(cfg, processor: DeepseekVL2Processor, specs: list[dict]) -> tu
     return mixture, {"train": combined, **reports}
 
 
-def eval_datasets(cfg, processor: DeepseekVL2Processor) -> tuple[SFTDataset, EvalDataset]:
+def eval_datasets(data_cfg, processor: DeepseekVL2Processor) -> tuple[SFTDataset, EvalDataset]:
     """(loss set, generation set) of data.eval_path: the eval split for the eval loss and for exact match."""
-    eval_file = resolve_data_file(cfg.data.eval_path, "data.eval_path")
-    kw = dict(split=cfg.data.get("eval_split"), **dataset_options(cfg, processor))
+    eval_file = resolve_data_file(data_cfg.eval_path, "data.eval_path")
+    kw = dict(split=data_cfg.get("eval_split"), **dataset_options(data_cfg, processor))
     return SFTDataset(eval_file, overlong="skip", purpose="eval", **kw), EvalDataset(eval_file, **kw)
 
 

@@ -1,4 +1,4 @@
-"""The pieces of one training step that the training loop (trainer.py) and the dry-run memory plan (plan/) share,
+"""The pieces of one training step that the training loop (loop.py) and the dry-run memory plan (plan/) share,
 so the plan measures the code that trains: the model prepared as training prepares it, and one micro batch's
 forward and backward."""
 
@@ -10,7 +10,8 @@ from functools import partial
 import torch
 
 from ..evaluation.eval_set import MODEL_INPUTS
-from ..policy.groups import PolicyReport, apply_policy
+from ..policy.groups import apply_policy
+from ..policy.report import PolicyReport
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -35,16 +36,16 @@ def autocast_for(precision: str, device: torch.device):
     return partial(torch.autocast, device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext
 
 
-def prepare_model(model: torch.nn.Module, cfg, compile_layers: bool | None = None) -> PolicyReport:
+def prepare_model(model: torch.nn.Module, policy_cfg, trainer_cfg, compile_layers: bool | None = None) -> PolicyReport:
     """The model as training runs it: the freezing policy applied (PEFT adapters included), trainable weights in
-    fp32 (master weights under bf16 storage), per-layer recompute and `torch.compile` per layer as `cfg.trainer`
+    fp32 (master weights under bf16 storage), per-layer recompute and `torch.compile` per layer as `trainer_cfg`
     says (`compile_layers` overrides the latter), train mode. Returns the policy report."""
-    report = apply_policy(model, cfg.policy)
+    report = apply_policy(model, policy_cfg)
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
-    model.language.model.gradient_checkpointing = cfg.trainer.gradient_checkpointing
-    if cfg.trainer.compile_blocks if compile_layers is None else compile_layers:
+    model.language.model.gradient_checkpointing = trainer_cfg.gradient_checkpointing
+    if trainer_cfg.compile_blocks if compile_layers is None else compile_layers:
         model.language.model.compile_layers()
     model.train()
     return report
