@@ -231,7 +231,7 @@ def test_a_nonzero_local_rank_waits_for_rank_0s_entry(tmp_path, proc, proc_dir):
 import json, logging, sys
 from PIL import Image
 from deepseek_vl2_lora.data import SFTDataset
-from deepseek_vl2_lora.processor import DeepseekVL2Processor
+from deepseek_vl2_lora.data.processor import DeepseekVL2Processor
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 proc = DeepseekVL2Processor.from_pretrained({str(proc_dir)!r})
 opens = []
