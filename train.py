@@ -1,4 +1,5 @@
-"""Fine-tune DeepSeek-VL2. The config tree is configs/ (Hydra); the loop is deepseek_vl2_lora/training/loop.py.
+"""Fine-tune DeepSeek-VL2. The config tree is deepseek_vl2_lora/configs/ (Hydra); the loop is
+deepseek_vl2_lora/training/loop.py.
 
     python train.py                                  # the demo: tiny random model, bundled data, ~20 s on CPU
     python train.py experiment=smoke                 # a few seconds end to end
@@ -24,7 +25,7 @@ from deepseek_vl2_lora.training.config import register_configs
 register_configs()
 
 
-@hydra.main(config_path="configs", config_name="train", version_base="1.3")
+@hydra.main(config_path="deepseek_vl2_lora/configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     try:  # here, so --help and --cfg need no torch
         from deepseek_vl2_lora.training import USER_ERRORS, train

@@ -16,9 +16,9 @@ cache when a training run (or an earlier call) has computed it with the same set
 
 What is evaluated and how (eval split, image root, eval_limit, eval_batch_size, eval_max_new_tokens, precision,
 device, CPU threads) comes from the run's `config_resolved.yaml`; for a bare checkpoint or a trained state outside
-a run dir, from the default config (`configs/train.yaml`, which `key=value` overrides compose into, e.g.
-`experiment=smoke`). The metrics are `evaluate()`'s (deepseek_vl2_lora/evaluation/eval_set.py), exactly those the
-training loop logs: evaluating a run dir reproduces its final eval. The predictions go next to eval.json
+a run dir, from the default config (`deepseek_vl2_lora/configs/train.yaml`, which `key=value` overrides compose
+into, e.g. `experiment=smoke`). The metrics are `evaluate()`'s (deepseek_vl2_lora/evaluation/eval_set.py), exactly
+those the training loop logs: evaluating a run dir reproduces its final eval. The predictions go next to eval.json
 (`<name>.predictions.jsonl`).
 """
 
@@ -32,9 +32,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
-from . import REPO_ROOT
+from . import PACKAGE_DIR
 
-CONFIG_DIR = REPO_ROOT / "configs"
+CONFIG_DIR = PACKAGE_DIR / "configs"
 RUN_CONFIG = "config_resolved.yaml"
 BASELINE_LABEL = "untrained baseline"
 
@@ -44,7 +44,8 @@ class EvalError(ValueError):
 
 
 def default_config(overrides: list[str] = ()):
-    """`configs/train.yaml` composed with Hydra-style overrides (what `python train.py <overrides>` would run)."""
+    """`deepseek_vl2_lora/configs/train.yaml` composed with Hydra-style overrides (what `python train.py <overrides>`
+    would run)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 

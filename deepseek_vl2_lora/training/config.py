@@ -1,6 +1,7 @@
-"""Typed schema of the training config (`configs/train.yaml` and its groups), registered in Hydra's ConfigStore.
+"""Typed schema of the training config (`deepseek_vl2_lora/configs/train.yaml` and its groups), registered in
+Hydra's ConfigStore.
 
-`configs/train.yaml` lists `base_train` first in its defaults, so every YAML group file and every command-line
+`train.yaml` lists `base_train` first in its defaults, so every YAML group file and every command-line
 override is merged into these dataclasses: a misspelled key (`trainer.max_stpes=3`) or a wrongly typed value
 (`trainer.max_steps=abc`) fails when Hydra composes the config, with Hydra's own message, before anything runs.
 
@@ -185,7 +186,7 @@ class DistConfig:
     name: str = "single"
     kind: str = "single"  # single (one process, CPU or one GPU) | zero2 | zero3 (DeepSpeed)
     # A DeepSpeed JSON for zero2/zero3 (absolute, or relative to the working directory or the repo root);
-    # null: configs/deepspeed/<kind>.json. Its "auto" fields are filled from the Hydra config.
+    # null: deepseek_vl2_lora/configs/deepspeed/<kind>.json. Its "auto" fields are filled from the Hydra config.
     deepspeed_config: str | None = None
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on the CPU
     offload_params: bool = False  # zero3 only: the weight shards live in CPU memory between uses
