@@ -26,7 +26,7 @@ from deepseek_vl2_lora.policy.adapters import (
     resolve_trained_dir,
     save_trained_state,
 )
-from deepseek_vl2_lora.policy.groups import apply_policy, load_trainable_state_dict
+from deepseek_vl2_lora.policy.groups import PolicyError, apply_policy, load_trainable_state_dict
 from deepseek_vl2_lora.policy.merge import merge_checkpoint
 from deepseek_vl2_lora.training import train
 from deepseek_vl2_lora.training.preflight import resolve_model_dir
@@ -167,9 +167,11 @@ def test_trained_dir_resolution_errors_are_one_line(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a trained-state directory") as e:
         resolve_trained_dir(tmp_path)
     assert "\n" not in str(e.value)
-    (tmp_path / ADAPTER_CONFIG).write_text("{}")
-    with pytest.raises(FileNotFoundError, match="PeftModel.from_pretrained"):
-        resolve_trained_dir(tmp_path)
+    (tmp_path / ADAPTER_CONFIG).write_text("{}")  # a PEFT adapter dir (no policy.json): its policy is derived...
+    assert resolve_trained_dir(tmp_path) == tmp_path
+    with pytest.raises(PolicyError, match="only LoRA adapters") as e:  # ...and this one is no LoRA adapter
+        load_trained_state(build_model("tiny-mha"), tmp_path)
+    assert "\n" not in str(e.value)
 
 
 def _script(*args: str) -> str:
