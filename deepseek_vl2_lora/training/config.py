@@ -31,7 +31,9 @@ class ModelConfig:
     path: str | None = None
     tiny_family: str | None = None  # tiny-mha | small-mla | full-noaux (deepseek_vl2_lora.model.tiny.FAMILIES)
     tiny_seed: int = 0
-    hub_id: str | None = None  # where the real checkpoint lives, e.g. deepseek-ai/deepseek-vl2-small (messages)
+    # Where the real checkpoint lives, e.g. deepseek-ai/deepseek-vl2-small: messages, and the trained dir's
+    # base_model_name_or_path (set it to null when `path` is not that checkpoint, e.g. a merged one).
+    hub_id: str | None = None
     # A config.json shipped with the repo (deepseek_vl2_lora/assets/released/<name>/) that a dry run
     # (trainer.dry_run=true) plans with when `path` is null: deepseek-vl2-tiny | deepseek-vl2-small | deepseek-vl2.
     released: str | None = None
@@ -40,6 +42,10 @@ class ModelConfig:
     # Storage dtype of the loaded weights: auto = bfloat16 when training runs in bf16 autocast, else float32.
     # Trainable parameters are always kept in float32 (master weights), whatever the storage dtype.
     dtype: str = "auto"  # auto | float32 | bfloat16
+    # Start from trained state (a second stage, continued fine-tuning): a trained dir, its run dir or a stock PEFT
+    # LoRA adapter for this architecture. Its policy replaces `policy`; optimizer and schedule start fresh. Not a
+    # resume (trainer.resume continues this run from its own checkpoint). deepseek_vl2_lora/training/init_from.py
+    init_from: str | None = None
 
 
 @dataclass

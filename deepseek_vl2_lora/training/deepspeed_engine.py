@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from .. import PACKAGE_DIR, REPO_ROOT
+from .. import CONFIG_DIR, REPO_ROOT
 from .dist_env import DistEnv, EngineError
 from .optim import build_optimizer, build_scheduler, group_names
 
 log = logging.getLogger(__name__)
 SCHEDULER_FILE = "scheduler.pt"  # our lr schedule (DeepSpeed's own files hold the optimizer)
 DEEPSPEED_TAG = "deepspeed"  # DeepSpeed's checkpoint files go to <checkpoint>/deepspeed/
-DEEPSPEED_CONFIG_DIR = PACKAGE_DIR / "configs" / "deepspeed"
+DEEPSPEED_CONFIG_DIR = CONFIG_DIR / "deepspeed"
 
 
 def deepspeed_config(dist_cfg, trainer_cfg, optim_cfg, precision: str, world_size: int) -> dict:
