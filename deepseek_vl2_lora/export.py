@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         print(export_checkpoint(args.checkpoint, args.out))
-    except (FileNotFoundError, *USER_ERRORS) as e:
+    except (FileNotFoundError, ValueError, *USER_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

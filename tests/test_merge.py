@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import build_model, make_batch
+from helpers import build_model, make_batch, perturb_trainable
 from official_ref.forward import load_official_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -51,11 +51,7 @@ def _trained(tmp_path: Path, family: str, base_shard: int = 300_000) -> tuple[Pa
     build_model(family).to(torch.bfloat16).save_pretrained(tmp_path / "base", max_shard_size=base_shard)
     model = DeepseekVL2ForCausalLM.from_pretrained(tmp_path / "base")
     apply_policy(model, {"name": "x", "groups": CASES[family]})
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    perturb_trainable(model)
     save_trained_state(model, tmp_path / "trained", base_model=tmp_path / "base")
     return tmp_path / "base", tmp_path / "trained", model.eval()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import build_model, make_batch
+from helpers import build_model, make_batch, perturb_trainable
 from safetensors.torch import load_file, save_file
 from test_train_config import compose_cfg
 
@@ -236,11 +236,7 @@ def test_groups_outside_the_presets(tmp_path, groups):
     model = build_model("full-noaux")
     model.save_pretrained(tmp_path / "base")
     apply_policy(model, {"name": "x", "groups": {"kv_low_rank": {"mode": "train"}, **groups}})
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    perturb_trainable(model)
     save_trained_state(model, tmp_path / "trained", base_model=tmp_path / "base")
     batch = make_batch(model.config)
     ours = DeepseekVL2ForCausalLM.from_pretrained(tmp_path / "base")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_batch
+from helpers import make_batch, perturb_trainable, session_tiny_cache
 from safetensors.torch import load_file
 from test_train_config import compose_cfg
 
@@ -36,10 +36,7 @@ FAST = ["experiment=smoke", "trainer.eval_before=false", "data.eval_path=null"]
 
 @pytest.fixture(autouse=True)
 def tiny_cache(tmp_path_factory, monkeypatch):
-    root = tmp_path_factory.getbasetemp() / "tiny_cache"  # the session's one cache (as test_train_loop)
-    monkeypatch.setenv("DEEPSEEK_VL2_LORA_CACHE", str(root))
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    return root
+    return session_tiny_cache(tmp_path_factory, monkeypatch)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -65,11 +62,7 @@ def foreign(tmp_path_factory):
         DeepseekVL2ForCausalLM.from_pretrained(base),
         LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"], modules_to_save=["lm_head"]),
     )
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    perturb_trainable(model, seed=0)
     out = tmp_path_factory.mktemp("foreign") / "adapter"
     model.save_pretrained(out)
     batch = make_batch(model.base_model.model.config)

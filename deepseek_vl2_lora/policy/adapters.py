@@ -102,8 +102,8 @@ def save_trained_state(
     `base_model_name_or_path` = the Hub id of `base_model` (`hub_id`, else the one its config.json names), else its
     local path) and `adapter_model.safetensors` under PEFT's own key names (LoRA factors, and the fully trained
     modules' tensors); `peft.PeftModel.from_pretrained` on the base model gives the trained model. Beside them
-    `policy.json` (the policy, for `load_trained_state`), `base_model.json` (Hub id and local path) and, only for
-    trained parameters PEFT cannot hold (see `peft_modules_to_save`), `trained_tensors.safetensors`."""
+    `policy.json` (the policy, for `load_trained_state`), `base_model.json` (Hub id and local path, when known)
+    and, only for trained parameters PEFT cannot hold (see `peft_modules_to_save`), `trained_tensors.safetensors`."""
     import shutil
 
     from ..model.checkpoint import make_temp_dir, replace_dir, save_safetensors
@@ -126,8 +126,9 @@ def save_trained_state(
         hub_id = hub_id or hub_id_of(base_model)
         name = hub_id or local or (str(base_model) if base_model is not None else None)
         _adapter_config(model, modules, name).save_pretrained(str(tmp))
-        base_info = {"hub_id": hub_id, "local_path": local}
-        (tmp / BASE_MODEL_FILE).write_text(json.dumps(base_info, indent=2) + "\n")
+        if hub_id or local:
+            base_info = {"hub_id": hub_id, "local_path": local}
+            (tmp / BASE_MODEL_FILE).write_text(json.dumps(base_info, indent=2) + "\n")
         if rest:
             log.warning(
                 "trained parameters %s belong to no module PEFT can save whole; they are in %s, which "

@@ -14,12 +14,11 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
-from torch import nn
 
 from ..model.config import VL2Config
 from ..model.deepseek_vl2 import DeepseekVL2ForCausalLM
 from ..policy.adapters import RUN_CONFIG_FILE, save_trained_state
-from ..policy.groups import apply_policy
+from ..policy.groups import apply_policy, load_trainable_state_dict
 from .config import ConfigError, as_train_config
 from .preflight import resolve_model_dir
 from .train_state import STATE_FILE, TRAINABLE_FILE, ResumeError, find_resume_checkpoint
@@ -46,21 +45,5 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     with torch.device("meta"):
         model = DeepseekVL2ForCausalLM(VL2Config.from_file(base / "config.json"))
     apply_policy(model, cfg.policy)  # the run's effective policy (model.init_from's, when it had one)
-    _take_trainable(model, load_file(str(found / TRAINABLE_FILE)), found / TRAINABLE_FILE)
+    load_trainable_state_dict(model, load_file(str(found / TRAINABLE_FILE)), str(found / TRAINABLE_FILE), assign=True)
     return save_trained_state(model, out, base_model=base, hub_id=cfg.model.hub_id)
-
-
-def _take_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
-    """The checkpoint's tensors as the model's trainable parameters (names and shapes exactly the trainable set)."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    missing, unexpected = params.keys() - tensors.keys(), tensors.keys() - params.keys()
-    if missing or unexpected:
-        raise ResumeError(
-            f"{source}: trainable tensors do not match the run's policy: missing {sorted(missing)[:10]}, "
-            f"unexpected {sorted(unexpected)[:10]}"
-        )
-    for name, p in params.items():
-        if tuple(tensors[name].shape) != tuple(p.shape):
-            raise ResumeError(f"{source}: {name} has shape {tuple(tensors[name].shape)}, the model {tuple(p.shape)}")
-        owner, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(owner) if owner else model, leaf, nn.Parameter(tensors[name]))
