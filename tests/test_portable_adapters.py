@@ -93,6 +93,10 @@ def test_targets_that_are_part_of_a_group_are_a_one_line_error(tmp_path):
     assert "self_attn.q_a_proj.weight (part of the group q_low_rank)" in message
     assert "self_attn.kv_a_layernorm.weight (modules_to_save: part of kv_low_rank)" in message
     assert "o_proj" not in message.replace("adapter targets", "")  # o_proj maps: not named
+    LoraConfig(r=4, target_modules=["no_such_module"]).save_pretrained(tmp_path / "none")
+    with pytest.raises(PolicyError, match="no_such_module") as e:
+        policy_from_adapter(model, tmp_path / "none" / ADAPTER_CONFIG)
+    assert "\n" not in str(e.value)
 
 
 def test_init_from_a_stock_adapter_starts_a_fresh_run_from_its_values(foreign, tmp_path):

@@ -34,14 +34,14 @@ def _short(name: str) -> str:
     return name
 
 
-def _lora_targets(model: nn.Module, config) -> tuple[dict[str, tuple[int, float]], list[str]]:
-    """({parameter PEFT adapts: (r, alpha)}, modules PEFT wrapped that no policy can hold) of `config` on `model`."""
+def _lora_targets(skeleton: nn.Module, config) -> tuple[dict[str, tuple[int, float]], list[str]]:
+    """({parameter PEFT adapts: (r, alpha)}, modules PEFT wrapped that no policy can hold) of `config` injected
+    into `skeleton` (a model on the meta device, which this changes)."""
     from peft import inject_adapter_in_model
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora.layer import Linear as LoraLinear
     from peft.tuners.lora.layer import ParamWrapper
 
-    skeleton = _skeleton(model)
     inject_adapter_in_model(config, skeleton, adapter_name="default")
     targets, other = {}, []
     for name, module in skeleton.named_modules():
@@ -88,7 +88,10 @@ def policy_from_adapter(model: nn.Module, adapter_config: Path) -> PolicyConfig:
     if raw.get("peft_type") != "LORA":
         raise PolicyError(f"{adapter_config}: peft_type {raw.get('peft_type')!r}; only LoRA adapters map onto a policy")
     fields = set(LoraConfig.__dataclass_fields__)
-    config = LoraConfig(**{k: v for k, v in raw.items() if k in fields and k not in ("peft_type", "task_type")})
+    try:
+        config = LoraConfig(**{k: v for k, v in raw.items() if k in fields and k not in ("peft_type", "task_type")})
+    except (TypeError, ValueError) as e:
+        raise PolicyError(f"{adapter_config}: not a LoRA config PEFT reads ({_one_line(e)})") from None
     config.init_lora_weights = False  # shapes only: the weights come from the adapter
     if config.lora_bias or config.fan_in_fan_out:
         raise PolicyError(f"{adapter_config}: lora_bias / fan_in_fan_out adapters map onto no policy")
@@ -100,9 +103,11 @@ def policy_from_adapter(model: nn.Module, adapter_config: Path) -> PolicyConfig:
         for g, names in groups.items()
     }
     adaptable["routed_experts"] = [n for n in groups["routed_experts"] if not n.endswith(".weight")]
-
-    targets, other = _lora_targets(model, config)
     trained = _modules_to_save(skeleton, list(config.modules_to_save or []))
+    try:
+        targets, other = _lora_targets(skeleton, config)
+    except ValueError as e:  # e.g. PEFT's "Target modules ... not found in the base model"
+        raise PolicyError(f"{where}: {_one_line(e)}") from None
     unmapped = [f"{m} (no LoRA layer a policy has)" for m in other]
     specs: dict[str, dict] = {}
     for g in GROUP_NAMES:
@@ -143,3 +148,7 @@ def policy_from_adapter(model: nn.Module, adapter_config: Path) -> PolicyConfig:
 def _owner(model: nn.Module, param: str) -> nn.Module:
     owner, _, _ = param.rpartition(".")
     return model.get_submodule(owner) if owner else model
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
