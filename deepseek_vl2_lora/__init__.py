@@ -22,8 +22,9 @@ ensure_torchvision_importable()
 
 __version__ = "0.1.0"
 
-PACKAGE_DIR = Path(__file__).resolve().parent  # assets/ (released configs, tokenizer corpus)
-REPO_ROOT = PACKAGE_DIR.parent  # configs/, data/: relative paths in configs are tried against it too
+PACKAGE_DIR = Path(__file__).resolve().parent  # configs/ (Hydra), assets/ (released configs, tokenizer corpus)
+CONFIG_DIR = PACKAGE_DIR / "configs"  # the Hydra config tree, shipped in the wheel
+REPO_ROOT = PACKAGE_DIR.parent  # data/: relative paths in configs are tried against it too
 
 
 def lazy_exports(package: str, exports: dict[str, str]):

@@ -3,11 +3,14 @@
     python -m deepseek_vl2_lora.eval RUN_DIR                   # its trained model -> RUN_DIR/eval.json
     python -m deepseek_vl2_lora.eval RUN_DIR --baseline        # its base model -> RUN_DIR/eval_baseline.json
     python -m deepseek_vl2_lora.eval RUN_DIR/trained           # a trained-state dir (base model from its run, or
-                                                               # the adapter's base_model_name_or_path)
+                                                               # the local base it records) or a PEFT adapter
+    python -m deepseek_vl2_lora.eval RUN_DIR/checkpoints/step_00000400   # a step checkpoint (-> eval_step_*.json)
     python -m deepseek_vl2_lora.eval CHECKPOINT_DIR --out DIR/eval.json   # a bare checkpoint: the baseline
     python -m deepseek_vl2_lora.eval --out outputs/baseline/eval.json     # the default (demo) base model
     python -m deepseek_vl2_lora.eval RUN_DIR data.eval_path=other.jsonl data.eval_limit=null   # overrides
     python -m deepseek_vl2_lora.eval RUN_DIR --benchmark MMBench_DEV_EN.tsv --benchmark TextVQA_VAL.tsv --limit 200
+
+(`vl2-eval` is the same command.)
 
 With --benchmark (VLMEvalKit TSV files or their Hub parquet copies; deepseek_vl2_lora/benchmarks) the model is
 scored on those instead of the eval split: eval.json holds `eval/<benchmark>/accuracy` (and per category) and
@@ -16,9 +19,9 @@ cache when a training run (or an earlier call) has computed it with the same set
 
 What is evaluated and how (eval split, image root, eval_limit, eval_batch_size, eval_max_new_tokens, precision,
 device, CPU threads) comes from the run's `config_resolved.yaml`; for a bare checkpoint or a trained state outside
-a run dir, from the default config (`configs/train.yaml`, which `key=value` overrides compose into, e.g.
-`experiment=smoke`). The metrics are `evaluate()`'s (deepseek_vl2_lora/evaluation/eval_set.py), exactly those the
-training loop logs: evaluating a run dir reproduces its final eval. The predictions go next to eval.json
+a run dir, from the default config (`deepseek_vl2_lora/configs/train.yaml`, which `key=value` overrides compose
+into, e.g. `experiment=smoke`). The metrics are `evaluate()`'s (deepseek_vl2_lora/evaluation/eval_set.py), exactly
+those the training loop logs: evaluating a run dir reproduces its final eval. The predictions go next to eval.json
 (`<name>.predictions.jsonl`).
 """
 
@@ -27,14 +30,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
-from . import REPO_ROOT
+from . import CONFIG_DIR
 
-CONFIG_DIR = REPO_ROOT / "configs"
 RUN_CONFIG = "config_resolved.yaml"
 BASELINE_LABEL = "untrained baseline"
 
@@ -44,7 +47,8 @@ class EvalError(ValueError):
 
 
 def default_config(overrides: list[str] = ()):
-    """`configs/train.yaml` composed with Hydra-style overrides (what `python train.py <overrides>` would run)."""
+    """`deepseek_vl2_lora/configs/train.yaml` composed with Hydra-style overrides (what `python train.py <overrides>`
+    would run)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -71,8 +75,13 @@ def run_config(run_dir: Path, overrides: list[str] = ()):
     return cfg
 
 
-def resolve_target(path: str | None, baseline: bool, overrides: list[str]):
-    """(kind, config, trained dir or None, default output path) for what `path` is."""
+def _is_trained_dir(p: Path) -> bool:
+    return (p / "policy.json").is_file() or (p / "adapter_config.json").is_file()
+
+
+def resolve_target(path: str | None, baseline: bool, overrides: list[str], scratch: str | Path | None = None):
+    """(kind, config, trained dir or None, default output path) for what `path` is. A step checkpoint is exported
+    (a trained dir) into `scratch` first."""
     from omegaconf import OmegaConf
 
     if path is None:
@@ -82,17 +91,37 @@ def resolve_target(path: str | None, baseline: bool, overrides: list[str]):
         cfg = run_config(p, overrides)
         if baseline:
             return "baseline", cfg, None, p / "eval_baseline.json"
-        if not (p / "trained" / "policy.json").is_file():
-            raise EvalError(f"{p}: run dir without a trained state (trained/policy.json); use --baseline for its base")
+        if not _is_trained_dir(p / "trained"):
+            raise EvalError(
+                f"{p}: run dir without a trained state (trained/); use --baseline for its base, or evaluate one of "
+                "its checkpoints (RUN_DIR/checkpoints/step_XXXXXXXX)"
+            )
         return "trained", cfg, p / "trained", p / "eval.json"
-    if (p / "policy.json").is_file():  # a trained-state dir
+    if (p / "state.json").is_file() and (p / "trainable.safetensors").is_file():  # a step checkpoint of a run
+        run = p.parent.parent
+        if not (run / RUN_CONFIG).is_file():
+            raise EvalError(f"{p}: a step checkpoint outside its run dir (no {run / RUN_CONFIG})")
+        cfg = run_config(run, overrides)
+        if baseline:
+            return "baseline", cfg, None, run / "eval_baseline.json"
+        if scratch is None:
+            raise EvalError(f"{p}: a step checkpoint; export it first (vl2-export {p} OUT) and evaluate OUT")
+        from .training.export import export_checkpoint
+
+        return "trained", cfg, export_checkpoint(p, Path(scratch) / p.name), run / f"eval_{p.name}.json"
+    if _is_trained_dir(p):  # a trained-state dir or a stock PEFT adapter
         run = p.parent if (p.parent / RUN_CONFIG).is_file() else None
         cfg = run_config(run, overrides) if run else default_config(overrides)
-        if run is None:  # outside its run: the base is the adapter's base_model_name_or_path, when it is here
-            adapter = p / "adapter_config.json"
-            base = json.loads(adapter.read_text()).get("base_model_name_or_path") if adapter.is_file() else None
-            if base and (Path(base) / "config.json").is_file():
-                OmegaConf.update(cfg, "model.path", base)
+        if run is None and not any(o.startswith("model.path=") for o in overrides):  # the base it records
+            from .policy.adapters import trained_base
+
+            base, name = trained_base(p)
+            if base is None:
+                raise EvalError(
+                    f"{p}: its base checkpoint ({name!r}) is not a local directory here; pass model.path=<the base "
+                    "checkpoint dir>"
+                )
+            OmegaConf.update(cfg, "model.path", str(base))
         where = run or p
         if baseline:
             return "baseline", cfg, None, where / "eval_baseline.json"
@@ -102,7 +131,8 @@ def resolve_target(path: str | None, baseline: bool, overrides: list[str]):
         OmegaConf.update(cfg, "model.path", str(p))
         return "baseline", cfg, None, None
     raise EvalError(
-        f"{p}: not a run dir ({RUN_CONFIG}), a trained-state dir (policy.json) or a checkpoint dir (config.json)"
+        f"{p}: not a run dir ({RUN_CONFIG}), a step checkpoint, a trained-state dir (policy.json or "
+        "adapter_config.json) or a checkpoint dir (config.json)"
     )
 
 
@@ -280,13 +310,14 @@ def main(argv: list[str] | None = None) -> int:
     from .training import USER_ERRORS
 
     try:
-        kind, cfg, trained_dir, default_out = resolve_target(args.path, args.baseline, args.overrides)
-        if args.benchmark:
-            out = evaluate_benchmarks(cfg, parse_specs(args.benchmark, args.limit), trained_dir, args.device)
-        else:
-            if args.limit is not None:
-                raise EvalError("--limit goes with --benchmark; for the eval split use data.eval_limit=N")
-            out = evaluate_config(cfg, trained_dir, args.device)
+        with tempfile.TemporaryDirectory(prefix="vl2-eval-") as scratch:  # a step checkpoint's export
+            kind, cfg, trained_dir, default_out = resolve_target(args.path, args.baseline, args.overrides, scratch)
+            if args.benchmark:
+                out = evaluate_benchmarks(cfg, parse_specs(args.benchmark, args.limit), trained_dir, args.device)
+            else:
+                if args.limit is not None:
+                    raise EvalError("--limit goes with --benchmark; for the eval split use data.eval_limit=N")
+                out = evaluate_config(cfg, trained_dir, args.device)
     except (EvalError, FileNotFoundError, *USER_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -402,7 +402,7 @@ def main() -> None:
     cache_root = tempfile.mkdtemp(prefix="bench_feature_cache_")
     for router in ["uniform", "skewed"] if args.router == "both" else [args.router]:
         model = build(shapes, device, dtype)
-        policy = yaml.safe_load(open(f"configs/policy/{args.policy or shapes['policy']}.yaml"))
+        policy = yaml.safe_load(open(f"deepseek_vl2_lora/configs/policy/{args.policy or shapes['policy']}.yaml"))
         if args.expert_lora:
             policy["groups"]["routed_experts"] = {"mode": "lora", "r": args.expert_lora, "alpha": 2 * args.expert_lora}
         apply_policy(model, policy)

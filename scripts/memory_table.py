@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from deepseek_vl2_lora.plan.planner import GIB, Planner, fits  # noqa: E402
 from deepseek_vl2_lora.training.config import as_train_config  # noqa: E402
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parent.parent / "deepseek_vl2_lora" / "configs"
 EXPERIMENT = {"deepseek-vl2-tiny": "vl2_tiny", "deepseek-vl2-small": "vl2_small", "deepseek-vl2": "vl2"}
 POLICIES = {
     "deepseek-vl2-tiny": ["mha_lora", "full_lm"],

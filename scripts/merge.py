@@ -1,37 +1,12 @@
 #!/usr/bin/env python
-"""Merge trained state (the PEFT adapter in RUN_DIR/trained) into its base checkpoint, writing the official layout.
+"""Merge trained state into its base checkpoint: the `vl2-merge` console command (deepseek_vl2_lora/cli.py; `--help`).
 
-python scripts/merge.py [BASE_CHECKPOINT_DIR] TRAINED_STATE_DIR|RUN_DIR OUT_DIR [--dtype bfloat16|float32]
-
-Without BASE_CHECKPOINT_DIR the base is the adapter's base_model_name_or_path (the checkpoint training loaded).
+python scripts/merge.py [BASE_CHECKPOINT_DIR] TRAINED_STATE_DIR|RUN_DIR OUT_DIR [--dtype ...] [--max-shard-size 5GB]
 """
 
-import argparse
 import sys
 
-import torch
-
-from deepseek_vl2_lora.policy.merge import merge_checkpoint
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("paths", nargs="+", metavar="[BASE] TRAINED OUT")
-    ap.add_argument(
-        "--dtype",
-        choices=["bfloat16", "float16", "float32"],
-        default=None,
-        help="dtype of the written weights (default: the base checkpoint's)",
-    )
-    args = ap.parse_args()
-    if len(args.paths) not in (2, 3):
-        ap.error("expected [BASE] TRAINED OUT")
-    base, trained, out = [None, *args.paths][-3:]
-    try:
-        print(merge_checkpoint(base, trained, out, getattr(torch, args.dtype) if args.dtype else None))
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
-
+from deepseek_vl2_lora.cli import merge
 
 if __name__ == "__main__":
-    main()
+    sys.exit(merge())

@@ -61,3 +61,20 @@ def write_processor_files(out, image_size: int, patch_size: int):
     write_tokenizer(out)
     write_processor_config(out, image_size=image_size, patch_size=patch_size)
     return out
+
+
+def perturb_trainable(model: torch.nn.Module, seed: int = 1, scale: float = 0.05) -> None:
+    """Move every trainable tensor off its start (a LoRA B of zeros included), deterministically."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def session_tiny_cache(tmp_path_factory, monkeypatch):
+    """The test session's one tiny-checkpoint cache (generated once), W&B off: for an autouse fixture."""
+    root = tmp_path_factory.getbasetemp() / "tiny_cache"
+    monkeypatch.setenv("DEEPSEEK_VL2_LORA_CACHE", str(root))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    return root

@@ -23,7 +23,7 @@ from deepseek_vl2_lora.training.dist_env import DistEnv
 from deepseek_vl2_lora.training.engine import SingleProcessEngine
 from deepseek_vl2_lora.training.step import micro_step, prepare_model
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parent.parent / "deepseek_vl2_lora" / "configs"
 RELEASED = Path(__file__).resolve().parent.parent / "deepseek_vl2_lora" / "assets" / "released"
 
 

@@ -512,7 +512,7 @@ def test_deepspeed_json_takes_its_auto_fields_from_the_hydra_config(tmp_path):
         == 2
     )
 
-    custom = json.loads((ROOT / "configs" / "deepspeed" / "zero3.json").read_text())
+    custom = json.loads((ROOT / "deepseek_vl2_lora" / "configs" / "deepspeed" / "zero3.json").read_text())
     custom["train_micro_batch_size_per_gpu"] = 8  # disagrees with trainer.micro_batch_size=3
     custom["optimizer"] = {"type": "Adam"}
     (tmp_path / "custom.json").write_text(json.dumps(custom))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import build_model, make_batch
+from helpers import build_model, make_batch, perturb_trainable
 from safetensors.torch import load_file, save_file
 from test_train_config import compose_cfg
 
@@ -26,7 +26,7 @@ from deepseek_vl2_lora.policy.adapters import (
     resolve_trained_dir,
     save_trained_state,
 )
-from deepseek_vl2_lora.policy.groups import apply_policy, load_trainable_state_dict
+from deepseek_vl2_lora.policy.groups import PolicyError, apply_policy, load_trainable_state_dict
 from deepseek_vl2_lora.policy.merge import merge_checkpoint
 from deepseek_vl2_lora.training import train
 from deepseek_vl2_lora.training.preflight import resolve_model_dir
@@ -167,9 +167,11 @@ def test_trained_dir_resolution_errors_are_one_line(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a trained-state directory") as e:
         resolve_trained_dir(tmp_path)
     assert "\n" not in str(e.value)
-    (tmp_path / ADAPTER_CONFIG).write_text("{}")
-    with pytest.raises(FileNotFoundError, match="PeftModel.from_pretrained"):
-        resolve_trained_dir(tmp_path)
+    (tmp_path / ADAPTER_CONFIG).write_text("{}")  # a PEFT adapter dir (no policy.json): its policy is derived...
+    assert resolve_trained_dir(tmp_path) == tmp_path
+    with pytest.raises(PolicyError, match="only LoRA adapters") as e:  # ...and this one is no LoRA adapter
+        load_trained_state(build_model("tiny-mha"), tmp_path)
+    assert "\n" not in str(e.value)
 
 
 def _script(*args: str) -> str:
@@ -234,11 +236,7 @@ def test_groups_outside_the_presets(tmp_path, groups):
     model = build_model("full-noaux")
     model.save_pretrained(tmp_path / "base")
     apply_policy(model, {"name": "x", "groups": {"kv_low_rank": {"mode": "train"}, **groups}})
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    perturb_trainable(model)
     save_trained_state(model, tmp_path / "trained", base_model=tmp_path / "base")
     batch = make_batch(model.config)
     ours = DeepseekVL2ForCausalLM.from_pretrained(tmp_path / "base")

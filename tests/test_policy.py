@@ -14,7 +14,7 @@ from deepseek_vl2_lora.policy.config import GROUP_NAMES
 from deepseek_vl2_lora.policy.groups import GROUPS, PolicyError, apply_policy, group_of, optimizer_param_groups
 from deepseek_vl2_lora.policy.lora import merge_lora
 
-PRESETS = Path(__file__).resolve().parents[1] / "configs" / "policy"
+PRESETS = Path(__file__).resolve().parents[1] / "deepseek_vl2_lora" / "configs" / "policy"
 
 
 def preset(name, **group_changes):

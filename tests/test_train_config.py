@@ -17,7 +17,7 @@ from deepseek_vl2_lora.training.engine import build_engine
 from deepseek_vl2_lora.training.preflight import resolve_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
+CONFIGS = ROOT / "deepseek_vl2_lora" / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 GROUPS = ("model", "data", "policy", "optim", "trainer", "logger", "dist")
 

@@ -398,7 +398,7 @@ def test_config_keys_are_checked_and_reach_the_datasets(tmp_path):
     from deepseek_vl2_lora.training.preflight import dataset_options
 
     def compose_cfg(*overrides):
-        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(ROOT / "deepseek_vl2_lora" / "configs"), version_base="1.3"):
             return compose("train", overrides=list(overrides))
 
     cfg = compose_cfg()

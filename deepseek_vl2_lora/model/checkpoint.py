@@ -22,26 +22,40 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import VL2Config
+from .shards import DEFAULT_MAX_SHARD_SIZE, INDEX_FILE, SINGLE_FILE, plan_shards, write_index
 
 CONFIG_NAME = "config.json"
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
 _STACKED = re.compile(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
 _PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 def to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our state dict -> official key names (stacked experts split per expert)."""
-    out = {}
+    """Our state dict -> official key names (stacked experts split per expert), in the official order: each
+    expert's projections together, experts in turn (the official `experts` is a ModuleList of MLPs)."""
+    stacked: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, value in state.items():
         m = _STACKED.match(key)
         if m:
-            for e in range(value.shape[0]):
-                out[f"{m.group(1)}.{e}.{m.group(2)}.weight"] = value[e]
-        else:
+            stacked[m.group(1)][m.group(2)] = value
+    out = {}
+    for key, value in state.items():
+        m = _STACKED.match(key)
+        if not m:
             out[key] = value
+        elif m.group(1) in stacked:  # the first of the layer's stacked projections: emit all its experts
+            projs = stacked.pop(m.group(1))
+            for e in range(value.shape[0]):
+                for proj in (p for p in EXPERT_PROJS if p in projs):
+                    out[f"{m.group(1)}.{e}.{proj}.weight"] = projs[proj][e]
     return out
+
+
+def stacked_key(official_key: str) -> tuple[str, int | None]:
+    """(our parameter name, expert index) of an official key: `...experts.{e}.gate_proj.weight` is expert e of
+    the stacked `...experts.gate_proj`; any other key is its own name (index None)."""
+    m = _PER_EXPERT.match(official_key)
+    return (f"{m.group(1)}.{m.group(3)}", int(m.group(2))) if m else (official_key, None)
 
 
 def official_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -157,16 +171,19 @@ def _materialize_buffers(model: torch.nn.Module) -> None:
         raise RuntimeError(f"tensors left unloaded after from_pretrained: {_list(left)}")
 
 
-def save_pretrained(model, path: Path, max_shard_bytes: int | None = None, extra_files=()) -> None:
+def save_pretrained(
+    model, path: Path, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, extra_files=(), max_shard_bytes=None
+) -> None:
     """Write config.json + safetensors in the official layout (plus `extra_files`, e.g. the tokenizer),
-    atomically (temp dir, then rename)."""
+    atomically (temp dir, then rename): one `model.safetensors`, or shards of at most `max_shard_size` (HF-style,
+    e.g. "5GB", "500MB", or bytes; `max_shard_bytes` is its older name) with the Hub's index."""
     state = {k: v.detach().contiguous().cpu() for k, v in to_official(model.state_dict()).items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(path.parent, f".{path.name}.tmp-")
     try:
         (tmp / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
-        write_safetensors(state, tmp, max_shard_bytes)
+        write_safetensors(state, tmp, max_shard_bytes or max_shard_size)
         for f in extra_files:
             shutil.copy2(f, tmp / Path(f).name)
         replace_dir(tmp, path)
@@ -174,28 +191,19 @@ def save_pretrained(model, path: Path, max_shard_bytes: int | None = None, extra
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_safetensors(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int | None) -> None:
+def write_safetensors(
+    state: dict[str, torch.Tensor], out: Path, max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE
+) -> None:
+    """`state` (in the order to keep) as model.safetensors, or as shards of at most `max_shard_size` + index
+    (`shards.plan_shards`); None: one file whatever the size."""
     meta = {"format": "pt"}
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    if not max_shard_bytes or total <= max_shard_bytes:
-        save_safetensors(state, out / SINGLE_FILE, metadata=meta)
-        return
-    shards, current, size = [], {}, 0
-    for key in sorted(state):
-        nbytes = state[key].numel() * state[key].element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[key] = state[key]
-        size += nbytes
-    shards.append(current)
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_safetensors(shard, out / name, metadata=meta)
-        weight_map.update(dict.fromkeys(shard, name))
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    if max_shard_size is None:
+        files = {SINGLE_FILE: list(state)}
+    else:
+        files = plan_shards({k: (tuple(v.shape), v.dtype) for k, v in state.items()}, max_shard_size)
+    for name, keys in files.items():
+        save_safetensors({k: state[k] for k in keys}, out / name, metadata=meta)
+    write_index(out, files, sum(t.numel() * t.element_size() for t in state.values()))
 
 
 def current_umask() -> int:

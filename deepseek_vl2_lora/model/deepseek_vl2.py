@@ -86,10 +86,11 @@ class DeepseekVL2ForCausalLM(nn.Module):
 
         return load_pretrained(cls, Path(path), torch_dtype, attn_implementation, experts_kernel, device)
 
-    def save_pretrained(self, path, max_shard_bytes: int | None = None, extra_files=()) -> None:
+    def save_pretrained(self, path, max_shard_size: int | str = "5GB", extra_files=(), max_shard_bytes=None) -> None:
+        """The official layout: config.json + safetensors, sharded above `max_shard_size` (HF-style sizes)."""
         from .checkpoint import save_pretrained
 
-        save_pretrained(self, Path(path), max_shard_bytes, extra_files)
+        save_pretrained(self, Path(path), max_shard_size, extra_files, max_shard_bytes)
 
     @property
     def dtype(self) -> torch.dtype:

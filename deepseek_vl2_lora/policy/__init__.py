@@ -16,6 +16,8 @@ _EXPORTS = {
     "save_trained_state": "adapters",
     "read_trained_state": "adapters",
     "load_trained_state": "adapters",
+    "load_trained_tensors": "adapters",
+    "policy_from_adapter": "foreign",
     "resolve_trained_model": "adapters",
     "merge_lora": "lora",
     "merge_checkpoint": "merge",

@@ -263,8 +263,11 @@ def optimizer_param_groups(model: nn.Module, cfg=None, lr: float = 1e-4, weight_
     ]
 
 
-def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "state") -> None:
-    """Copy trainable tensors in; the names must be exactly the model's trainable set."""
+def load_trainable_state_dict(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str = "state", assign: bool = False
+) -> None:
+    """Copy trainable tensors in (`assign`: put them in place of the parameters, e.g. of a model on the meta
+    device); the names must be exactly the model's trainable set."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = params.keys() - state.keys(), state.keys() - params.keys()
     if missing or unexpected:
@@ -276,4 +279,8 @@ def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor], 
         for n, p in params.items():
             if p.shape != state[n].shape:
                 raise ValueError(f"{source}: {n} has shape {tuple(state[n].shape)}, model has {tuple(p.shape)}")
-            p.copy_(state[n])
+            if assign:
+                owner, _, leaf = n.rpartition(".")
+                setattr(model.get_submodule(owner) if owner else model, leaf, nn.Parameter(state[n]))
+            else:
+                p.copy_(state[n])

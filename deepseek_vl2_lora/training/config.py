@@ -1,6 +1,7 @@
-"""Typed schema of the training config (`configs/train.yaml` and its groups), registered in Hydra's ConfigStore.
+"""Typed schema of the training config (`deepseek_vl2_lora/configs/train.yaml` and its groups), registered in
+Hydra's ConfigStore.
 
-`configs/train.yaml` lists `base_train` first in its defaults, so every YAML group file and every command-line
+`train.yaml` lists `base_train` first in its defaults, so every YAML group file and every command-line
 override is merged into these dataclasses: a misspelled key (`trainer.max_stpes=3`) or a wrongly typed value
 (`trainer.max_steps=abc`) fails when Hydra composes the config, with Hydra's own message, before anything runs.
 
@@ -30,7 +31,9 @@ class ModelConfig:
     path: str | None = None
     tiny_family: str | None = None  # tiny-mha | small-mla | full-noaux (deepseek_vl2_lora.model.tiny.FAMILIES)
     tiny_seed: int = 0
-    hub_id: str | None = None  # where the real checkpoint lives, e.g. deepseek-ai/deepseek-vl2-small (messages)
+    # Where the real checkpoint lives, e.g. deepseek-ai/deepseek-vl2-small: messages, and the trained dir's
+    # base_model_name_or_path (set it to null when `path` is not that checkpoint, e.g. a merged one).
+    hub_id: str | None = None
     # A config.json shipped with the repo (deepseek_vl2_lora/assets/released/<name>/) that a dry run
     # (trainer.dry_run=true) plans with when `path` is null: deepseek-vl2-tiny | deepseek-vl2-small | deepseek-vl2.
     released: str | None = None
@@ -39,6 +42,10 @@ class ModelConfig:
     # Storage dtype of the loaded weights: auto = bfloat16 when training runs in bf16 autocast, else float32.
     # Trainable parameters are always kept in float32 (master weights), whatever the storage dtype.
     dtype: str = "auto"  # auto | float32 | bfloat16
+    # Start from trained state (a second stage, continued fine-tuning): a trained dir, its run dir or a stock PEFT
+    # LoRA adapter for this architecture. Its policy replaces `policy`; optimizer and schedule start fresh. Not a
+    # resume (trainer.resume continues this run from its own checkpoint). deepseek_vl2_lora/training/init_from.py
+    init_from: str | None = None
 
 
 @dataclass
@@ -185,7 +192,7 @@ class DistConfig:
     name: str = "single"
     kind: str = "single"  # single (one process, CPU or one GPU) | zero2 | zero3 (DeepSpeed)
     # A DeepSpeed JSON for zero2/zero3 (absolute, or relative to the working directory or the repo root);
-    # null: configs/deepspeed/<kind>.json. Its "auto" fields are filled from the Hydra config.
+    # null: deepseek_vl2_lora/configs/deepspeed/<kind>.json. Its "auto" fields are filled from the Hydra config.
     deepspeed_config: str | None = None
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on the CPU
     offload_params: bool = False  # zero3 only: the weight shards live in CPU memory between uses

@@ -1,8 +1,8 @@
 """The DeepSpeed ZeRO-2/3 engine behind the loop's `Engine` interface (engine.py): our AdamW over the policy's
 parameter groups handed to `deepspeed.initialize`, which shards its state (ZeRO-2: optimizer state and gradients;
 ZeRO-3: the weights too, frozen ones included) and does the gradient all-reduce/reduce-scatter, the clipping and the
-update; the lr schedule stays ours. `deepspeed_config` fills the DeepSpeed JSON (`configs/deepspeed/zero{2,3}.json`)
-from the Hydra config: one source of truth."""
+update; the lr schedule stays ours. `deepspeed_config` fills the DeepSpeed JSON
+(`deepseek_vl2_lora/configs/deepspeed/zero{2,3}.json`) from the Hydra config: one source of truth."""
 
 from __future__ import annotations
 
@@ -17,19 +17,19 @@ from pathlib import Path
 
 import torch
 
-from .. import REPO_ROOT
+from .. import CONFIG_DIR, REPO_ROOT
 from .dist_env import DistEnv, EngineError
 from .optim import build_optimizer, build_scheduler, group_names
 
 log = logging.getLogger(__name__)
 SCHEDULER_FILE = "scheduler.pt"  # our lr schedule (DeepSpeed's own files hold the optimizer)
 DEEPSPEED_TAG = "deepspeed"  # DeepSpeed's checkpoint files go to <checkpoint>/deepspeed/
-DEEPSPEED_CONFIG_DIR = REPO_ROOT / "configs" / "deepspeed"
+DEEPSPEED_CONFIG_DIR = CONFIG_DIR / "deepspeed"
 
 
 def deepspeed_config(dist_cfg, trainer_cfg, optim_cfg, precision: str, world_size: int) -> dict:
-    """The DeepSpeed JSON for this run: `dist.deepspeed_config` (default `configs/deepspeed/<kind>.json`) with its
-    batch, accumulation, clipping, precision and ZeRO-stage fields taken from the Hydra config.
+    """The DeepSpeed JSON for this run: `dist.deepspeed_config` (default `deepseek_vl2_lora/configs/deepspeed/
+    <kind>.json`) with its batch, accumulation, clipping, precision and ZeRO-stage fields taken from the Hydra config.
 
     A field may be "auto" or absent (filled in) or equal to what the Hydra config says; a different value is an
     error, so the Hydra config stays the one source of truth. The optimizer and lr schedule are ours (`optim.*`):

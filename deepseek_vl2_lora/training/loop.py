@@ -39,6 +39,7 @@ from ..model.processor_config import ProcessorConfigError
 from ..policy.groups import PolicyError
 from .config import ConfigError, as_train_config, check_config
 from .dist_env import DistEnv, EngineError, resolve_device
+from .init_from import apply_init_from
 from .metrics import peak_memory_gb
 from .optim import lr_factor
 from .preemption import Preemption
@@ -203,6 +204,7 @@ def train(cfg, run_dir: str | Path) -> TrainResult:
     """Train as `cfg` (a composed TrainConfig) says, writing everything under `run_dir`."""
     cfg = as_train_config(cfg)
     check_config(cfg)
+    apply_init_from(cfg)  # model.init_from: its policy replaces cfg.policy, before anything reads it
     if cfg.trainer.dry_run:
         raise ConfigError("trainer.dry_run=true plans memory instead of training: deepseek_vl2_lora.plan's dry_run")
     env = DistEnv.from_env()

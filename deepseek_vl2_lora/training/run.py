@@ -38,6 +38,7 @@ from .config import ConfigError
 from .dist_env import DistEnv
 from .engine import build_engine
 from .feature_cache import VisionFeatureCache
+from .init_from import check_same_start, init_from_dir, load_init_from
 from .metrics import FlopModel, MetricsLogger, init_wandb, peak_flops, wandb_log_policy
 from .preemption import Preemption
 from .preflight import Preflight, preflight, resolve_model_dir
@@ -158,6 +159,9 @@ def _setup_model(cfg, device: torch.device, env: DistEnv, precision: str):
     report = prepare_model(
         model, cfg.policy, cfg.trainer
     )  # LoRA initialisation is the first consumer of the seeded RNG
+    init_from = init_from_dir(cfg.model)
+    if init_from is not None:  # a new run from trained state: its values, as fp32 master weights
+        load_init_from(model, init_from)
     flop_model = FlopModel.from_model(model)  # before the engine: ZeRO-3 shards the weights in place
     if env.world_size > 1:  # initialisation above is the same on every rank; dropout draws differ per rank
         seed_everything(cfg.seed + 1_000_003 * (env.rank + 1))
@@ -240,13 +244,17 @@ def _resume_or_start(
     the checkpoint preflight found (and verified) for an explicit path; `mixture`: the training mixture's
     signature (its order depends on it; kept in the state's extra), None for one source."""
     tc = cfg.trainer
+    init_from = init_from_dir(cfg.model)
+    extra = {"mixture": mixture} if mixture is not None else {}
+    if init_from is not None:
+        extra["init_from"] = str(init_from)
     state = TrainState(
         num_samples=num_samples,
         batch_size=tc.micro_batch_size,
         seed=cfg.seed,
         world_size=env.world_size,
         dist=cfg.dist.kind,
-        extra={"mixture": mixture} if mixture is not None else {},
+        extra=extra,
     )
     if env.is_main:
         clean_temporary(run_dir)
@@ -258,6 +266,7 @@ def _resume_or_start(
     resume_from = agree_on_checkpoint(engine, resume_from)
     rng = None
     if resume_from is not None:
+        check_same_start(resume_from, init_from)  # before its tensors load: a different start, a different policy
         state, rng = load_checkpoint(resume_from, engine, engine.load_trainable)
         fits = (state.num_samples, state.batch_size, state.seed) == (num_samples, tc.micro_batch_size, cfg.seed)
         if not fits:
@@ -365,7 +374,8 @@ def _start(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> _Run:
         tc.eval_batch_size,
         tc.eval_max_new_tokens,
         autocast,
-        baseline_key=(model_dir, {"precision": precision}) if env.world_size == 1 else None,
+        # cached per base model; a run from model.init_from does not start from the base: no cache
+        baseline_key=(model_dir, {"precision": precision}) if env.world_size == 1 and not cfg.model.init_from else None,
         out_dir=run_dir / "eval" if env.is_main else None,
     )
 
@@ -450,7 +460,9 @@ def _finish(run: _Run) -> TrainResult:
     if cfg.trainer.save_trained:
         with run.engine.full_trainable_params():  # DeepSpeed: the fp32 master values, gathered on rank 0
             if env.is_main:
-                trained_dir = save_trained_state(model, run_dir / "trained", base_model=run.model_dir)
+                trained_dir = save_trained_state(
+                    model, run_dir / "trained", base_model=run.model_dir, hub_id=cfg.model.hub_id
+                )
     seconds = run.seconds()
     result = TrainResult(
         run_dir, state.step, seconds, state.eval_before, eval_after, state.nonfinite_total, trained_dir
