@@ -9,15 +9,19 @@ A micro batch is ``rows_per_micro_batch`` = tokens_per_micro_batch / trainer.pac
 2. Windows of `WINDOW` samples in that order, each binned by best-fit decreasing (longest sample first, into the
    row with the least room that still holds it). The rows of a window filled below `FULL` of the capacity give
    their samples back to the next window (at most a quarter of a window's samples), so only the epoch's last
-   window leaves part-filled rows, and a sample moves at most a few windows from its place in the order.
+   window leaves part-filled rows, and a sample moves at most a few windows from its place in the order. The
+   last window (the rest of the order) adds the rows that make whole global micro batches (below) and spreads the
+   samples of its least-filled rows evenly over those and the new rows (`spread_tail`), so the epoch's shortfall
+   is shared by many rows instead of falling on a few.
 3. Global micro batches of G = rows_per_micro_batch × world size rows, dealt by load so that their token counts
    are even (`deal`), in a random order (seeded by seed and epoch); rank r takes rows r, r + W, r + 2W, ... of
    each (its rows_per_micro_batch rows, dealt evenly too). Which rows make a global micro batch depends on G only,
    so N ranks train on the rows one process with N times the budget would.
-4. The tail: when the rows do not make whole global micro batches, rows holding several samples are split (their
-   shortest sample moved to a row of its own) until they do, so every sample is used exactly once per epoch and
-   every rank runs the same number of micro batches. Only with too few samples for that (every row a single
-   sample) are the least-filled rows of the last partial micro batch left out of that epoch (`EpochBins.dropped`).
+4. The tail: where spreading cannot make whole global micro batches (too little room), rows holding several
+   samples are split (their shortest sample moved to a row of its own) until they do, so every sample is used
+   exactly once per epoch and every rank runs the same number of micro batches. Only with too few samples for that
+   (every row a single sample) are the least-filled rows of the last partial micro batch left out of that epoch
+   (`EpochBins.dropped`).
 
 The plan needs the samples' token lengths only (`dataset_lengths`: what validation computed from the image headers,
 no pixels decoded), so it is a function of (lengths, capacity, rows per global micro batch, seed, epoch): every rank
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import heapq
 import math
 from dataclasses import dataclass, field
 
@@ -79,15 +84,52 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def plan_rows(order: list[int], lengths: list[int], capacity: int, window: int = WINDOW) -> list[list[int]]:
-    """Rows of sample indices: `order` binned window by window (see the module docstring, step 2)."""
+def balanced(lengths: list[int], capacity: int, n_rows: int) -> list[list[int]] | None:
+    """Rows of positions into `lengths` spread over exactly `n_rows` rows with even loads (longest first, each into
+    the least-loaded row; ties: the earliest); None when a sample does not fit or a row would stay empty."""
+    if len(lengths) < n_rows:
+        return None
+    rows: list[list[int]] = [[] for _ in range(n_rows)]
+    loads = [(0, r) for r in range(n_rows)]  # a heap of (load, row)
+    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        load, r = heapq.heappop(loads)
+        if load + lengths[i] > capacity:
+            return None
+        rows[r].append(i)
+        heapq.heappush(loads, (load + lengths[i], r))
+    return rows
+
+
+def spread_tail(rows: list[list[int]], lengths: list[int], capacity: int, extra: int) -> list[list[int]]:
+    """`rows` and `extra` more rows, the samples of the least-filled rows spread evenly over those and the new ones
+    (`balanced`): as many of them as still fit, from all the rows down by a fifth at a time; unchanged where none
+    do."""
+    by_load = sorted(range(len(rows)), key=lambda r: (sum(lengths[i] for i in rows[r]), r))
+    k = len(rows)
+    while k:
+        items = [i for r in by_load[:k] for i in rows[r]]
+        spread = balanced([lengths[i] for i in items], capacity, k + extra)
+        if spread is not None:
+            kept = set(by_load[k:])
+            return [row for r, row in enumerate(rows) if r in kept] + [[items[p] for p in row] for row in spread]
+        k = k * 4 // 5
+    return rows
+
+
+def plan_rows(
+    order: list[int], lengths: list[int], capacity: int, window: int = WINDOW, group: int = 1
+) -> list[list[int]]:
+    """Rows of sample indices: `order` binned window by window (see the module docstring, step 2; the last window
+    takes the rest of the order too). The last window's samples are spread evenly over as many rows as make whole
+    groups of `group` rows, where they fit."""
     out: list[list[int]] = []
     carry: list[int] = []
-    for start in range(0, len(order), window):
-        items = carry + order[start : start + window]
+    last = max(len(order) // window - 1, 0) * window  # where the last window starts
+    for start in range(0, last + 1, window):
+        items = carry + order[start : start + window if start < last else len(order)]
         rows = [[items[p] for p in row] for row in best_fit_decreasing([lengths[i] for i in items], capacity)]
-        if start + window >= len(order):
-            return out + rows
+        if start == last:
+            return out + spread_tail(rows, lengths, capacity, -(len(out) + len(rows)) % group)
         loads = [sum(lengths[i] for i in row) for row in rows]
         under = sorted((r for r in range(len(rows)) if loads[r] < FULL * capacity), key=lambda r: (loads[r], r))
         carried, carry = set(), []
@@ -213,7 +255,7 @@ class TokenBudget:
         if self._bins is None or self._bins.epoch != epoch:
             n = len(self.lengths)
             order = epoch_order(n, self.seed, epoch) if self.order is None else self.order(self.seed, epoch)
-            rows = plan_rows(order, self.lengths, self.capacity, self.window)
+            rows = plan_rows(order, self.lengths, self.capacity, self.window, self.group)
             rows, split, dropped = fill_tail(rows, self.lengths, self.group)
             key = ((self.seed * _PRIME + epoch) * _PRIME + 1) % 2**63  # not epoch_order's stream
             rows = deal(rows, self.lengths, self.group, self.world_size, torch.Generator().manual_seed(key))
