@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from torch.profiler import ProfilerActivity, profile
 
 from deepseek_vl2_lora.model import DeepseekVL2ForCausalLM, VL2Config
-from deepseek_vl2_lora.plan.batch import synthetic_batch
+from deepseek_vl2_lora.plan.batch import micro_batch_of, plan_batch
 from deepseek_vl2_lora.plan.fake import assume_routing
 from deepseek_vl2_lora.policy.groups import optimizer_param_groups
 from deepseek_vl2_lora.training.config import as_train_config
@@ -74,7 +74,7 @@ def measure_real_step(cfg, model, device="cpu", autocast=nullcontext, around_ste
         p.grad = torch.zeros_like(p)
     engine.optimizer.step()
     engine.zero_grad()
-    batch = synthetic_batch(model.config, tc.micro_batch_size, cfg.data.max_length, cfg.plan, tc.pack_length)
+    batch = plan_batch(model.config, micro_batch_of(cfg.data, tc), cfg.data, tc, cfg.plan)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     state = [t for s in engine.optimizer.state.values() for t in s.values() if t.dim() > 0]
     tensors = list(model.parameters()) + list(model.buffers()) + state

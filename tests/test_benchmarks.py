@@ -152,9 +152,8 @@ def scripted(monkeypatch):
     """Replace generation with replies chosen by a function of the prompt text (no model)."""
 
     def install(reply_for):
-        def fake(model, processor, encode, n, batch_size, max_new_tokens, device, autocast):
-            for k in range(n):
-                yield k, reply_for(encode(k)["prompt"])
+        def fake(model, processor, encode, n, batch_size, max_new_tokens, device, autocast, ranks=None):
+            return [(k, reply_for(encode(k)["prompt"])) for k in range(n)]
 
         class Processor:
             def encode(self, messages, images, generation):

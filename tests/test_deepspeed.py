@@ -38,6 +38,7 @@ from test_train_config import compose_cfg
 
 from deepseek_vl2_lora.data.sampling import EpochBatchSampler, batches_per_epoch, epoch_order
 from deepseek_vl2_lora.model.tiny import ensure_tiny_checkpoint
+from deepseek_vl2_lora.training import train
 from deepseek_vl2_lora.training.config import OptimConfig
 from deepseek_vl2_lora.training.deepspeed_engine import deepspeed_config
 from deepseek_vl2_lora.training.dist_env import DistEnv, EngineError
@@ -74,9 +75,11 @@ ARGS = [
     "optim.warmup_steps=0",  # the full lr from step 1: the weights move
     "trainer.save_every=3",
     "trainer.keep_last=2",
-    "data.eval_limit=4",
+    "data.eval_limit=5",  # eval batches of 1 split over 2 ranks: 3 and 2, rank 1 runs a padding batch
+    "trainer.eval_batch_size=1",
     "trainer.eval_max_new_tokens=2",
 ]
+BENCH = "trainer.eval_benchmarks=[{path:data/demo/bench_vqa.tsv,limit:3}]"  # split over the ranks too
 SAME = "dist.global_padding=true"  # see the module docstring
 EXACT = ("train/tokens", "train/samples", "train/epoch", "train/lr")
 RTOL = 1e-5
@@ -175,7 +178,7 @@ def assert_same_trained(a: Path, b: Path, atol: float) -> None:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_root) -> Path:
-    return single(tmp_path_factory.mktemp("ref") / "run", tiny_root)
+    return single(tmp_path_factory.mktemp("ref") / "run", tiny_root, BENCH)
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +188,7 @@ def zero2(tmp_path_factory, tiny_root) -> Path:
 
 @pytest.fixture(scope="module")
 def zero3(tmp_path_factory, tiny_root) -> Path:
-    return two_ranks(tmp_path_factory.mktemp("zero3") / "run", tiny_root, "zero3", SAME)
+    return two_ranks(tmp_path_factory.mktemp("zero3") / "run", tiny_root, "zero3", SAME, BENCH)
 
 
 # ------------------------------------------------------------------------------------------------ equality
@@ -214,9 +217,22 @@ def test_zero2_two_ranks_match_one_rank(reference, zero2):
     assert (ckpt / "rng.pt").is_file() and (ckpt / "rng_rank1.pt").is_file()
 
 
+def same_eval_before(a: Path, b: Path) -> None:
+    """The untrained model's eval (the same weights): the same predictions and every metric, exactly."""
+    (before, *_), (ref_before, *_) = read_metrics(a, "eval"), read_metrics(b, "eval")
+    assert before == ref_before
+    predictions = sorted(b.glob("eval/**/step_00000000.jsonl"))
+    assert predictions
+    for path in predictions:
+        assert (a / path.relative_to(b)).read_text() == path.read_text(), path
+
+
 @needs_deepspeed
 def test_zero3_two_ranks_match_one_rank(reference, zero3):
+    """ZeRO-3: evaluation split over the ranks (every forward on both: rank 1 runs a padding batch) gives the
+    one-process predictions and metrics."""
     assert_same_curve(curve(reference), curve(zero3))
+    same_eval_before(zero3, reference)
     (_, after), (_, ref_after) = read_metrics(zero3, "eval"), read_metrics(reference, "eval")
     assert after["eval/loss"] == pytest.approx(ref_after["eval/loss"], rel=RTOL)  # generation under ZeRO-3 too
     assert after["eval/accuracy"] == ref_after["eval/accuracy"]
@@ -235,6 +251,24 @@ def test_packed_rows_on_two_ranks(reference, tmp_path, tiny_root):
     for g, e in zip(got, expected):
         assert [g[k] for k in EXACT] == [e[k] for k in EXACT]
         assert g["train/loss"] == pytest.approx(e["train/loss"], rel=1e-2)
+
+
+@needs_deepspeed
+def test_token_budget_and_eval_split_on_two_ranks(reference, tmp_path, tiny_root, monkeypatch):
+    """2 ranks × data.tokens_per_micro_batch=128 under ZeRO-2 against one process with a 256-token budget (one
+    step, in this process): the same rows make the first global micro batch, so the first step's LM loss, tokens
+    and samples are the one-process ones. Eval split over the ranks, the eval split and a benchmark alike, gives
+    the one-process predictions and every metric (the reference run's; the untrained model: the same weights)."""
+    extra = ["trainer.pack_length=128", "trainer.grad_accum=1", "trainer.save_every=0", "trainer.max_steps=1"]
+    run = two_ranks(tmp_path / "two", tiny_root, "zero2", *extra, BENCH, "data.tokens_per_micro_batch=128")
+    same_eval_before(run, reference)
+    monkeypatch.setenv("DEEPSEEK_VL2_LORA_CACHE", str(tiny_root))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    one = ["data.tokens_per_micro_batch=256", "data.eval_path=null"]
+    train(compose_cfg(*ARGS, *extra, *one), tmp_path / "one")
+    got, expected = curve(run)[0], read_metrics(tmp_path / "one", "train")[0]
+    assert got["train/loss"] == pytest.approx(expected["train/loss"], rel=1e-6)
+    assert (got["train/tokens"], got["train/samples"]) == (expected["train/tokens"], expected["train/samples"])
 
 
 # ------------------------------------------------------------------------------------------------ resume

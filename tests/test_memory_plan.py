@@ -14,6 +14,7 @@ import torch
 from memory_reference import compose_config, measure_real_step, real_model, write_slice
 
 from deepseek_vl2_lora.model import DeepseekVL2ForCausalLM, VL2Config
+from deepseek_vl2_lora.plan.batch import micro_batch_of
 from deepseek_vl2_lora.plan.fake import HostValues, fake_mode, routing_assumption
 from deepseek_vl2_lora.plan.measure import FakeTrainingModel
 from deepseek_vl2_lora.plan.planner import RELEASED_DIR, Planner, dry_run, model_config_for, released_config
@@ -48,7 +49,7 @@ def _plan_and_real(*overrides, model_dir=None):
     cfg = compose_config(*overrides, *([f"model.path={model_dir}"] if model_dir else []))
     vl2, _ = model_config_for(cfg.model)
     planned = FakeTrainingModel(cfg, vl2, target="cpu").measure(
-        cfg.trainer.micro_batch_size, cfg.trainer.gradient_checkpointing
+        micro_batch_of(cfg.data, cfg.trainer), cfg.trainer.gradient_checkpointing
     )
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cfg.trainer.precision == "bf16" else None
@@ -68,6 +69,12 @@ TINY_CASES = [
     ("model.tiny_family=tiny-mha", "policy=mha_lora", "model.attn_implementation=sdpa", "trainer.grad_accum=2"),
     ("model.tiny_family=small-mla", "policy=full_lm", "trainer.pack_length=512"),
     ("model.tiny_family=tiny-mha", "policy=mha_lora", "trainer.precision=bf16", "model.dtype=bfloat16"),
+    (
+        "model.tiny_family=full-noaux",
+        "policy=mla_lowrank",
+        "trainer.pack_length=320",
+        "data.tokens_per_micro_batch=640",
+    ),
 ]
 
 

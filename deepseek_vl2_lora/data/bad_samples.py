@@ -24,6 +24,7 @@ class TrainItem:
     skipped: list[str] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
     sources: list[str | None] = field(default_factory=list)  # a mixture's source of each skipped sample
+    row: int | None = None  # token-budget batching: the packed row of its micro batch the sample belongs to
 
 
 class SkipBadSamples(torch.utils.data.Dataset):
@@ -32,9 +33,12 @@ class SkipBadSamples(torch.utils.data.Dataset):
     ``items[i]`` encodes ``dataset[i]``. When that raises a SampleError (or the image fails to open), under
     ``on_bad_sample="skip"`` the next index ``i+1, i+2, ...`` (mod the set size) is encoded instead and the bad
     one is reported with it, so the batch stays full and the substitution depends on the files only (a resumed
-    run makes the same one). Under ``"error"`` the failure comes back as the item (``encoding=None``) and
-    `collate_items` / `unwrap_batch` raise it in the main process as one SampleError line naming ``file:line``:
-    an exception raised in a DataLoader worker would otherwise arrive wrapped in its worker's traceback.
+    run makes the same one). A key ``(row, index)`` (token-budget batching, `budget.BudgetBatchSampler`) names the
+    packed row the sample goes into: a bad one is not replaced there (another sample would not fit the row's
+    budget) but left out of its row (``encoding=None``, counted the same way). Under ``"error"`` the failure comes
+    back as the item (``encoding=None``) and `collate_items` / `unwrap_batch` raise it in the main process as one
+    SampleError line naming ``file:line``: an exception raised in a DataLoader worker would otherwise arrive
+    wrapped in its worker's traceback.
     """
 
     def __init__(self, dataset, on_bad_sample: str = "error"):
@@ -55,9 +59,10 @@ class SkipBadSamples(torch.utils.data.Dataset):
         name = getattr(self.dataset, "source_name", None)
         return name(index) if name is not None else None
 
-    def __getitem__(self, index: int) -> TrainItem:
-        item = TrainItem(None)
-        for k in range(len(self.dataset)):
+    def __getitem__(self, key) -> TrainItem:
+        row, index = key if isinstance(key, tuple) else (None, key)
+        item = TrainItem(None, row=row)
+        for k in range(len(self.dataset) if row is None else 1):
             try:
                 item.encoding = self.dataset[(index + k) % len(self.dataset)]
                 return item
@@ -68,12 +73,14 @@ class SkipBadSamples(torch.utils.data.Dataset):
                 item.sources.append(self.source_name((index + k) % len(self.dataset)))
                 if self.on_bad_sample == "error":
                     return item
-        return item  # every sample failed: unwrap_batch says so
+        return item  # every sample failed (or, in a packed row, this one): CollateItems decides
 
 
 class CollateItems:
     """Collate TrainItems with `collator`: (batch or None, the items' skipped lines and reasons, the error line
-    or None, the skipped samples' mixture sources). Picklable, for DataLoader workers."""
+    or None, the skipped samples' mixture sources). Items with a `row` are packed into exactly those rows
+    (`Collator.collate_rows`), a sample left out of its row under ``skip`` dropped. Picklable, for DataLoader
+    workers."""
 
     def __init__(self, collator, on_bad_sample: str = "error"):
         self.collator, self.on_bad_sample = collator, on_bad_sample
@@ -83,10 +90,17 @@ class CollateItems:
         reasons = [r for it in items for r in it.reasons]
         sources = [s for it in items for s in it.sources]
         failed = [it for it in items if it.encoding is None]
-        if failed:
+        rows = items[0].row is not None
+        if failed and (self.on_bad_sample == "error" or not rows or len(failed) == len(items)):
             why = failed[0].skipped[-1] if self.on_bad_sample == "error" else "every training sample failed to load"
             return None, skipped, reasons, why, sources
-        return self.collator([it.encoding for it in items]), skipped, reasons, None, sources
+        if not rows:
+            return self.collator([it.encoding for it in items]), skipped, reasons, None, sources
+        packed: dict[int, list[dict]] = {}
+        for it in items:
+            if it.encoding is not None:
+                packed.setdefault(it.row, []).append(it.encoding)
+        return self.collator.collate_rows(list(packed.values())), skipped, reasons, None, sources
 
 
 def unwrap_batch(collated, report: DataReport | None = None, source_reports: dict | None = None) -> dict:

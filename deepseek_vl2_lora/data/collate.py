@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .packing import pack_samples
+from .packing import pack_rows, pack_samples
 from .tiling import tile_key
 
 
@@ -19,6 +19,7 @@ class Collator:
 
     With `pack_length`, the samples are first packed into rows of at most that many tokens
     (`deepseek_vl2_lora.data.packing`): the batch then has one row per pack and a `segment_ids` field.
+    `collate_rows` packs rows chosen beforehand (token-budget batching, `data.budget`) exactly as given.
     """
 
     def __init__(
@@ -61,6 +62,22 @@ class Collator:
             raise ValueError("cannot collate an empty batch")
         if self.pack_length is not None:
             samples = pack_samples(samples, self.pack_length, self.ignore_id)
+        return self._collate(samples)
+
+    def collate_rows(self, rows: list[list[dict]]) -> dict:
+        """A packed batch with exactly these rows (each a list of encoded samples, in row order)."""
+        if self.pack_length is None or not rows or not all(rows):
+            raise ValueError("collate_rows needs pack_length and a non-empty list of non-empty rows")
+        for members in rows:
+            total = sum(len(s["input_ids"]) for s in members)
+            if total > self.pack_length:
+                raise ValueError(
+                    f"a packed row holds {total} tokens, more than trainer.pack_length={self.pack_length}: a sample "
+                    "encoded to another length than validation computed (its file changed since?)"
+                )
+        return self._collate(pack_rows(rows, self.ignore_id))
+
+    def _collate(self, samples: list[dict]) -> dict:
         length = max(len(s["input_ids"]) for s in samples)
         lengths = [len(s["input_ids"]) for s in samples]
         positions = [s.get("position_ids", torch.arange(n, dtype=torch.long)) for s, n in zip(samples, lengths)]

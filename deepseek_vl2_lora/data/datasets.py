@@ -25,8 +25,9 @@ matches, there is an assistant turn, and the token length fits ``max_length`` un
 What validation found is cached per data source and settings, and image headers per file (`validation_cache`):
 a restart, a resume or another rank of the run reads the outcome and stats the images instead of validating.
 
-A dataset keeps only the row numbers of the records it kept: a sample is read from its source again, parsed and
-its images opened in ``__getitem__``, so a memory-mapped source stays out of RAM.
+A dataset keeps only the row numbers of the records it kept and their token lengths (``lengths``: what validation
+computed from the image headers, which token-budget batching bins by): a sample is read from its source again,
+parsed and its images opened in ``__getitem__``, so a memory-mapped source stays out of RAM.
 """
 
 from __future__ import annotations
@@ -145,6 +146,7 @@ class _ValidatedData:
         self.limits = ImageLimits(max_image_pixels, large_image, resized_dir)
         self.report = DataReport(str(self.path))
         self.rows: list[int] = []  # the source rows of the kept records
+        self.lengths: list[int] = []  # each kept record's token length, as validation computed it (no pixels)
         self.samples = _Samples(self)
         self._validate()
 
@@ -215,8 +217,9 @@ class _ValidatedData:
         self.report.layout = layout
         for row, outcome in enumerate(outcomes):
             self.report.total += 1
-            if len(outcome) == 1:
+            if len(outcome) == 2:
                 self.rows.append(row)
+                self.lengths.append(outcome[1])
                 self.report.kept += 1
                 self.report.placeholders_added += outcome[0]
             else:
@@ -231,7 +234,7 @@ class _ValidatedData:
             table = _ImageTable(state["images"])
             row_images = {int(k): [int(i) for i in v] for k, v in state["row_images"].items()}
             ok = len(outcomes) == len(self.source) and (layout is None or isinstance(layout, str))
-            ok = ok and all(isinstance(o, list) and len(o) in (1, 3) for o in outcomes)
+            ok = ok and all(isinstance(o, list) and len(o) in (2, 3) for o in outcomes)
             ok = ok and all(len(s) == 3 for s in table.stamps) and all(i < len(table.stamps) for v in
                                                                          row_images.values() for i in v)  # fmt: skip
         except (KeyError, TypeError, ValueError, AttributeError):
@@ -252,7 +255,8 @@ class _ValidatedData:
                     "row_images": row_images, "racy": racy})  # fmt: skip
 
     def _run(self, rows, outcomes: list, table: _ImageTable, row_images: dict, images, entry) -> None:
-        """Validate `rows` into `outcomes`: [placeholders added] (kept) or [reason, message, location]."""
+        """Validate `rows` into `outcomes`: [placeholders added, token length] (kept) or [reason, message,
+        location]."""
         for k, row in enumerate(rows):
             if entry is not None and k % 256 == 0:
                 entry.heartbeat()
@@ -271,8 +275,7 @@ class _ValidatedData:
                         row_images[row] = used
                     size = oriented_size(images.header(ref, stamp), self.exif_transpose)
                     sizes.append(self.limits.check(ref, size, self.exif_transpose))
-                self._check_sample(sample.messages, sizes)
-                outcomes[row] = [added]
+                outcomes[row] = [added, self._check_sample(sample.messages, sizes)]
             except SampleError as e:
                 error = e.at(self.source.location(row))
                 if self._policy(error) == "error":
@@ -296,8 +299,9 @@ class _ValidatedData:
             return "error" if self.overlong == "error" else "skip"
         return self.on_bad_sample
 
-    def _check_sample(self, messages: list[dict], sizes: list[tuple[int, int]]) -> None:
-        self.processor.check(messages, sizes, self.generation, self.max_length, self.overlong)
+    def _check_sample(self, messages: list[dict], sizes: list[tuple[int, int]]) -> int:
+        """Raise SampleError, or return the sample's token length (what its encoding will have)."""
+        return self.processor.check(messages, sizes, self.generation, self.max_length, self.overlong)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -365,14 +369,14 @@ class EvalDataset(_ValidatedData):
         # Over-long prompts cannot be truncated, so they follow on_bad_sample like any other bad record.
         return self.on_bad_sample
 
-    def _check_sample(self, messages: list[dict], sizes: list[tuple[int, int]]) -> None:
+    def _check_sample(self, messages: list[dict], sizes: list[tuple[int, int]]) -> int:
         last = messages[-1] if isinstance(messages, list) and messages else None
         if not (isinstance(last, dict) and last.get("role") in ("assistant", "<|Assistant|>")):
             # Run the structural checks first so schema errors keep their own reason.
             self.processor.plan(messages, sizes, generation=True)
             msg = "an eval record must end with the reference assistant answer"
             raise SampleError("no_assistant_turn", msg)
-        super()._check_sample(messages, sizes)
+        return super()._check_sample(messages, sizes)
 
     def answer(self, index: int) -> str:
         return reference_answer(self.sample(index))

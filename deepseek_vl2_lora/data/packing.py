@@ -40,14 +40,19 @@ def _real_images(sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def pack_samples(samples: list[dict], capacity: int, ignore_id: int = -100) -> list[dict]:
-    """Merge encoded samples into packed-row samples (the fields `Collator` pads, plus `position_ids` and
-    `segment_ids`). Within a row, tokens, labels, image masks, tiles and crop rows are concatenated in the same
-    sample order, so each image's features land on its own sample's image tokens. Each sample's first label is
-    ignored: it would be predicted from the previous sample's last token. Non-tensor fields become lists."""
+    """Merge encoded samples into packed-row samples, rows chosen by first-fit decreasing (`pack_rows`)."""
     rows = first_fit_decreasing([len(s["input_ids"]) for s in samples], capacity)
+    return pack_rows([[samples[i] for i in row] for row in rows], ignore_id)
+
+
+def pack_rows(rows: list[list[dict]], ignore_id: int = -100) -> list[dict]:
+    """Merge each row's encoded samples into one packed-row sample (the fields `Collator` pads, plus
+    `position_ids` and `segment_ids`). Within a row, tokens, labels, image masks, tiles and crop rows are
+    concatenated in the row's sample order, so each image's features land on its own sample's image tokens. Each
+    sample's first label is ignored: it would be predicted from the previous sample's last token. Non-tensor
+    fields become lists."""
     packed = []
-    for row in rows:
-        members = [samples[i] for i in row]
+    for members in rows:
         labels = []
         for s in members:
             lab = s["labels"].clone()

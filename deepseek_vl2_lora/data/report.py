@@ -23,6 +23,8 @@ class DataReport:
     skipped_at_train: Counter = field(default_factory=Counter)  # by reason: samples gone bad after validation
     # A mixture source's sampling (records used, weight, draws per epoch, share; `Mixture.describe`); None: not one
     sampling: dict | None = None
+    # Token-budget batching (the train split): the budget and each epoch's packing efficiency (`budget`); None: off
+    packing: dict | None = None
     skipped_lines: list[dict] = field(default_factory=list)  # every skipped record: location, reason, message
     train_lines: list[dict] = field(default_factory=list)  # every sample skipped at train time (this process)
 
@@ -61,6 +63,7 @@ class DataReport:
             "examples": {k: list(v) for k, v in sorted(self.examples.items())},
             "skipped_at_train": dict(sorted(self.skipped_at_train.items())),
             **({"sampling": dict(self.sampling)} if self.sampling is not None else {}),
+            **({"packing": dict(self.packing)} if self.packing is not None else {}),
         }
 
     def summary(self) -> str:

@@ -1,6 +1,7 @@
 """The deterministic data order: each epoch's order is a function of (seed, epoch) only, cut into global batches of
-micro batch × world size, each rank taking its interleaved slice; a resumed run starts at its data position
-(epoch, batch) and reads exactly what the uninterrupted run would have."""
+micro batch × world size, each rank taking its interleaved slice (or binned into token-budget micro batches,
+`budget`); a resumed run starts at its data position (epoch, batch) and reads exactly what the uninterrupted run
+would have."""
 
 from __future__ import annotations
 
@@ -74,16 +75,23 @@ def batch_stream(
     pin_memory=False,
     rank: int = 0,
     world_size: int = 1,
+    budget=None,
 ):
     """Yield (epoch, global batch index, this rank's micro batch) forever, starting at data position (epoch, start).
 
     `batch_size` is the per-rank micro batch; see EpochBatchSampler for which samples each rank reads. A dataset
-    with an `epoch_order(seed, epoch)` (a `data.Mixture`, also through `SkipBadSamples`) gives its own order."""
+    with an `epoch_order(seed, epoch)` (a `data.Mixture`, also through `SkipBadSamples`) gives its own order.
+    `budget` (a `budget.TokenBudget`, built with the same order, ranks and seed): token-budget micro batches
+    instead, `batch_size` unused."""
     order = getattr(dataset, "epoch_order", None)
     while True:
+        if budget is not None:
+            sampler = budget.sampler(epoch, start, rank)
+        else:
+            sampler = EpochBatchSampler(len(dataset), batch_size, seed, epoch, start, rank, world_size, order)
         loader = torch.utils.data.DataLoader(
             dataset,
-            batch_sampler=EpochBatchSampler(len(dataset), batch_size, seed, epoch, start, rank, world_size, order),
+            batch_sampler=sampler,
             collate_fn=collate_fn,
             num_workers=num_workers,
             pin_memory=pin_memory,

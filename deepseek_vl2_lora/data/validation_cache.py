@@ -9,9 +9,9 @@ Two levels, both under ``data.cache_dir`` (default ``$DEEPSEEK_VL2_LORA_DATA_CAC
   orientation) or the SampleError reading it gave. Sharded by a hash of the path; any setting can use it.
 * ``sources/KEY.json``: per data source and validation settings (KEY hashes each data file's path, size and
   mtime_ns, the processor's files, and every option that changes the outcome), every row's outcome (kept, with
-  the placeholders added; or skipped, with its reason and message), the layout, and the (path, size, mtime_ns)
-  of every image file the rows named. A second start re-reads this and stats the images: an image that changed
-  sends only the records naming it through validation again.
+  the placeholders added and its token length; or skipped, with its reason and message), the layout, and the
+  (path, size, mtime_ns) of every image file the rows named. A second start re-reads this and stats the images:
+  an image that changed sends only the records naming it through validation again.
 * ``resized/``: the copies of images shrunk to ``data.max_image_pixels`` (``data.large_image=resize``).
 
 Several ranks: the node's local rank 0 validates and writes the entry (``sources/KEY.pending`` shows it is at
@@ -40,7 +40,7 @@ from .processor import SampleError, one_line
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # part of every key: a change in what validation checks must bump it
+CACHE_VERSION = 2  # part of every key: a change in what validation checks must bump it (2: token lengths)
 WAIT_STALL_S = 600.0  # a waiting rank gives up when the validating rank has shown no progress for this long
 HEARTBEAT_S = 2.0
 # A file modified less than this before it was read may change again within its mtime's granularity (a coarse

@@ -19,6 +19,7 @@ from ..data.collate import Collator
 from ..data.datasets import reference_answer
 from ..data.processor import SampleError
 from ..model.generation import generate
+from .ranks import EvalRanks, padding_batch
 
 log = logging.getLogger(__name__)
 
@@ -76,36 +77,47 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def eval_loss(model, dataset, indices, collator, batch_size, device, autocast=nullcontext, load=None):
+def eval_loss(model, dataset, indices, collator, batch_size, device, autocast=nullcontext, load=None, ranks=None):
     """(token-weighted mean LM loss over `dataset[indices]`, supervised tokens); the aux loss is a training-only
-    term. `load(i)` (default `dataset[i]`) may return None for a sample to leave out."""
-    load = load or dataset.__getitem__
-    total, tokens = 0.0, 0
-    for start in range(0, len(indices), batch_size):
-        encodings = [e for e in map(load, indices[start : start + batch_size]) if e is not None]
-        if not encodings:
+    term. `load(i)` (default `dataset[i]`) may return None for a sample to leave out. `ranks`: split across ranks
+    (`EvalRanks`; the same result as one process)."""
+    load, ranks = load or dataset.__getitem__, ranks or EvalRanks()
+    losses = []  # (batch, mean loss, supervised tokens) of this rank's batches
+    for b in ranks.slots(-(-len(indices) // batch_size)):
+        chunk = [] if b is None else indices[b * batch_size : (b + 1) * batch_size]
+        encodings = [e for e in map(load, chunk) if e is not None]
+        if not encodings and ranks.world_size == 1:
             continue
-        batch = _to(collator(encodings), device)
+        batch = _to(collator(encodings), device) if encodings else padding_batch(dataset.processor, device)
         with autocast():
             out = model(**{k: batch[k] for k in MODEL_INPUTS}, labels=batch["labels"], return_logits=False)
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        total += float(out.loss) * n
+        if encodings:
+            losses.append((b, float(out.loss), int((batch["labels"][:, 1:] != -100).sum())))
+    total, tokens = 0.0, 0
+    for _, loss, n in sorted(ranks.gather(losses)):  # in batch order, as one process sums
+        total += loss * n
         tokens += n
     return total / max(tokens, 1), tokens
 
 
 @torch.no_grad()
-def generate_replies(model, processor, encode, n, batch_size, max_new_tokens, device, autocast=nullcontext):
+def generate_replies(
+    model, processor, encode, n, batch_size, max_new_tokens, device, autocast=nullcontext, ranks=None
+) -> list[tuple[int, str]]:
     """Greedy replies to prompts 0..n-1 (`encode(k)`: the processor's generation encoding of prompt k, or None to
-    leave it out), in batches with left padding; yields (k, the text before eos, decoded without special tokens)."""
+    leave it out), in batches with left padding: [(k, the text before eos, decoded without special tokens)] in
+    prompt order. `ranks`: split across ranks (`EvalRanks`), every rank gets every reply."""
+    ranks = ranks or EvalRanks()
     collator = Collator(processor.pad_id, padding_side="left")
     eos = processor.eos_id
-    for start in range(0, n, batch_size):
-        encoded = [(k, encode(k)) for k in range(start, min(n, start + batch_size))]
+    replies = []
+    for b in ranks.slots(-(-n // batch_size)):
+        encoded = [] if b is None else [(k, encode(k)) for k in range(b * batch_size, min(n, (b + 1) * batch_size))]
         chunk = [k for k, e in encoded if e is not None]
-        if not chunk:
+        if not chunk and ranks.world_size == 1:
             continue
-        batch = _to(collator([e for _, e in encoded if e is not None]), device)
+        prompts = [e for _, e in encoded if e is not None]
+        batch = _to(collator(prompts), device) if prompts else padding_batch(processor, device)
         with autocast():
             new = generate(
                 model,
@@ -116,16 +128,19 @@ def generate_replies(model, processor, encode, n, batch_size, max_new_tokens, de
                 batch["images_spatial_crop"],
                 max_new_tokens=max_new_tokens,
                 eos_token_id=eos,
+                padding=not chunk,
             )
         for k, row in zip(chunk, new.tolist()):
             ids = row[: row.index(eos)] if eos in row else row
-            yield k, processor.tokenizer.decode(ids, skip_special_tokens=True)
+            replies.append((k, processor.tokenizer.decode(ids, skip_special_tokens=True)))
+    return sorted(ranks.gather(replies))
 
 
 def exact_match(
-    model, dataset, indices, processor, batch_size, max_new_tokens, device, autocast=nullcontext, load=None
+    model, dataset, indices, processor, batch_size, max_new_tokens, device, autocast=nullcontext, load=None, ranks=None
 ):
-    """(accuracy, accuracy per qtype, predictions) for EvalDataset `dataset[indices]`; `load(i)` as in eval_loss."""
+    """(accuracy, accuracy per qtype, predictions) for EvalDataset `dataset[indices]`; `load(i)` and `ranks` as in
+    eval_loss."""
     predictions, hits, counts = [], defaultdict(int), defaultdict(int)
     load = load or dataset.__getitem__
 
@@ -133,7 +148,8 @@ def exact_match(
         pair = load(indices[k])
         return None if pair is None else pair[0]
 
-    replies = generate_replies(model, processor, encode, len(indices), batch_size, max_new_tokens, device, autocast)
+    n = len(indices)
+    replies = generate_replies(model, processor, encode, n, batch_size, max_new_tokens, device, autocast, ranks)
     for k, text in replies:
         sample = dataset.sample(indices[k])  # (read from its source again: once)
         reference = reference_answer(sample)
@@ -166,28 +182,28 @@ def evaluate(
     limit: int | None = None,
     autocast=nullcontext,
     on_bad_sample: str = "error",
+    ranks: EvalRanks | None = None,
 ) -> EvalResult:
     """Loss on `loss_set` (an SFTDataset of the eval file) and exact match on `gen_set` (its EvalDataset). A sample
     gone bad since validation is left out and listed in `result.skipped` under on_bad_sample=skip (each split
-    counts its own), else one SampleError line naming it."""
-    was_training = model.training
-    model.eval()
-    try:
-        result = EvalResult()
+    counts its own), else one SampleError line naming it. `ranks`: split across ranks (`evaluation.ranks`; every
+    rank gets the result one process computes)."""
+    ranks = ranks or EvalRanks()
+    result = EvalResult()
+    with ranks.evaluating(model):
         if loss_set is not None and len(loss_set):
             indices = list(range(min(len(loss_set), limit or len(loss_set))))
             collator = Collator(processor.pad_id, padding_side="right")
             load = _Loader(loss_set, on_bad_sample, result.skipped)
             result.loss, result.loss_tokens = eval_loss(
-                model, loss_set, indices, collator, batch_size, device, autocast, load
+                model, loss_set, indices, collator, batch_size, device, autocast, load, ranks
             )
         if gen_set is not None and len(gen_set):
             indices = list(range(min(len(gen_set), limit or len(gen_set))))
             load = _Loader(gen_set, on_bad_sample, result.skipped)
             result.accuracy, result.by_type, result.predictions = exact_match(
-                model, gen_set, indices, processor, batch_size, max_new_tokens, device, autocast, load
+                model, gen_set, indices, processor, batch_size, max_new_tokens, device, autocast, load, ranks
             )
             result.num_samples = len(result.predictions)
-        return result
-    finally:
-        model.train(was_training)
+    result.skipped = ranks.gather(result.skipped)
+    return result

@@ -76,6 +76,10 @@ class DeepseekVL2ForCausalLM(nn.Module):
         self.language = DeepseekV2ForCausalLM(lm, prefix, backend, experts_kernel)
         self.loss_chunk_tokens = 4096  # tokens per lm_head chunk when the loss is computed without logits
         self.feature_cache = None  # a VisionFeatureCache, attached by the trainer when configured
+        # A forward given an image batch without images still runs the vision side (on a blank tile, result
+        # unused): set while ranks evaluate different batches under ZeRO-3, where a rank whose batch has images
+        # gathers the sharded vision weights and every other rank must take part (evaluation/ranks.py).
+        self.vision_in_every_forward = False
 
     # ------------------------------------------------------------------------------------ loading
     @classmethod
@@ -143,6 +147,8 @@ class DeepseekVL2ForCausalLM(nn.Module):
         of `images[b]`, from the collator) lets a feature cache serve the frozen vision side."""
         embeds = self.language.get_input_embeddings()(input_ids)
         if images is None or images_spatial_crop is None or not bool(images_spatial_crop.any()):
+            if images is not None and self.vision_in_every_forward:
+                self._encode_tiles(images.new_zeros(1, *images.shape[-3:]))
             return embeds
         if images_seq_mask is None:
             raise ValueError("images given without images_seq_mask")

@@ -21,10 +21,13 @@ def generate(
     use_cache: bool = True,
     generator: torch.Generator | None = None,
     stream=None,
+    padding: bool = False,
 ) -> torch.Tensor:
     """Returns the new tokens [B, n ≤ max_new_tokens]; finished rows are padded with `eos_token_id`.
 
-    `stream`, if given, is called with each step's tokens [B] as they are produced.
+    `stream`, if given, is called with each step's tokens [B] as they are produced. `padding`: a rank with no
+    prompts left while other ranks generate (evaluation split across ranks): its rows count as finished from the
+    start, so it only runs the forwards and the all-ranks-done checks in step with the others.
     """
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("generate needs left padding (the last column of attention_mask must be all ones)")
@@ -33,7 +36,7 @@ def generate(
     image_kw = {"images": images, "images_seq_mask": images_seq_mask, "images_spatial_crop": images_spatial_crop}
     ids, mask = input_ids, attention_mask.long()
     past, new_tokens = None, []
-    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    done = torch.full((input_ids.shape[0],), padding, dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):
         if use_cache and step > 0:  # only the new token; the cache holds the rest
             out = model(input_ids=ids[:, -1:], attention_mask=mask, past_key_values=past, use_cache=True)

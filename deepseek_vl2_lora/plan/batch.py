@@ -1,8 +1,11 @@
 """The batch a dry run plans for: every sample fills `data.max_length` tokens, laid out as the processor lays out
 a conversation (bos, the images' tokens, the prompt, the supervised answer ending in eos), collated by the
-training collator (padding, packing) exactly as training collates it."""
+training collator (padding, packing) exactly as training collates it. With token-budget batching
+(`data.tokens_per_micro_batch`) every row of the micro batch is full: the budget is the step's token count."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import torch
 
@@ -39,9 +42,10 @@ def sample_layout(vl2_config, length: int, plan_cfg) -> dict:
     }
 
 
-def synthetic_samples(vl2_config, n: int, length: int, plan_cfg) -> list[dict]:
-    """`n` encoded samples (the processor's fields) of `length` tokens each; token ids and pixels are placeholders."""
-    layout = sample_layout(vl2_config, length, plan_cfg)
+def synthetic_samples(vl2_config, n: int, length: int, plan_cfg, layout: dict | None = None) -> list[dict]:
+    """`n` encoded samples (the processor's fields) of `length` tokens each; token ids and pixels are placeholders.
+    `layout`: their `sample_layout` (None: computed)."""
+    layout = layout or sample_layout(vl2_config, length, plan_cfg)
     size = vl2_config.vision.image_size
     vocab = vl2_config.language.vocab_size
     tw, th = plan_cfg.image_tiles
@@ -68,3 +72,36 @@ def synthetic_batch(vl2_config, micro_batch_size: int, length: int, plan_cfg, pa
     return Collator(pad_id=0, padding_side="right", pack_length=pack_length)(
         synthetic_samples(vl2_config, micro_batch_size, length, plan_cfg)
     )
+
+
+def budget_rows(vl2_config, rows: int, pack_length: int, max_length: int | None, plan_cfg) -> list[list[dict]]:
+    """The rows of a token-budget micro batch as planned: each full, ⌊pack_length / L⌋ samples of L =
+    min(data.max_length, pack_length) tokens plus one of the rest (text only when it cannot hold the images)."""
+    length = min(max_length or pack_length, pack_length)
+    per_row, rest = divmod(pack_length, length)
+    row = synthetic_samples(vl2_config, per_row, length, plan_cfg)
+    if rest >= 3:  # (bos, a prompt token, an answer token at least)
+        try:
+            layout = sample_layout(vl2_config, rest, plan_cfg)
+        except PlanError:
+            text_only = SimpleNamespace(
+                image_tiles=plan_cfg.image_tiles, images_per_sample=0, answer_fraction=plan_cfg.answer_fraction
+            )
+            layout = sample_layout(vl2_config, rest, text_only)
+        row += synthetic_samples(vl2_config, 1, rest, plan_cfg, layout)
+    return [list(row) for _ in range(rows)]
+
+
+def micro_batch_of(data_cfg, trainer_cfg) -> int:
+    """The micro batch a config runs: trainer.micro_batch_size samples, or the rows of data.tokens_per_micro_batch."""
+    tokens = data_cfg.get("tokens_per_micro_batch")
+    return tokens // trainer_cfg.pack_length if tokens else trainer_cfg.micro_batch_size
+
+
+def plan_batch(vl2_config, micro_batch: int, data_cfg, trainer_cfg, plan_cfg) -> dict:
+    """The micro batch a dry run plans for: `micro_batch` samples of data.max_length, or with
+    data.tokens_per_micro_batch `micro_batch` full rows (`budget_rows`)."""
+    if not data_cfg.get("tokens_per_micro_batch"):
+        return synthetic_batch(vl2_config, micro_batch, data_cfg.max_length, plan_cfg, trainer_cfg.pack_length)
+    rows = budget_rows(vl2_config, micro_batch, trainer_cfg.pack_length, data_cfg.max_length, plan_cfg)
+    return Collator(pad_id=0, padding_side="right", pack_length=trainer_cfg.pack_length).collate_rows(rows)

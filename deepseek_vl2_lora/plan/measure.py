@@ -21,7 +21,7 @@ from ..training.dist_env import DistEnv
 from ..training.engine import SingleProcessEngine
 from ..training.metrics import FlopModel
 from ..training.step import micro_step, prepare_model, resolve_dtype, resolve_precision
-from .batch import sample_layout, synthetic_batch
+from .batch import plan_batch, sample_layout
 from .fake import ATTENTION_KERNELS, CudaAttentionKernels, HostValues, assume_routing, fake_mode
 from .tracker import CUDA_BLOCK, MemoryTracker, Snapshot
 from .zero import ParamCounts, param_counts
@@ -133,10 +133,13 @@ class FakeTrainingModel:
         self.counts = param_counts(model, persistence_threshold)
 
     def measure(self, micro_batch_size: int, gradient_checkpointing: bool) -> StepMeasurement:
+        """One step of `micro_batch_size` samples (token-budget batching: packed rows, each full)."""
         cfg, setting = self.cfg, self.setting
         length = cfg.data.max_length or 4096
+        if cfg.data.get("tokens_per_micro_batch"):
+            length = min(length, cfg.trainer.pack_length)
         layout = sample_layout(self.vl2_config, length, cfg.plan)
-        batch = synthetic_batch(self.vl2_config, micro_batch_size, length, cfg.plan, cfg.trainer.pack_length)
+        batch = plan_batch(self.vl2_config, micro_batch_size, cfg.data, cfg.trainer, cfg.plan)
         lengths = sample_lengths(batch)
         self.model.language.model.gradient_checkpointing = gradient_checkpointing
         tracker = MemoryTracker(block=CUDA_BLOCK if setting.target == "cuda" else 1)

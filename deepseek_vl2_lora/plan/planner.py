@@ -20,6 +20,7 @@ from pathlib import Path
 from .. import PACKAGE_DIR
 from ..model.config import VL2Config
 from ..training.config import as_train_config, check_config
+from .batch import micro_batch_of
 from .measure import FakeTrainingModel, StepMeasurement
 from .tracker import MODEL_STATES
 from .zero import zero_model_states, zero_settings
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 GIB = 2**30
 RELEASED_DIR = PACKAGE_DIR / "assets" / "released"
 RELEASED = ("deepseek-vl2-tiny", "deepseek-vl2-small", "deepseek-vl2")
+MICRO = "micro batch"  # a candidate change's micro batch: trainer.micro_batch_size, or rows of a token budget
 ROWS = [
     ("weights", "weights (frozen, + buffers)"),
     ("trainable", "trainable weights"),
@@ -131,10 +133,12 @@ class Planner:
 
         self.cfg, self.ranks = cfg, ranks
         self.vl2_config, self.source = model_config_for(cfg.model)
+        self.micro_batch = micro_batch_of(cfg.data, cfg.trainer)  # samples, or full rows of a token budget
+        self.budget = cfg.data.get("tokens_per_micro_batch")
         self.ds_configs = {}
         for kind in ("zero2", "zero3"):
             dist = cfg.dist if cfg.dist.kind == kind else _dist_like(cfg.dist, kind)
-            self.ds_configs[kind] = deepspeed_config(dist, cfg.trainer, cfg.optim, "bf16", ranks)
+            self.ds_configs[kind] = deepspeed_config(dist, cfg.trainer, cfg.optim, "bf16", ranks, self.micro_batch)
         threshold = zero_settings(self.ds_configs["zero3"])["stage3_param_persistence_threshold"]
         self.fake = FakeTrainingModel(cfg, self.vl2_config, "cuda", threshold)
         self._measured: dict[tuple[int, bool], StepMeasurement] = {}
@@ -159,15 +163,15 @@ class Planner:
     def smallest_change(self) -> dict | None:
         """The first candidate (in the module docstring's order) whose configured column fits."""
         tc, dist = self.cfg.trainer, self.cfg.dist
-        mb, recompute, kind, offload = tc.micro_batch_size, tc.gradient_checkpointing, dist.kind, dist.offload_optimizer
+        mb, recompute, kind, offload = self.micro_batch, tc.gradient_checkpointing, dist.kind, dist.offload_optimizer
         sizes = []
         while mb > 1:
             mb //= 2
             sizes.append(mb)
         gc = [] if recompute else [{"trainer.gradient_checkpointing": True}]
         candidates = list(gc)
-        candidates += [{"trainer.micro_batch_size": s} for s in sizes]
-        candidates += [{**g, "trainer.micro_batch_size": s} for g in gc for s in sizes]
+        candidates += [{MICRO: s} for s in sizes]
+        candidates += [{**g, MICRO: s} for g in gc for s in sizes]
         stages = {"single": ["zero2", "zero3"], "zero2": ["zero3"], "zero3": []}[kind]
         candidates += [{"dist": stage, **g} for stage in stages for g in [{}, *gc]]
         if not offload:
@@ -176,17 +180,20 @@ class Planner:
                     {"dist": stage, "trainer.gradient_checkpointing": True, "dist.offload_optimizer": True}
                 )
         for change in candidates:
-            m = self.measure(
-                change.get("trainer.micro_batch_size", tc.micro_batch_size),
-                change.get("trainer.gradient_checkpointing", recompute),
-            )
+            recompute_now = change.get("trainer.gradient_checkpointing", recompute)
+            m = self.measure(change.get(MICRO, self.micro_batch), recompute_now)
             columns = self.columns(m, change.get("dist.offload_optimizer", offload))
             column = self._configured(columns, change.get("dist", kind))
             if column.fits:
                 overrides = dict(change)
-                if "trainer.micro_batch_size" in overrides:
-                    factor = tc.micro_batch_size // overrides["trainer.micro_batch_size"]
+                if MICRO in overrides:
+                    factor = self.micro_batch // overrides[MICRO]
                     overrides["trainer.grad_accum"] = tc.grad_accum * factor  # keeps the global batch
+                    rows = overrides.pop(MICRO)
+                    if self.budget:  # (a token budget: whole rows)
+                        overrides = {"data.tokens_per_micro_batch": rows * tc.pack_length, **overrides}
+                    else:
+                        overrides = {"trainer.micro_batch_size": rows, **overrides}
                 if "dist" in overrides and overrides["dist"] != "single":
                     overrides["dist.world_size"] = self.ranks
                     if kind == "single":  # N ranks each run a micro batch: fewer accumulation steps, same batch
@@ -197,7 +204,7 @@ class Planner:
 
     def plan(self) -> Plan:
         tc, dist = self.cfg.trainer, self.cfg.dist
-        m = self.measure(tc.micro_batch_size, tc.gradient_checkpointing)
+        m = self.measure(self.micro_batch, tc.gradient_checkpointing)
         columns = self.columns(m, dist.offload_optimizer)
         configured = self._configured(columns, dist.kind)
         change = None if configured.fits else self.smallest_change()
@@ -215,10 +222,11 @@ class Planner:
                 "attention": m.attention,
                 "experts kernel": setting.experts_kernel,
                 "recompute": tc.gradient_checkpointing,
-                "micro batch": tc.micro_batch_size,
+                "micro batch": self.micro_batch,
                 "grad accum": tc.grad_accum,
                 "sequence length": self.cfg.data.max_length or 4096,
                 "packing": tc.pack_length,
+                "token budget": self.budget,
                 "routing": self.cfg.plan.routing
                 + (f" (Zipf {self.cfg.plan.zipf_exponent})" if self.cfg.plan.routing == "zipf" else ""),
                 "ranks for ZeRO": self.ranks,
@@ -265,8 +273,12 @@ def format_plan(plan: Plan) -> str:
     lines = [
         f"Memory plan for {plan.model} ({plan.source}): {_count(plan.params_total)} parameters, "
         f"{_count(plan.params_trainable)} trainable (policy {plan.policy})",
-        f"  step: micro batch {s['micro batch']} × {s['sequence length']} tokens"
-        + (f", packed into rows of {s['packing']}" if s["packing"] else "")
+        (
+            f"  step: micro batch {s['micro batch']} × {s['sequence length']} tokens"
+            + (f", packed into rows of {s['packing']}" if s["packing"] else "")
+            if not s.get("token budget")
+            else f"  step: token budget {s['token budget']} = {s['micro batch']} full rows of {s['packing']} tokens"
+        )
         + f", grad accum {s['grad accum']}, {s['precision']} (weights {s['storage dtype']}),"
         f" recompute {'on' if s['recompute'] else 'off'}, experts kernel {s['experts kernel']}",
         f"  sample: {lay['images']} image(s) × {lay['tiles_per_image']} tiles = {lay['image_tokens']} image tokens,"

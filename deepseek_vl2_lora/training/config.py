@@ -89,6 +89,11 @@ class DataConfig:
     # null: ~/.cache/deepseek_vl2_lora/data ($DEEPSEEK_VL2_LORA_CACHE/data or $XDG_CACHE_HOME/... when set); false
     # or none: no cache. (Typed Any: a path or false.)
     cache_dir: Any = None
+    # Token-budget batching: micro batches of this many tokens per rank instead of trainer.micro_batch_size
+    # samples: tokens_per_micro_batch / trainer.pack_length packed rows, the samples binned into rows across the
+    # dataset each epoch (deepseek_vl2_lora/data/budget.py). Needs trainer.pack_length (a multiple of it); a sample
+    # longer than a row is over-long (data.overlong decides). null: trainer.micro_batch_size samples.
+    tokens_per_micro_batch: int | None = None
 
 
 @dataclass
@@ -334,6 +339,20 @@ def _mixture_problems(data: DictConfig) -> list[str]:
     return problems
 
 
+def _budget_problems(tokens: int | None, pack_length: int | None) -> list[str]:
+    """data.tokens_per_micro_batch against trainer.pack_length (the row length)."""
+    if tokens is None:
+        return []
+    key = f"data.tokens_per_micro_batch={tokens}"
+    if tokens < 1:
+        return [f"{key}: must be ≥ 1 (or null: trainer.micro_batch_size samples per micro batch)"]
+    if pack_length is None:
+        return [f"{key} packs rows of trainer.pack_length tokens: set it too, e.g. trainer.pack_length={tokens}"]
+    if pack_length >= 1 and tokens % pack_length:
+        return [f"{key}: must be a multiple of trainer.pack_length={pack_length} (whole rows per micro batch)"]
+    return []
+
+
 def check_config(cfg: DictConfig) -> None:
     """Checks that types cannot express; raises ConfigError naming the key and the allowed values."""
     problems = []
@@ -392,6 +411,7 @@ def check_config(cfg: DictConfig) -> None:
         problems.append("trainer.compile_blocks=true is tested with dist=single only (DeepSpeed hooks every module)")
     if cfg.trainer.pack_length is not None and cfg.trainer.pack_length < 1:
         problems.append(f"trainer.pack_length={cfg.trainer.pack_length}: must be ≥ 1 (or null: no packing)")
+    problems += _budget_problems(cfg.data.get("tokens_per_micro_batch"), cfg.trainer.pack_length)
     if cfg.dist.world_size is not None and cfg.dist.world_size < 1:
         problems.append(f"dist.world_size={cfg.dist.world_size}: must be ≥ 1 (or null)")
     if cfg.trainer.gpu_memory_gb <= 0:

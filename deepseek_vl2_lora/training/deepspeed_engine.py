@@ -27,9 +27,13 @@ DEEPSPEED_TAG = "deepspeed"  # DeepSpeed's checkpoint files go to <checkpoint>/d
 DEEPSPEED_CONFIG_DIR = CONFIG_DIR / "deepspeed"
 
 
-def deepspeed_config(dist_cfg, trainer_cfg, optim_cfg, precision: str, world_size: int) -> dict:
-    """The DeepSpeed JSON for this run: `dist.deepspeed_config` (default `deepseek_vl2_lora/configs/deepspeed/
-    <kind>.json`) with its batch, accumulation, clipping, precision and ZeRO-stage fields taken from the Hydra config.
+def deepspeed_config(
+    dist_cfg, trainer_cfg, optim_cfg, precision: str, world_size: int, micro_batch: int | None = None
+) -> dict:
+    """The DeepSpeed JSON for this run: `dist.deepspeed_config` (default
+    `deepseek_vl2_lora/configs/deepspeed/<kind>.json`) with its
+    batch, accumulation, clipping, precision and ZeRO-stage fields taken from the Hydra config (`micro_batch`: the
+    micro batch per rank when not trainer.micro_batch_size, e.g. the packed rows of data.tokens_per_micro_batch).
 
     A field may be "auto" or absent (filled in) or equal to what the Hydra config says; a different value is an
     error, so the Hydra config stays the one source of truth. The optimizer and lr schedule are ours (`optim.*`):
@@ -55,9 +59,12 @@ def deepspeed_config(dist_cfg, trainer_cfg, optim_cfg, precision: str, world_siz
             problems.append(f'"{key}": {current!r}, but {source} gives {value!r} (use "auto")')
 
     tc = trainer_cfg
-    fill(cfg, "train_micro_batch_size_per_gpu", tc.micro_batch_size, "trainer.micro_batch_size")
+    micro, source = tc.micro_batch_size, "trainer.micro_batch_size"
+    if micro_batch is not None:
+        micro, source = micro_batch, "data.tokens_per_micro_batch / trainer.pack_length (packed rows)"
+    fill(cfg, "train_micro_batch_size_per_gpu", micro, source)
     fill(cfg, "gradient_accumulation_steps", tc.grad_accum, "trainer.grad_accum")
-    global_batch = tc.micro_batch_size * tc.grad_accum * world_size
+    global_batch = micro * tc.grad_accum * world_size
     fill(cfg, "train_batch_size", global_batch, f"micro batch × grad_accum × {world_size} ranks")
     fill(cfg, "gradient_clipping", float(optim_cfg.grad_clip), "optim.grad_clip")
     fill(cfg.setdefault("bf16", {}), "enabled", precision == "bf16", f"trainer.precision ({precision})")

@@ -151,6 +151,7 @@ def build_engine(
     env: DistEnv,
     trainer_cfg=None,
     precision="fp32",
+    micro_batch: int | None = None,
 ):
     if dist_cfg.kind == "single":
         if env.world_size > 1:
@@ -166,6 +167,6 @@ def build_engine(
         import_deepspeed(dist_cfg.kind, device)
         if trainer_cfg is None:
             raise EngineError(f"dist={dist_cfg.kind}: build_engine needs the trainer config for DeepSpeed's JSON")
-        ds_config = deepspeed_config(dist_cfg, trainer_cfg, optim_cfg, precision, env.world_size)
+        ds_config = deepspeed_config(dist_cfg, trainer_cfg, optim_cfg, precision, env.world_size, micro_batch)
         return DeepSpeedEngine(model, param_groups, optim_cfg, max_steps, env, ds_config, dist_cfg.kind)
     raise EngineError(f"dist.kind={dist_cfg.kind!r}: expected single, zero2 or zero3")

@@ -8,11 +8,13 @@
     finish    run.py's `_finish`: final eval, trained state (adapter + trained tensors), summary.json
 
 Several ranks (DeepSpeed): every rank runs this same function on its own slice of each global batch
-(data.sampling.batch_stream); each rank's LM loss is weighted by its share of the global micro batch's supervised
-tokens, so the gradient DeepSpeed averages over ranks is the one-process gradient of micro batch × world size
-(the MoE aux loss too with dist.global_padding=true: see _sync_micro_batch).
-Every rank evaluates (ZeRO-3 needs all ranks in each forward); rank 0 alone writes metrics, W&B, reports and
-trained/; each rank logs to logs/rank{R}.log.
+(data.sampling.batch_stream, or its rows of a token-budget micro batch: data.budget); each rank's LM loss is
+weighted by its share of the global micro batch's supervised tokens, so the gradient DeepSpeed averages over ranks
+is the one-process gradient of micro batch × world size (the MoE aux loss too with dist.global_padding=true: see
+_sync_micro_batch).
+Evaluation is split across the ranks, each scoring a slice of the eval split and of every benchmark, with the
+results gathered (evaluation/ranks.py: the same metrics as one process; under ZeRO-3 every rank runs every
+forward); rank 0 alone writes metrics, W&B, reports and trained/; each rank logs to logs/rank{R}.log.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ..data import CollateItems, SkipBadSamples, unwrap_batch
 from ..data.packing import sample_lengths
 from ..data.processor import SampleError
-from ..data.sampling import batch_stream, batches_per_epoch
 from ..evaluation.benchmarks import BenchmarkError
 from ..model.deepseek_vl2 import IGNORE_INDEX
 from ..model.processor_config import ProcessorConfigError
@@ -246,20 +247,18 @@ def train(cfg, run_dir: str | Path) -> TrainResult:
 
 
 def _train_stream(run: _Run):
-    """(epoch, global batch index, collated micro batch) from the run's data position on; a sample gone bad since
-    validation is replaced (skip) or comes back as one error line (`SkipBadSamples`)."""
-    cfg, env = run.cfg, run.env
-    return batch_stream(
-        SkipBadSamples(run.data.train_set, cfg.data.on_bad_sample),
-        CollateItems(run.data.collator, cfg.data.on_bad_sample),
-        cfg.trainer.micro_batch_size,
-        cfg.seed,
+    """(epoch, global batch index, collated micro batch) from the run's data position on (`batching.Batching`); a
+    sample gone bad since validation is replaced, or left out of its packed row (skip), or comes back as one error
+    line (`SkipBadSamples`)."""
+    cfg, data = run.cfg, run.data
+    return data.batching.stream(
+        SkipBadSamples(data.train_set, cfg.data.on_bad_sample),
+        CollateItems(data.collator, cfg.data.on_bad_sample),
         run.state.epoch,
         run.state.batch,
         num_workers=cfg.data.num_workers,
         pin_memory=run.device.type == "cuda",
-        rank=env.rank,
-        world_size=env.world_size,
+        rank=run.env.rank,
     )
 
 
@@ -276,7 +275,7 @@ def _train_step(run: _Run, stream, fault) -> tuple[_StepStats, dict]:
         skipped_before = sum(train_report.skipped_at_train.values())
         batch = unwrap_batch(collated, train_report, source_reports)
         bad += sum(train_report.skipped_at_train.values()) - skipped_before
-        state.advance(epoch, index)
+        state.advance(epoch, index, data.batching.per_epoch(epoch))
         batch, weight = _sync_micro_batch(engine, env, batch, cfg.dist.global_padding, data.processor.pad_id)
         # Counted on the host batch, once: no device sync for them after the step.
         lengths = sample_lengths(batch)
@@ -346,7 +345,6 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preempt
     if run.rng is not None:
         set_rng_state(run.rng)  # last, so nothing in setup shifts the restored streams
     stream = _train_stream(run)
-    per_epoch = batches_per_epoch(len(run.data.train_set), tc.micro_batch_size * env.world_size)
     fault = _injected_fault(env)
     bar = tqdm(total=run.max_steps, initial=state.step, desc="train", disable=not (tc.progress_bar and env.is_main))
     last_checkpoint = run.resume_from
@@ -360,6 +358,7 @@ def _train(cfg, run_dir: Path, env: DistEnv, device: torch.device, stop: Preempt
             if fault == (state.step + 1, "raise"):
                 raise RuntimeError(f"injected failure ({FAULT_ENV}) on rank {env.rank} at step {state.step + 1}")
             step, lrs = _train_step(run, stream, fault)
+            per_epoch = run.data.batching.per_epoch(state.epoch)
             _log_step(run.metrics, state, cfg, run.max_steps, per_epoch, step, lrs, run.peak, device)
             bar.update(1)
             bar.set_postfix(loss=f"{step.lm_loss:.4f}", lr=f"{lrs[next(iter(lrs))]:.2e}", refresh=False)

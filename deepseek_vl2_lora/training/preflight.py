@@ -32,7 +32,7 @@ from .. import REPO_ROOT
 from ..data import DataReport, EvalDataset, Mixture, SFTDataset
 from ..data.images import DEFAULT_MAX_IMAGE_PIXELS
 from ..data.mixture import source_names
-from ..data.processor import DeepseekVL2Processor, one_line
+from ..data.processor import DeepseekVL2Processor, SampleError, one_line
 from ..model.checkpoint import CONFIG_NAME, check_keys, official_shapes, weight_files
 from ..model.config import VL2Config
 from ..model.tiny import ensure_tiny_checkpoint
@@ -68,13 +68,22 @@ def preflight(cfg, run_dir: Path, env: DistEnv | None = None) -> Preflight:
     if cfg.data.eval_path:  # a wrong path is reported before the training set is validated
         resolve_data_file(cfg.data.eval_path, "data.eval_path")
     resume_from = check_resume(cfg.trainer.resume, run_dir, cfg.dist.kind, env)
-    if specs is None:
-        train_set = SFTDataset(
-            train_file, overlong=cfg.data.overlong, split=cfg.data.train_split, **dataset_options(cfg.data, processor)
-        )
-        reports = {"train": train_set.report}
-    else:
-        train_set, reports = train_mixture(cfg.data, processor, specs)
+    max_length = train_max_length(cfg.data, cfg.trainer)
+    try:
+        if specs is None:
+            options = {**dataset_options(cfg.data, processor), "max_length": max_length}
+            train_set = SFTDataset(train_file, overlong=cfg.data.overlong, split=cfg.data.train_split, **options)
+            reports = {"train": train_set.report}
+        else:
+            train_set, reports = train_mixture(cfg.data, processor, specs, max_length)
+    except SampleError as e:
+        if e.reason != "overlong" or max_length == cfg.data.max_length:
+            raise
+        raise SampleError(
+            e.reason, f"{e.message}: longer than a row of trainer.pack_length={max_length}, which "
+            f"data.tokens_per_micro_batch packs; raise trainer.pack_length or set data.overlong=skip (or truncate)",
+            e.location,
+        ) from None  # fmt: skip
     loss_set = gen_set = None
     if cfg.data.eval_path:
         loss_set, gen_set = eval_datasets(cfg.data, processor)
@@ -98,6 +107,14 @@ def dataset_options(data_cfg, processor: DeepseekVL2Processor) -> dict:
     )
 
 
+def train_max_length(data_cfg, trainer_cfg) -> int | None:
+    """The longest training sample: data.max_length, or with token-budget batching (data.tokens_per_micro_batch)
+    at most a row (trainer.pack_length): a longer sample is over-long, data.overlong decides."""
+    if not data_cfg.get("tokens_per_micro_batch") or trainer_cfg.pack_length is None:
+        return data_cfg.max_length
+    return min(data_cfg.max_length or trainer_cfg.pack_length, trainer_cfg.pack_length)
+
+
 def mixture_specs(data_cfg) -> list[dict] | None:
     """data.train as plain dicts ({path, weight, name, ...}; a bare path: weight 1), paths resolved and names
     filled in; None: unset."""
@@ -112,13 +129,13 @@ def mixture_specs(data_cfg) -> list[dict] | None:
 
 
 def train_mixture(
-    data_cfg, processor: DeepseekVL2Processor, specs: list[dict]
+    data_cfg, processor: DeepseekVL2Processor, specs: list[dict], max_length: int | None
 ) -> tuple[Mixture, dict[str, DataReport]]:
     """The sources of data.train validated and mixed (`data/mixture.py`); reports: `train` (all sources) and
-    `train/<name>` per source, with its sampling."""
+    `train/<name>` per source, with its sampling. `max_length`: the longest sample (`train_max_length`)."""
     datasets, reports = [], {}
     for i, spec in enumerate(specs):
-        options = dataset_options(data_cfg, processor)
+        options = {**dataset_options(data_cfg, processor), "max_length": max_length}
         if spec.get("image_root"):
             options["image_root"] = resolve_data_file(spec["image_root"], f"data.train[{i}].image_root")
         if spec.get("columns") is not None:

@@ -31,9 +31,11 @@ from ..data.collate import Collator
 from ..data.processor import DeepseekVL2Processor
 from ..evaluation.benchmarks import BenchmarkSuite, parse_specs
 from ..evaluation.eval_set import evaluate
+from ..evaluation.ranks import EvalRanks
 from ..model.deepseek_vl2 import DeepseekVL2ForCausalLM
 from ..policy.adapters import save_trained_state
 from ..policy.groups import optimizer_param_groups
+from .batching import Batching
 from .config import ConfigError
 from .dist_env import DistEnv
 from .engine import build_engine
@@ -53,7 +55,6 @@ from .train_state import (
     save_checkpoint,
     seed_everything,
     step_dir_name,
-    total_steps,
 )
 
 log = logging.getLogger(__name__)
@@ -177,10 +178,11 @@ class _Data:
     gen_set: EvalDataset | None  # the eval split, for generation
     reports: dict
     collator: Collator
+    batching: Batching  # micro batches of samples, or a token budget
 
 
 def _setup_data(cfg, model, pre: Preflight, env: DistEnv) -> _Data:
-    """The processor, the training and eval sets (validated by preflight) and the training collator."""
+    """The processor, the training and eval sets (validated by preflight), the batching and the collator."""
     tc = cfg.trainer
     processor, train_set, reports = pre.processor, pre.train_set, pre.reports
     if cfg.data.train_limit is not None:
@@ -189,11 +191,8 @@ def _setup_data(cfg, model, pre: Preflight, env: DistEnv) -> _Data:
     for name, data_report in reports.items():
         if data_report.num_skipped:
             log.warning("%s data: %s", name, data_report)
-    if len(train_set) < tc.micro_batch_size * env.world_size:
-        raise ConfigError(
-            f"the training set has {len(train_set)} usable samples, fewer than trainer.micro_batch_size="
-            f"{tc.micro_batch_size} × {env.world_size} rank(s)"
-        )
+    batching = Batching(cfg.data, tc, train_set, env.world_size, cfg.seed)
+    batching.check()
     if tc.vision_feature_cache:
         if model._vision_side_trainable():
             raise ConfigError("trainer.vision_feature_cache needs the vision tower and projector frozen by the policy")
@@ -205,15 +204,16 @@ def _setup_data(cfg, model, pre: Preflight, env: DistEnv) -> _Data:
         tile_keys=model.feature_cache is not None,
         pack_length=tc.pack_length,
     )
-    return _Data(processor, train_set, loss_set, gen_set, reports, collator)
+    return _Data(processor, train_set, loss_set, gen_set, reports, collator, batching)
 
 
-def _plan_steps(cfg, num_samples: int, env: DistEnv, reports: dict, run_dir: Path) -> int:
+def _plan_steps(cfg, batching: Batching, reports: dict, run_dir: Path) -> int:
     """The run's optimizer steps (trainer.max_steps, or trainer.epochs over the data); logs the run dir, the data
-    per split and source (layout, records, placeholders added) and the step plan."""
+    per split and source (layout, records, placeholders added) and the step plan; puts the packing per epoch
+    (token-budget batching) into the train report."""
     tc = cfg.trainer
-    per_step = tc.micro_batch_size * env.world_size * tc.grad_accum
-    steps = total_steps(tc.max_steps, tc.epochs, num_samples, tc.micro_batch_size * env.world_size, tc.grad_accum)
+    steps = batching.total_steps(tc.max_steps, tc.epochs, tc.grad_accum)
+    reports["train"].packing = batching.packing_report(steps, tc.grad_accum)
     log.info("run dir: %s", run_dir)
     limits = {"train": (cfg.data.train_limit, "data.train_limit"), "eval": (cfg.data.eval_limit, "data.eval_limit")}
     for name, data_report in reports.items():  # (a mixture: train, then train/<name> per source, with its sampling)
@@ -223,27 +223,19 @@ def _plan_steps(cfg, num_samples: int, env: DistEnv, reports: dict, run_dir: Pat
     rule = f"trainer.epochs={tc.epochs}" if tc.epochs is not None else f"trainer.max_steps={tc.max_steps}"
     if tc.epochs is not None and tc.max_steps is not None:
         rule += f" (trainer.max_steps={tc.max_steps} ignored)"
-    log.info(
-        "steps: %d by %s, %.2f epochs of %d samples, %d samples per step (micro batch %d × grad accum %d × %d rank(s))",
-        steps,
-        rule,
-        steps * per_step / num_samples,
-        num_samples,
-        per_step,
-        tc.micro_batch_size,
-        tc.grad_accum,
-        env.world_size,
-    )
+    log.info("steps: %d by %s, %s", steps, rule, batching.describe(steps, tc.grad_accum))
     return steps
 
 
 def _resume_or_start(
-    cfg, run_dir: Path, env: DistEnv, engine, num_samples: int, checked: Path | None = None, mixture=None
+    cfg, run_dir: Path, env: DistEnv, engine, batching: Batching, checked: Path | None = None, mixture=None
 ):
     """(train state, checkpoint resumed from or None, its RNG state or None) as `trainer.resume` says; `checked`:
     the checkpoint preflight found (and verified) for an explicit path; `mixture`: the training mixture's
-    signature (its order depends on it; kept in the state's extra), None for one source."""
+    signature (its order depends on it; kept in the state's extra), None for one source; a token budget's plan
+    signature is kept there too (`budget`)."""
     tc = cfg.trainer
+    num_samples, budget = batching.num_samples, batching.signature()
     init_from = init_from_dir(cfg.model)
     extra = {"mixture": mixture} if mixture is not None else {}
     if init_from is not None:
@@ -254,7 +246,7 @@ def _resume_or_start(
         seed=cfg.seed,
         world_size=env.world_size,
         dist=cfg.dist.kind,
-        extra=extra,
+        extra={**extra, "budget": budget} if budget is not None else extra,
     )
     if env.is_main:
         clean_temporary(run_dir)
@@ -279,6 +271,11 @@ def _resume_or_start(
             raise ResumeError(
                 f"{resume_from}: its data order is for the mixture {state.extra.get('mixture')}; this run's is "
                 f"{mixture}. Resume with the same data.train (sources, limits and weights)."
+            )
+        if state.extra.get("budget") != budget:
+            raise ResumeError(
+                f"{resume_from}: its data position is for the token budget {state.extra.get('budget')}; this run's "
+                f"is {budget}. Resume with the same data, data.tokens_per_micro_batch and trainer.pack_length."
             )
         log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, state.step, state.epoch, state.batch)
     elif tc.resume == "auto":
@@ -312,7 +309,8 @@ class _Run:
     t_start: float
 
     def evaluate_and_log(self, tag: str) -> dict:
-        """Eval split and benchmarks: logged, predictions written (rank 0); every rank calls it."""
+        """Eval split and benchmarks, split across the ranks: logged, predictions written (rank 0); every rank
+        calls it and gets the metrics."""
         state = self.state
         result = self.run_eval()
         out = {**result.metrics(), **self.benchmarks(self.model, state.step, tag)}
@@ -354,6 +352,7 @@ def _start(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> _Run:
     model, model_dir, report, flop_model = _setup_model(cfg, device, env, precision)
     data = _setup_data(cfg, model, pre, env)
     processor, train_set = data.processor, data.train_set
+    ranks = EvalRanks(env.rank, env.world_size, zero3=cfg.dist.kind == "zero3")  # each rank scores a slice
     run_eval = partial(
         evaluate,
         model,
@@ -366,6 +365,7 @@ def _start(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> _Run:
         limit=cfg.data.eval_limit,
         autocast=autocast,
         on_bad_sample=cfg.data.on_bad_sample,
+        ranks=ranks,
     )
     benchmarks = BenchmarkSuite(  # loaded and checked now; baseline cached per model (one process only)
         parse_specs(tc.eval_benchmarks),
@@ -377,16 +377,17 @@ def _start(cfg, run_dir: Path, env: DistEnv, device: torch.device) -> _Run:
         # cached per base model; a run from model.init_from does not start from the base: no cache
         baseline_key=(model_dir, {"precision": precision}) if env.world_size == 1 and not cfg.model.init_from else None,
         out_dir=run_dir / "eval" if env.is_main else None,
+        ranks=ranks,
     )
 
     # -- step plan, optimizer, schedule, engine -----------------------------------------------------------
-    max_steps = _plan_steps(cfg, len(train_set), env, data.reports, run_dir)
+    max_steps = _plan_steps(cfg, data.batching, data.reports, run_dir)
     param_groups = optimizer_param_groups(model, cfg.policy, lr=oc.lr, weight_decay=oc.weight_decay)
-    engine = build_engine(cfg.dist, model, param_groups, oc, max_steps, env, tc, precision)
+    engine = build_engine(cfg.dist, model, param_groups, oc, max_steps, env, tc, precision, data.batching.micro_batch)
 
     # -- resume -------------------------------------------------------------------------------------------
     mixture = train_set.signature() if isinstance(train_set, Mixture) else None
-    state, resume_from, rng = _resume_or_start(cfg, run_dir, env, engine, len(train_set), pre.resume_from, mixture)
+    state, resume_from, rng = _resume_or_start(cfg, run_dir, env, engine, data.batching, pre.resume_from, mixture)
 
     # -- run-dir files, loggers -----------------------------------------------------------------------------
     wandb_run = None

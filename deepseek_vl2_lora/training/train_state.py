@@ -32,7 +32,9 @@ batch is dropped); rank r takes the interleaved slice `global_batch[r::world_siz
 see exactly the samples of 1 rank × micro batch 2m, the data position (epoch, batch) counts global batches and is
 the whole sampler state, and a resumed run sees exactly the batches the uninterrupted run would have seen. A
 mixture of sources (`data.train`, `data/mixture.py`) replaces the randperm by its own order, also a function of
-(seed, epoch) only.
+(seed, epoch) only. Token-budget batching (`data.tokens_per_micro_batch`, `data/budget.py`) bins that order into
+packed rows; the position then counts its global micro batches, and the state's `extra["budget"]` records what
+the bins depend on (row length, rows per global micro batch, the sample lengths' digest).
 """
 
 from __future__ import annotations
@@ -72,12 +74,16 @@ class ResumeError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------- step count
-def total_steps(max_steps: int | None, epochs: int | None, num_samples: int, global_batch: int, grad_accum: int) -> int:
+def total_steps(
+    max_steps: int | None, epochs: int | None, num_samples: int, global_batch: int, grad_accum: int, per_epoch=None
+) -> int:
     """The run's optimizer steps: `max_steps`, or with `epochs` set (it wins) ceil(epochs × batches per epoch /
-    grad_accum), batches of `global_batch` = micro batch × ranks. A function of the config and the data size only,
-    so a resumed run computes the same number."""
+    grad_accum), batches of `global_batch` = micro batch × ranks, or `per_epoch(e)` batches in epoch e (token-budget
+    batching: its bin plan). A function of the config and the data only, so a resumed run computes the same number."""
     if epochs is None:
         return int(max_steps)
+    if per_epoch is not None:
+        return max(1, math.ceil(sum(per_epoch(e) for e in range(epochs)) / grad_accum))
     return max(1, math.ceil(epochs * batches_per_epoch(num_samples, global_batch) / grad_accum))
 
 
@@ -101,10 +107,13 @@ class TrainState:
     eval_before: dict | None = None  # the untrained model's eval, to report the gain after a resume
     extra: dict = field(default_factory=dict)
 
-    def advance(self, epoch: int, index: int) -> None:
-        """Record that batch `index` of `epoch` was consumed."""
+    def advance(self, epoch: int, index: int, per_epoch: int | None = None) -> None:
+        """Record that batch `index` of `epoch` was consumed (`per_epoch`: the epoch's batches, when not
+        num_samples // (batch_size × world_size): token-budget batching)."""
         self.epoch, self.batch = epoch, index + 1
-        if self.batch >= batches_per_epoch(self.num_samples, self.batch_size * self.world_size):
+        if per_epoch is None:
+            per_epoch = batches_per_epoch(self.num_samples, self.batch_size * self.world_size)
+        if self.batch >= per_epoch:
             self.epoch, self.batch = epoch + 1, 0
 
 

@@ -23,6 +23,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..ranks import EvalRanks
 from .formats import Benchmark, Question, load_benchmark
 from .prompts import mcq_prompt, rotate_options, user_message, vqa_prompt
 from .scoring import extract_choice, score_open
@@ -110,8 +111,10 @@ def run_benchmark(
     batch_size: int,
     max_new_tokens: int,
     autocast=nullcontext,
+    ranks: EvalRanks | None = None,
 ) -> BenchmarkResult:
-    """Generate greedily for every question (every rotation) of `bench` and score the replies."""
+    """Generate greedily for every question (every rotation) of `bench` and score the replies. `ranks`: the
+    generation split across ranks (`evaluation.ranks`), every rank scoring all the replies."""
     from ..eval_set import generate_replies  # torch-heavy: only when evaluating
 
     asks = build_asks(bench)
@@ -120,12 +123,12 @@ def run_benchmark(
         images = asks[k].question.load_images()
         return processor.encode(user_message(asks[k].prompt, len(images)), images, generation=True)
 
-    was_training = model.training
-    model.eval()
+    ranks = ranks or EvalRanks()
     predictions = []
-    try:
+    with ranks.evaluating(model):
         max_new = bench.max_new_tokens or max_new_tokens
-        for k, reply in generate_replies(model, processor, encode, len(asks), batch_size, max_new, device, autocast):
+        replies = generate_replies(model, processor, encode, len(asks), batch_size, max_new, device, autocast, ranks)
+        for k, reply in replies:
             a = asks[k]
             q = a.question
             if a.options:
@@ -149,8 +152,6 @@ def run_benchmark(
                     "score": score,
                 }
             )
-    finally:
-        model.train(was_training)
     return BenchmarkResult(bench.name, bench.task, str(bench.path), bench.circular, aggregate(predictions), predictions)
 
 
@@ -222,7 +223,7 @@ class BenchmarkSuite:
     `specs`: BenchmarkSpecs (or Benchmarks already loaded). `suite(model, step, tag)` runs them all and returns their
     metrics; with tag "before" the untrained baseline is read from the cache when there (`baseline_key`: (model dir,
     settings); None: no cache, e.g. with several ranks, which must all take the same path). Predictions go to
-    <out_dir>/<name>/step_XXXXXXXX.jsonl (None: not written).
+    <out_dir>/<name>/step_XXXXXXXX.jsonl (None: not written). `ranks`: each benchmark split across ranks.
     """
 
     def __init__(
@@ -236,7 +237,9 @@ class BenchmarkSuite:
         baseline_key: tuple | None = None,
         out_dir: str | Path | None = None,
         cache: BaselineCache | None = None,
+        ranks: EvalRanks | None = None,
     ):
+        self.ranks = ranks or EvalRanks()
         self.benchmarks = [s if isinstance(s, Benchmark) else load_benchmark(s) for s in specs]
         self.processor = processor
         self.device = device
@@ -260,7 +263,7 @@ class BenchmarkSuite:
             if cached is not None:
                 return cached
         result = run_benchmark(
-            model, self.processor, bench, self.device, self.batch_size, self.max_new_tokens, self.autocast
+            model, self.processor, bench, self.device, self.batch_size, self.max_new_tokens, self.autocast, self.ranks
         )
         if key is not None:
             self.cache.put(key, result)
