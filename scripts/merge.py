@@ -7,6 +7,7 @@ Without BASE_CHECKPOINT_DIR the base is the adapter's base_model_name_or_path (t
 """
 
 import argparse
+import logging
 import sys
 
 import torch
@@ -27,6 +28,7 @@ def main() -> None:
     if len(args.paths) not in (2, 3):
         ap.error("expected [BASE] TRAINED OUT")
     base, trained, out = [None, *args.paths][-3:]
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # says which base weights the merge uses
     try:
         print(merge_checkpoint(base, trained, out, getattr(torch, args.dtype) if args.dtype else None))
     except (FileNotFoundError, ValueError) as e:

@@ -153,6 +153,11 @@ def resolve_trained_model(path: str | Path) -> tuple[Path, Path | None]:
     return Path(base), trained
 
 
+def trained_policy(trained_dir: str | Path) -> dict:
+    """The policy a trained-state directory (or its run dir) was trained with."""
+    return json.loads((resolve_trained_dir(trained_dir) / POLICY_FILE).read_text())
+
+
 def read_trained_state(trained_dir: str | Path) -> tuple[dict, dict]:
     """(LoRA tensors under PEFT's names without the PeftModel prefix, fully trained tensors by parameter name) of a
     trained-state directory, in this format or the previous one (LoRA keys without prefix, everything trained in
@@ -185,7 +190,7 @@ def load_trained_state(
     casts the policy's trainable parameters before the saved values are copied in, so they are not rounded to
     the storage dtype."""
     trained_dir = resolve_trained_dir(trained_dir)
-    report = apply_policy(model, json.loads((trained_dir / POLICY_FILE).read_text()))
+    report = apply_policy(model, trained_policy(trained_dir))
     if trainable_dtype is not None:
         for p in model.parameters():
             if p.requires_grad and p.dtype != trainable_dtype:
