@@ -16,9 +16,10 @@ Entry points: train.py, `python -m deepseek_vl2_lora.eval|data|manifest`, script
 import importlib
 from pathlib import Path
 
-from ._compat import ensure_torchvision_importable
+from ._compat import ensure_torchvision_importable, keep_bitsandbytes_off_the_hub
 
 ensure_torchvision_importable()
+keep_bitsandbytes_off_the_hub()
 
 __version__ = "0.1.0"
 

@@ -84,9 +84,13 @@ def merge(argv: list[str] | None = None) -> int:
         ap.error("expected [BASE] TRAINED OUT")
     base, trained, out = [None, *args.paths][-3:]
 
+    import logging
+
     import torch
 
     from .policy.merge import merge_checkpoint
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # says which base weights the merge uses
 
     try:
         dtype = getattr(torch, args.dtype) if args.dtype else None

@@ -152,9 +152,11 @@ def _loaded(cfg, trained_dir, device):
     import torch
 
     from .data.processor import DeepseekVL2Processor
-    from .policy.adapters import load_trained_state
+    from .model.config import VL2Config
+    from .policy.adapters import load_trained_state, trained_policy
     from .training.config import check_config
     from .training.dist_env import DistEnv, resolve_device
+    from .training.preflight import resolve_model_dir
     from .training.run import load_model
     from .training.step import autocast_for, resolve_precision
 
@@ -165,7 +167,10 @@ def _loaded(cfg, trained_dir, device):
         torch.set_num_threads(cfg.trainer.cpu_threads)
     try:
         precision = resolve_precision(cfg.trainer.precision, dev)
-        model, model_dir = load_model(cfg.model, precision, dev)
+        # A quantized base (model.quantize) keeps what the trained state's policy trains in full unquantized.
+        config = VL2Config.from_file(resolve_model_dir(cfg.model) / "config.json")
+        policy = trained_policy(trained_dir, config) if trained_dir is not None else cfg.policy
+        model, model_dir = load_model(cfg.model, precision, dev, policy)
         report = None
         if trained_dir is not None:
             # Trainable weights in fp32, as the training loop keeps them (its final eval ran on those).

@@ -3,8 +3,11 @@ recompute, per GPU for one GPU, ZeRO-2 × 8 and ZeRO-3 × 8, at 4096 tokens per 
 
     python scripts/memory_table.py > table.md          # about 10 minutes on 2 CPU cores, no GPU, no weights
     python scripts/memory_table.py --models deepseek-vl2-tiny --micro-batches 1
+    python scripts/memory_table.py --quantize nf4 --micro-batches 1   # the 4-bit frozen base (model.quantize)
 
 Each cell is the predicted peak in GiB and, in brackets, the smallest of 24 / 40 / 80 GB cards it fits (— none).
+With `--quantize`, policies that train a quantized group in full (full_lm) are left out, and ZeRO-3 (which does not
+shard quantized weights) is n/a.
 """
 
 import argparse
@@ -41,20 +44,23 @@ def main() -> None:
     ap.add_argument("--micro-batches", nargs="+", type=int, default=[1, 4])
     ap.add_argument("--length", type=int, default=4096)
     ap.add_argument("--ranks", type=int, default=8)
+    ap.add_argument("--quantize", default="none", choices=["none", "nf4", "int8"])
     args = ap.parse_args()
     print(f"| model | policy | micro batch | recompute | 1 GPU | ZeRO-2 ×{args.ranks} | ZeRO-3 ×{args.ranks} |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     t0 = time.perf_counter()
     for model in args.models:
         for policy in [p for p in POLICIES[model] if not args.policies or p in args.policies]:
+            if args.quantize != "none" and policy == "full_lm":
+                continue
             with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
                 overrides = [f"experiment={EXPERIMENT[model]}", f"policy={policy}", f"data.max_length={args.length}"]
-                cfg = as_train_config(compose("train", overrides=overrides))
+                cfg = as_train_config(compose("train", overrides=[*overrides, f"model.quantize={args.quantize}"]))
             planner = Planner(cfg, args.ranks)
             for mb in args.micro_batches:
                 for recompute in (False, True):
                     columns = planner.columns(planner.measure(mb, recompute), offload=False)
-                    cells = " | ".join(cell(c.peak) for c in columns)
+                    cells = " | ".join([cell(c.peak) for c in columns] + ["n/a"] * (3 - len(columns)))
                     print(f"| {model} | {policy} | {mb} | {'on' if recompute else 'off'} | {cells} |", flush=True)
     print(f"\n({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
 

@@ -15,9 +15,11 @@ from hydra import compose, initialize_config_dir
 from torch.profiler import ProfilerActivity, profile
 
 from deepseek_vl2_lora.model import DeepseekVL2ForCausalLM, VL2Config
+from deepseek_vl2_lora.model.quant import quantize_modules_, quantized_weights
 from deepseek_vl2_lora.plan.batch import micro_batch_of, plan_batch
 from deepseek_vl2_lora.plan.fake import assume_routing
 from deepseek_vl2_lora.policy.groups import optimizer_param_groups
+from deepseek_vl2_lora.policy.quantize import keep_unquantized
 from deepseek_vl2_lora.training.config import as_train_config
 from deepseek_vl2_lora.training.dist_env import DistEnv
 from deepseek_vl2_lora.training.engine import SingleProcessEngine
@@ -43,12 +45,18 @@ def write_slice(out_dir: Path, released: str, lm_layers: int = 2, vision_layers:
 
 
 def real_model(vl2_config: VL2Config, cfg, device="cpu", dtype=torch.float32) -> DeepseekVL2ForCausalLM:
-    """Uninitialised real weights (values do not change memory; routing is the plan's assumption)."""
+    """Uninitialised real weights (values do not change memory; routing is the plan's assumption). Under
+    `model.quantize` the quantized storage is zeroed instead (weights 0: finite, and nothing to quantize)."""
     with torch.device("meta"):
         model = DeepseekVL2ForCausalLM(
             vl2_config, attn_implementation=cfg.model.attn_implementation, experts_kernel=cfg.model.experts_kernel
         ).to(dtype)
+        keep = keep_unquantized(cfg.policy, vl2_config.language.use_mla)
+        quantize_modules_(model, cfg.model.quantize, keep, cfg.model.quantize_lm_head)
     model = model.to_empty(device=device)
+    for q in quantized_weights(model).values():
+        for b in q.buffers():
+            b.zero_()
     for m in model.modules():
         if hasattr(m, "reset_inv_freq"):
             m.reset_inv_freq(device=device)

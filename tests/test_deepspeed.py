@@ -228,6 +228,19 @@ def same_eval_before(a: Path, b: Path) -> None:
 
 
 @needs_deepspeed
+@pytest.mark.slow
+def test_zero2_on_a_quantized_base_matches_one_rank(tmp_path, tiny_root):
+    """model.quantize=nf4: the quantized weights are buffers, replicated on every rank (DeepSpeed's bf16/fp32 casts
+    leave their codes and scales alone); training state sharded as usual. Same run as one process."""
+    quantized = "model.quantize=nf4"
+    reference = single(tmp_path / "single", tiny_root, quantized)
+    zero2 = two_ranks(tmp_path / "zero2", tiny_root, "zero2", SAME, quantized)
+    assert_same_curve(curve(reference), curve(zero2))
+    assert_same_trained(reference, zero2, atol=1e-5)
+    assert "quantized base (model.quantize=nf4)" in (tmp_path / "zero2" / "logs" / "rank1.log").read_text()
+
+
+@needs_deepspeed
 def test_zero3_two_ranks_match_one_rank(reference, zero3):
     """ZeRO-3: evaluation split over the ranks (every forward on both: rank 1 runs a padding batch) gives the
     one-process predictions and metrics."""

@@ -86,6 +86,20 @@ def test_plan_peak_equals_the_real_step_on_tiny_models(case, recompute):
     assert planned == pytest.approx(real, rel=0.05)
 
 
+QUANTIZED_TINY_CASES = [  # a 4-bit frozen base: trained MLA paths in full (fp32), LoRA over quantized q/k/v/o (bf16)
+    ("model.tiny_family=full-noaux", "policy=mla_lowrank", "trainer.gradient_checkpointing=false"),
+    ("model.tiny_family=tiny-mha", "policy=mha_lora", "trainer.precision=bf16", "model.dtype=bfloat16",
+     "trainer.gradient_checkpointing=true"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", QUANTIZED_TINY_CASES, ids=lambda c: "-".join(o.split("=")[1] for o in c[:2]))
+def test_plan_peak_equals_the_real_step_on_quantized_tiny_models(case):
+    common = ("trainer.micro_batch_size=3", "data.max_length=256", "plan.image_tiles=[2,1]")
+    planned, real = _plan_and_real(*case, *common, "model.quantize=nf4")
+    assert planned == pytest.approx(real, rel=0.05)
+
+
 SLICES = [
     ("deepseek-vl2-small", "policy=mla_lowrank", "model.attn_implementation=sdpa"),
     ("deepseek-vl2", "policy=mla_lowrank_lora", "model.attn_implementation=eager"),
@@ -100,6 +114,26 @@ def test_plan_peak_equals_the_real_step_on_a_real_width_slice(tmp_path):
     name, *policy = SLICES[0]
     model_dir = write_slice(tmp_path / name, name)
     planned, real = _plan_and_real(*policy, *SLICE_COMMON, "trainer.gradient_checkpointing=true", model_dir=model_dir)
+    assert planned == pytest.approx(real, rel=0.05)
+
+
+QUANTIZED_SLICES = [  # nf4 at real width: trained MLA paths, LoRA over quantized weights, a quantized lm_head
+    ("deepseek-vl2-small", "policy=mla_lowrank", "model.attn_implementation=sdpa"),
+    ("deepseek-vl2", "policy=mla_lowrank_lora", "model.attn_implementation=sdpa"),
+    ("deepseek-vl2-tiny", "policy=mha_lora", "model.attn_implementation=sdpa", "model.quantize_lm_head=true"),
+]
+
+
+@pytest.mark.slow  # ~1 min each on 2 CPU cores, like the unquantized slice matrix above
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("case", QUANTIZED_SLICES, ids=lambda c: c[0])
+def test_plan_peak_equals_the_real_step_on_quantized_real_width_slices(tmp_path, case, recompute):
+    """The nf4 base at full width, two LM and two vision layers."""
+    name, *policy = case
+    model_dir = write_slice(tmp_path / name, name)
+    planned, real = _plan_and_real(
+        *policy, *SLICE_COMMON, "model.quantize=nf4", f"trainer.gradient_checkpointing={recompute}", model_dir=model_dir
+    )
     assert planned == pytest.approx(real, rel=0.05)
 
 
@@ -328,3 +362,22 @@ def test_full_size_vl2_tiny_trains_one_step_on_the_cpu_within_its_plan(tmp_path)
     assert saved.keys() == loaded.keys()
     for name, b in loaded.items():
         assert torch.equal(saved[name].to(b.dtype), b), name
+
+
+@pytest.mark.slow  # two full-size VL2-Tiny plans, ~1 min on 2 CPU cores
+def test_the_smallest_change_offers_a_4bit_base_before_zero(tmp_path):
+    """VL2-Tiny with recompute at micro batch 1 does not fit 6 GB (bf16 weights alone are 6.3 GiB); nothing before the
+    4-bit base fits, and ZeRO (which also would, at stage 3) comes after it in the search."""
+    overrides = (
+        "experiment=vl2_tiny",
+        "trainer.gradient_checkpointing=true",
+        "trainer.micro_batch_size=1",
+        "trainer.gpu_memory_gb=6",
+        "data.max_length=1536",
+    )
+    plan = dry_run(compose_config(*overrides), tmp_path)
+    assert not plan.fits and plan.change["overrides"] == {"model.quantize": "nf4"}
+    zero3 = next(c for c in plan.columns if c.dist == "zero3")
+    assert zero3.fits  # ZeRO-3 ×8 would fit too: the 4-bit base is offered first
+    again = Planner(compose_config(*overrides, "model.quantize=nf4"), ranks=8).plan()
+    assert again.fits and again.columns[0].peak == plan.change["column"].peak

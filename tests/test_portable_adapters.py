@@ -87,7 +87,7 @@ def test_targets_that_are_part_of_a_group_are_a_one_line_error(tmp_path):
     model = DeepseekVL2ForCausalLM.from_pretrained(ensure_tiny_checkpoint("full-noaux"))
     LoraConfig(r=4, target_modules=["q_a_proj", "o_proj"], modules_to_save=["kv_a_layernorm"]).save_pretrained(tmp_path)
     with pytest.raises(PolicyError) as e:
-        policy_from_adapter(model, tmp_path / ADAPTER_CONFIG)
+        policy_from_adapter(model.config, tmp_path / ADAPTER_CONFIG)
     message = str(e.value)
     assert "\n" not in message and "map onto no policy group" in message
     assert "self_attn.q_a_proj.weight (part of the group q_low_rank)" in message
@@ -95,7 +95,7 @@ def test_targets_that_are_part_of_a_group_are_a_one_line_error(tmp_path):
     assert "o_proj" not in message.replace("adapter targets", "")  # o_proj maps: not named
     LoraConfig(r=4, target_modules=["no_such_module"]).save_pretrained(tmp_path / "none")
     with pytest.raises(PolicyError, match="no_such_module") as e:
-        policy_from_adapter(model, tmp_path / "none" / ADAPTER_CONFIG)
+        policy_from_adapter(model.config, tmp_path / "none" / ADAPTER_CONFIG)
     assert "\n" not in str(e.value)
 
 

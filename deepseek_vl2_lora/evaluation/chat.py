@@ -53,6 +53,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
     ap.add_argument("--attn", default="sdpa")
+    ap.add_argument(
+        "--quantize",
+        choices=["none", "nf4", "int8"],
+        default="none",
+        help="store the frozen language-model weights quantized, as training's model.quantize does",
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     if args.batch and args.prompt:
@@ -67,8 +73,10 @@ class Chat:
 
     def __init__(self, args: argparse.Namespace):
         from ..data.processor import DeepseekVL2Processor
+        from ..model.config import VL2Config
         from ..model.deepseek_vl2 import DeepseekVL2ForCausalLM
-        from ..policy.adapters import load_trained_state, resolve_trained_model
+        from ..policy.adapters import load_trained_state, resolve_trained_model, trained_policy
+        from ..policy.quantize import keep_unquantized
 
         try:
             checkpoint, trained = resolve_trained_model(args.model)
@@ -81,8 +89,12 @@ class Chat:
         self.args = args
         dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
         self.processor = DeepseekVL2Processor.from_pretrained(checkpoint)
+        keep = None  # a quantized base keeps what the trained state trains in full unquantized
+        if args.quantize != "none" and trained is not None:
+            config = VL2Config.from_file(Path(checkpoint) / "config.json")
+            keep = keep_unquantized(trained_policy(trained, config), config.language.use_mla)
         self.model = DeepseekVL2ForCausalLM.from_pretrained(
-            checkpoint, torch_dtype=dtype, attn_implementation=args.attn
+            checkpoint, torch_dtype=dtype, attn_implementation=args.attn, quantize=args.quantize, keep_unquantized=keep
         )
         if trained is not None:
             load_trained_state(self.model, trained)

@@ -2,7 +2,8 @@
 
 Our module tree uses the checkpoint's names everywhere except the routed experts, which we keep stacked:
 `...mlp.experts.gate_proj [E, I, D]` here <-> `...mlp.experts.{e}.gate_proj.weight [I, D]` on disk.
-`to_official` / `from_official` are the only places that know about that difference.
+`to_official` (saving) and `_stream_tensors` (loading) are the only places that know about that difference.
+Under `quantize` (quant.py) the frozen language-model weights are quantized as each tensor is read, shard by shard.
 
 Loading is strict: a missing or unexpected key, or a shape that differs, is an error that names them.
 """
@@ -22,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import VL2Config
+from .quant import quantize_modules_, quantized_weights
 from .shards import DEFAULT_MAX_SHARD_SIZE, INDEX_FILE, SINGLE_FILE, plan_shards, write_index
 
 CONFIG_NAME = "config.json"
@@ -63,23 +65,6 @@ def official_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in to_official(model.state_dict()).items()}
 
 
-def from_official(tensors: dict[str, torch.Tensor], n_experts_by_prefix: dict[str, int]) -> dict[str, torch.Tensor]:
-    """Official tensors -> our state dict (per-expert weights stacked). Consumes `tensors` to bound memory."""
-    groups: dict[tuple[str, str], dict[int, torch.Tensor]] = defaultdict(dict)
-    out = {}
-    for key in list(tensors):
-        m = _PER_EXPERT.match(key)
-        if m:
-            groups[(m.group(1), m.group(3))][int(m.group(2))] = tensors.pop(key)
-        else:
-            out[key] = tensors.pop(key)
-    for (prefix, proj), by_e in groups.items():
-        n = n_experts_by_prefix[prefix]
-        out[f"{prefix}.{proj}"] = torch.stack([by_e[e] for e in range(n)])
-        by_e.clear()
-    return out
-
-
 def weight_files(path: Path) -> list[Path]:
     """The shards the index lists (all must exist), or model.safetensors; errors name the file and the fix."""
     index = path / INDEX_FILE
@@ -103,16 +88,41 @@ def weight_files(path: Path) -> list[Path]:
     )
 
 
-def _read_tensors(files: list[Path], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    tensors = {}
+def _read_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape from the shards' headers (no data read); a key in two shards is an error."""
+    shapes: dict[str, tuple[int, ...]] = {}
     for f in files:
         with safe_open(str(f), framework="pt") as fh:
             for key in fh.keys():
-                if key in tensors:
+                if key in shapes:
                     raise ValueError(f"{f}: key {key} appears in more than one shard")
+                shapes[key] = tuple(fh.get_slice(key).get_shape())
+    return shapes
+
+
+def _stream_tensors(files: list[Path], dtype: torch.dtype, quantized: dict, n_experts: dict) -> dict[str, torch.Tensor]:
+    """Our state dict, read shard by shard and tensor by tensor: a weight in `quantized` (name -> QuantizedTensor) is
+    quantized as it is read (an expert's slice of a stacked one at a time) and not kept; the rest is cast to `dtype`
+    and kept (per-expert weights stacked)."""
+    state: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():
+                m = _PER_EXPERT.match(key)
+                target, index = (f"{m.group(1)}.{m.group(3)}", int(m.group(2))) if m else (key, None)
                 t = fh.get_tensor(key)
-                tensors[key] = t.to(dtype) if t.is_floating_point() else t
-    return tensors
+                if target in quantized:
+                    quantized[target].store_(t, index)
+                    continue
+                t = t.to(dtype) if t.is_floating_point() else t
+                if index is None:
+                    state[key] = t
+                else:
+                    experts[target][index] = t
+    for target, by_e in experts.items():
+        state[target] = torch.stack([by_e.pop(e) for e in range(n_experts[target])])
+    return state
 
 
 def _list(keys, limit=20) -> str:
@@ -121,7 +131,10 @@ def _list(keys, limit=20) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def check_keys(path: Path, expected: dict[str, tuple], found: dict[str, torch.Tensor]) -> None:
+def check_keys(path: Path, expected: dict[str, tuple], found: dict[str, tuple]) -> None:
+    """`found`: key -> shape (or anything with a .shape) of the checkpoint's tensors, against the model's
+    official `expected`."""
+    found = {k: tuple(getattr(v, "shape", v)) for k, v in found.items()}
     missing = expected.keys() - found.keys()
     unexpected = found.keys() - expected.keys()
     problems = []
@@ -130,9 +143,9 @@ def check_keys(path: Path, expected: dict[str, tuple], found: dict[str, torch.Te
     if unexpected:
         problems.append(f"unexpected keys ({len(unexpected)}): {_list(unexpected)}")
     bad = [
-        f"{k}: checkpoint {tuple(found[k].shape)} vs model {expected[k]}"
+        f"{k}: checkpoint {found[k]} vs model {expected[k]}"
         for k in sorted(expected.keys() & found.keys())
-        if tuple(found[k].shape) != expected[k]
+        if found[k] != expected[k]
     ]
     if bad:
         problems.append(f"shape mismatches ({len(bad)}): " + "; ".join(bad[:20]))
@@ -143,19 +156,35 @@ def check_keys(path: Path, expected: dict[str, tuple], found: dict[str, torch.Te
         raise ValueError(f"{path}: checkpoint does not match its config.json: " + " | ".join(problems) + hint)
 
 
-def load_pretrained(cls, path: Path, torch_dtype, attn_implementation, experts_kernel, device):
+def load_pretrained(
+    cls,
+    path: Path,
+    torch_dtype,
+    attn_implementation,
+    experts_kernel,
+    device,
+    quantize="none",
+    quantize_lm_head=False,
+    keep_unquantized=None,
+):
+    """The model of checkpoint dir `path`; see DeepseekVL2ForCausalLM.from_pretrained. Keys and shapes are checked
+    from the shards' headers before any weight is read."""
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a directory; pass a local DeepSeek-VL2 checkpoint directory")
     config = VL2Config.from_file(path / CONFIG_NAME)
     files = weight_files(path)
     with torch.device("meta"):  # no time or memory spent on an init that the weights replace
         model = cls(config, attn_implementation=attn_implementation, experts_kernel=experts_kernel)
-    expected = official_shapes(model)
-    tensors = _read_tensors(files, torch_dtype)
-    check_keys(path, expected, tensors)
+    check_keys(path, official_shapes(model), _read_shapes(files))
     n_experts = {name.rsplit(".", 1)[0]: p.shape[0] for name, p in model.state_dict().items() if _STACKED.match(name)}
-    state = from_official(tensors, n_experts)
-    model.load_state_dict(state, strict=True, assign=True)
+    n_experts = {f"{prefix}.{proj}": n for prefix, n in n_experts.items() for proj in EXPERT_PROJS}
+    quantize_modules_(model, quantize, keep_unquantized, quantize_lm_head, device="cpu")  # storage to fill, on host
+    quantized = quantized_weights(model)
+    state = _stream_tensors(files, torch_dtype, quantized, n_experts)
+    incomplete = [name for name, q in quantized.items() if not q.complete]
+    if incomplete:
+        raise ValueError(f"{path}: quantized weights left incomplete (missing expert slices): {_list(incomplete)}")
+    model.load_state_dict(state, strict=False, assign=True)  # the quantized buffers are filled already
     _materialize_buffers(model)
     model = model.to(device) if device is not None else model
     return model.eval()
@@ -177,6 +206,11 @@ def save_pretrained(
     """Write config.json + safetensors in the official layout (plus `extra_files`, e.g. the tokenizer),
     atomically (temp dir, then rename): one `model.safetensors`, or shards of at most `max_shard_size` (HF-style,
     e.g. "5GB", "500MB", or bytes; `max_shard_bytes` is its older name) with the Hub's index."""
+    if quantized_weights(model):
+        raise ValueError(
+            f"{path}: this model's frozen weights are quantized (model.quantize); the official layout holds the "
+            "original weights: merge the trained state into the base checkpoint instead (scripts/merge.py)"
+        )
     state = {k: v.detach().contiguous().cpu() for k, v in to_official(model.state_dict()).items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -53,12 +53,19 @@ def supervised_lm_loss(hidden: torch.Tensor, lm_head: nn.Linear, labels: torch.T
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, h.shape[0], chunk):
         part = (h[start : start + chunk], targets[start : start + chunk])
-        total = total + checkpoint(_chunk_ce, lm_head.weight, *part, use_reentrant=False)
+        if isinstance(lm_head, nn.Linear):
+            total = total + checkpoint(_chunk_ce, lm_head.weight, *part, use_reentrant=False)
+        else:  # a quantized lm_head (model.quantize_lm_head): the module dequantizes its weight per call
+            total = total + checkpoint(_chunk_ce_module, lm_head, *part, use_reentrant=False)
     return total / keep.sum().clamp(min=1)
 
 
 def _chunk_ce(weight, h, targets):
     return F.cross_entropy(F.linear(h, weight).float(), targets, reduction="sum")
+
+
+def _chunk_ce_module(lm_head, h, targets):
+    return F.cross_entropy(lm_head(h).float(), targets, reduction="sum")
 
 
 class DeepseekVL2ForCausalLM(nn.Module):
@@ -84,11 +91,23 @@ class DeepseekVL2ForCausalLM(nn.Module):
     # ------------------------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(
-        cls, path, torch_dtype=torch.float32, attn_implementation="eager", experts_kernel="auto", device=None
+        cls,
+        path,
+        torch_dtype=torch.float32,
+        attn_implementation="eager",
+        experts_kernel="auto",
+        device=None,
+        quantize: str = "none",
+        quantize_lm_head: bool = False,
+        keep_unquantized=None,
     ):
+        """The checkpoint in `path` (official layout). `quantize` (nf4 | int8) stores the frozen language-model
+        weights quantized (quant.py), quantizing shard by shard as they are read, so the full-precision model is
+        never held whole; `keep_unquantized(name)` exempts weights by parameter name (those a policy trains)."""
         from .checkpoint import load_pretrained
 
-        return load_pretrained(cls, Path(path), torch_dtype, attn_implementation, experts_kernel, device)
+        quant = (quantize, quantize_lm_head, keep_unquantized)
+        return load_pretrained(cls, Path(path), torch_dtype, attn_implementation, experts_kernel, device, *quant)
 
     def save_pretrained(self, path, max_shard_size: int | str = "5GB", extra_files=(), max_shard_bytes=None) -> None:
         """The official layout: config.json + safetensors, sharded above `max_shard_size` (HF-style sizes)."""
@@ -96,13 +115,17 @@ class DeepseekVL2ForCausalLM(nn.Module):
 
         save_pretrained(self, Path(path), max_shard_size, extra_files, max_shard_bytes)
 
+    def _head_weight(self) -> torch.Tensor:
+        weight = getattr(self.language.lm_head, "weight", None)  # none when lm_head is quantized
+        return weight if weight is not None else self.language.model.embed_tokens.weight
+
     @property
     def dtype(self) -> torch.dtype:
-        return self.language.lm_head.weight.dtype
+        return self._head_weight().dtype
 
     @property
     def device(self) -> torch.device:
-        return self.language.lm_head.weight.device
+        return self._head_weight().device
 
     # ------------------------------------------------------------------------------------- images
     def encode_tiles(self, tiles: torch.Tensor, tile_keys: list[str] | None = None) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LanguageConfig
+from .quant import QuantizedTensor, dequantized_grouped_mm
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 EXPERT_KERNELS = ("loop", "grouped", "auto")
@@ -119,8 +120,19 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
 _grouped_mm_eager = torch.compiler.disable(_grouped_mm)
 
 
+def looped_gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """`torch._grouped_mm(a, b, offs)` as one matmul per group (any dtype and device; reads `offs` on the host)."""
+    out, start = [], 0
+    for g, end in enumerate(offs.tolist()):
+        out.append(a[start:end] @ b[g])
+        start = end
+    return torch.cat(out)
+
+
 class RoutedExperts(nn.Module):
-    """E SwiGLU experts as stacked weights: gate_proj/up_proj [E, I, D], down_proj [E, D, I]."""
+    """E SwiGLU experts as stacked weights: gate_proj/up_proj [E, I, D], down_proj [E, D, I] (parameters, or
+    QuantizedTensors under `model.quantize`, quant.py: then the loop kernel runs as per-expert matmuls over the
+    expert-sorted tokens, so that each projection is dequantized once per call, not once per expert)."""
 
     def __init__(self, n_experts: int, hidden: int, intermediate: int, act: str = "silu", kernel: str = "auto"):
         super().__init__()
@@ -144,7 +156,12 @@ class RoutedExperts(nn.Module):
         if kernel == "auto":
             kernel = "grouped" if x.is_cuda and grouped_mm_supported(x) else "loop"
         lora = lora or {}
-        y = self._grouped(x, idx, lora) if kernel == "grouped" else self._loop(x, idx, lora)
+        if kernel == "grouped":
+            y = self._grouped(x, idx, lora)
+        elif isinstance(self.gate_proj, QuantizedTensor):  # one dequantize per projection, not one per expert
+            y = self._grouped(x, idx, lora, gmm=looped_gmm)
+        else:
+            y = self._loop(x, idx, lora)
         n, k = idx.shape
         # Official combine: fp32 routing weights times expert outputs, summed over k, cast back.
         return (y.view(n, k, -1) * weight.unsqueeze(-1)).sum(dim=1).to(x.dtype)
@@ -168,19 +185,23 @@ class RoutedExperts(nn.Module):
             y[sel] = self._expert(e, xs[sel], lora).to(y.dtype)
         return y
 
-    def _grouped(self, x, idx, lora):
+    def _grouped(self, x, idx, lora, gmm=None):
         """Sort token copies by expert, three grouped GEMMs (+ two thin ones per LoRA update), unsort. No host
-        sync."""
+        sync (unless `gmm` is `looped_gmm`: the loop kernel over quantized experts)."""
         k = idx.shape[1]
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)
         offs = torch.bincount(flat, minlength=self.n_experts).cumsum(0).to(torch.int32)
         xs = x[order // k]
         dt = xs.dtype
-        gmm = _grouped_mm if dt == torch.bfloat16 else _grouped_mm_eager
+        gmm = gmm or (_grouped_mm if dt == torch.bfloat16 else _grouped_mm_eager)
 
         def proj(name, inp):
-            out = gmm(inp, getattr(self, name).to(dt).transpose(-2, -1), offs)
+            w = getattr(self, name)
+            if isinstance(w, QuantizedTensor):  # dequantized for this GEMM only (and again in backward)
+                out = dequantized_grouped_mm(inp, w, offs, gmm)
+            else:
+                out = gmm(inp, w.to(dt).transpose(-2, -1), offs)
             for b, a, scale in lora.get(name, ()):
                 pad = -a.shape[1] % 8  # grouped GEMM strides must be 16-byte aligned: rank to a multiple of 8
                 a = F.pad(a.to(dt), (0, 0, 0, pad)).contiguous()

@@ -16,7 +16,9 @@ import torch
 
 from ..data.packing import sample_lengths
 from ..model.deepseek_vl2 import DeepseekVL2ForCausalLM
+from ..model.quant import quantize_modules_
 from ..policy.groups import optimizer_param_groups
+from ..policy.quantize import keep_unquantized
 from ..training.dist_env import DistEnv
 from ..training.engine import SingleProcessEngine
 from ..training.metrics import FlopModel
@@ -109,6 +111,9 @@ class FakeTrainingModel:
                 attn_implementation=self.setting.attn_implementation,
                 experts_kernel=self.setting.experts_kernel,
             ).to(self.setting.dtype)
+            m = cfg.model  # quantized storage is built empty (never quantized here: nothing has values)
+            keep = keep_unquantized(cfg.policy, vl2_config.language.use_mla)
+            quantize_modules_(model, m.quantize, keep, m.quantize_lm_head)
             self.report = prepare_model(
                 model, cfg.policy, cfg.trainer, compile_layers=False
             )  # PEFT adapters are made on meta too

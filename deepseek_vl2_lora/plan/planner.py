@@ -6,11 +6,14 @@ temporaries (every rank runs its own micro batch) and replace the model states b
 (zero.py). A config fits a GPU when 1.05 × its peak + 1 GiB (CUDA context, cuBLAS/cuDNN workspaces and allocator
 fragmentation, which `torch.cuda.max_memory_allocated` does not count) is at most `trainer.gpu_memory_gb`. When
 it does not fit, the smallest change that fits is searched, in this order: recompute, a smaller micro batch (the
-global batch kept with more accumulation), ZeRO-2, ZeRO-3, optimizer offload.
+global batch kept with more accumulation), a 4-bit frozen base (`model.quantize=nf4`, where the policy allows it),
+ZeRO-2, ZeRO-3, optimizer offload. With a quantized base there is no ZeRO-3 column (it does not shard quantized
+weights; training/config.py refuses the combination).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -19,6 +22,7 @@ from pathlib import Path
 
 from .. import PACKAGE_DIR
 from ..model.config import VL2Config
+from ..policy.quantize import quantize_conflicts
 from ..training.config import as_train_config, check_config
 from .batch import micro_batch_of
 from .measure import FakeTrainingModel, StepMeasurement
@@ -139,23 +143,28 @@ class Planner:
         for kind in ("zero2", "zero3"):
             dist = cfg.dist if cfg.dist.kind == kind else _dist_like(cfg.dist, kind)
             self.ds_configs[kind] = deepspeed_config(dist, cfg.trainer, cfg.optim, "bf16", ranks, self.micro_batch)
-        threshold = zero_settings(self.ds_configs["zero3"])["stage3_param_persistence_threshold"]
-        self.fake = FakeTrainingModel(cfg, self.vl2_config, "cuda", threshold)
-        self._measured: dict[tuple[int, bool], StepMeasurement] = {}
+        self.threshold = zero_settings(self.ds_configs["zero3"])["stage3_param_persistence_threshold"]
+        self.fake = FakeTrainingModel(cfg, self.vl2_config, "cuda", self.threshold)
+        self._fakes = {cfg.model.quantize: self.fake}  # another quantization: built when the search needs it
+        self._measured: dict[tuple[int, bool, str], StepMeasurement] = {}
 
-    def measure(self, micro_batch_size: int, recompute: bool) -> StepMeasurement:
-        key = (micro_batch_size, recompute)
+    def measure(self, micro_batch_size: int, recompute: bool, quantize: str | None = None) -> StepMeasurement:
+        quantize = quantize or self.cfg.model.quantize
+        key = (micro_batch_size, recompute, quantize)
         if key not in self._measured:
-            self._measured[key] = self.fake.measure(micro_batch_size, recompute)
+            if quantize not in self._fakes:
+                cfg = copy.deepcopy(self.cfg)
+                cfg.model.quantize = quantize
+                self._fakes[quantize] = FakeTrainingModel(cfg, self.vl2_config, "cuda", self.threshold)
+            self._measured[key] = self._fakes[quantize].measure(micro_batch_size, recompute)
         return self._measured[key]
 
     def columns(self, m: StepMeasurement, offload: bool) -> list[Column]:
         gb = self.cfg.trainer.gpu_memory_gb
-        return [
-            _single_column(m, gb),
-            _zero_column(m, 2, self.ranks, self.ds_configs["zero2"], offload, gb),
-            _zero_column(m, 3, self.ranks, self.ds_configs["zero3"], offload, gb),
-        ]
+        columns = [_single_column(m, gb), _zero_column(m, 2, self.ranks, self.ds_configs["zero2"], offload, gb)]
+        if not m.counts.quantized_bytes:  # ZeRO-3 does not shard quantized weights
+            columns.append(_zero_column(m, 3, self.ranks, self.ds_configs["zero3"], offload, gb))
+        return columns
 
     def _configured(self, columns: list[Column], kind: str) -> Column:
         return next(c for c in columns if c.dist == kind)
@@ -172,7 +181,14 @@ class Planner:
         candidates = list(gc)
         candidates += [{MICRO: s} for s in sizes]
         candidates += [{**g, MICRO: s} for g in gc for s in sizes]
+        m = self.cfg.model
+        if m.quantize == "none" and not quantize_conflicts(self.cfg.policy, "nf4", m.quantize_lm_head):
+            nf4 = {"model.quantize": "nf4"}
+            candidates += [nf4] + [{**nf4, **g} for g in gc]
+            candidates += [{**nf4, **g, MICRO: s} for g in [{}, *gc] for s in sizes]
         stages = {"single": ["zero2", "zero3"], "zero2": ["zero3"], "zero3": []}[kind]
+        if m.quantize != "none":  # ZeRO-3 does not shard quantized weights
+            stages = [stage for stage in stages if stage != "zero3"]
         candidates += [{"dist": stage, **g} for stage in stages for g in [{}, *gc]]
         if not offload:
             for stage in [k for k in (kind, *stages) if k != "single"]:
@@ -181,7 +197,7 @@ class Planner:
                 )
         for change in candidates:
             recompute_now = change.get("trainer.gradient_checkpointing", recompute)
-            m = self.measure(change.get(MICRO, self.micro_batch), recompute_now)
+            m = self.measure(change.get(MICRO, self.micro_batch), recompute_now, change.get("model.quantize"))
             columns = self.columns(m, change.get("dist.offload_optimizer", offload))
             column = self._configured(columns, change.get("dist", kind))
             if column.fits:
@@ -219,6 +235,8 @@ class Planner:
             setting={
                 "precision": setting.precision,
                 "storage dtype": str(setting.dtype).replace("torch.", ""),
+                "quantize": self.cfg.model.quantize,
+                "quantized weights GiB": round(m.counts.quantized_bytes / GIB, 3),
                 "attention": m.attention,
                 "experts kernel": setting.experts_kernel,
                 "recompute": tc.gradient_checkpointing,
@@ -242,6 +260,14 @@ class Planner:
             + (
                 ["dist.offload_params=true is not modelled: weight shards are planned on the GPU"]
                 if dist.offload_params
+                else []
+            )
+            + (
+                [
+                    "quantized frozen weights: no ZeRO-3 column (DeepSpeed does not partition them); dequantized "
+                    "copies exist one matmul at a time (counted in activations / temporaries)"
+                ]
+                if m.counts.quantized_bytes
                 else []
             ),
         )
@@ -279,7 +305,9 @@ def format_plan(plan: Plan) -> str:
             if not s.get("token budget")
             else f"  step: token budget {s['token budget']} = {s['micro batch']} full rows of {s['packing']} tokens"
         )
-        + f", grad accum {s['grad accum']}, {s['precision']} (weights {s['storage dtype']}),"
+        + f", grad accum {s['grad accum']}, {s['precision']} (weights {s['storage dtype']}"
+        + (f"; LM weights {s['quantize']}, {s['quantized weights GiB']:.2f} GiB" if s["quantize"] != "none" else "")
+        + "),"
         f" recompute {'on' if s['recompute'] else 'off'}, experts kernel {s['experts kernel']}",
         f"  sample: {lay['images']} image(s) × {lay['tiles_per_image']} tiles = {lay['image_tokens']} image tokens,"
         f" {lay['text_tokens']} text tokens of which {lay['supervised_tokens']} supervised; routing {s['routing']}",
@@ -307,7 +335,8 @@ def format_plan(plan: Plan) -> str:
     if not plan.fits:
         if plan.change is None:
             lines.append(
-                "No change searched (recompute, micro batch 1, ZeRO-2/3, optimizer offload) fits; more GPUs "
+                "No change searched (recompute, micro batch 1, model.quantize=nf4, ZeRO-2/3, optimizer offload) fits; "
+                "more GPUs "
                 "(dist.world_size), a shorter data.max_length or a smaller policy would."
             )
         else:

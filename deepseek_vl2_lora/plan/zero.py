@@ -15,6 +15,8 @@ optimizer: 2 bytes each, replicated under ZeRO-2, sharded under ZeRO-3.
   (`stage3_prefetch_bucket_size`), capped by `stage3_max_live_parameters`; parameters below
   `stage3_param_persistence_threshold` elements stay whole on every rank. Buffers: one reduction bucket.
 - `offload_optimizer`: the fp32 gradient, master and moments live in CPU memory (ZeRO-Offload).
+- Quantized frozen weights (`model.quantize`) are module buffers, which DeepSpeed does not partition: replicated
+  under ZeRO-2; ZeRO-3 with them is a config error (training/config.py), and the plan has no ZeRO-3 column then.
 Activations do not change with the stage: every rank runs its own micro batch, as one process does.
 """
 
@@ -43,10 +45,12 @@ class ParamCounts:
     largest_unit_trainable: int
     persistent_frozen: int  # in tensors below the persistence threshold: whole on every rank under ZeRO-3
     persistent_trainable: int
+    quantized_bytes: int = 0  # frozen weights stored quantized (model.quantize): buffers, replicated under ZeRO-2
 
 
 def param_counts(model: torch.nn.Module, persistence_threshold: int) -> ParamCounts:
     from ..model.moe import MoE
+    from ..model.quant import quantized_bytes
 
     frozen = trainable = pf = pt = 0
     for p in model.parameters():
@@ -64,7 +68,7 @@ def param_counts(model: torch.nn.Module, persistence_threshold: int) -> ParamCou
     for params in units:
         size = (sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad))
         largest = max(largest, size)
-    return ParamCounts(frozen, trainable, largest[0], largest[1], pf, pt)
+    return ParamCounts(frozen, trainable, largest[0], largest[1], pf, pt, quantized_bytes(model)[0])
 
 
 def zero_settings(ds_config: dict) -> dict:
@@ -82,10 +86,12 @@ def zero_model_states(counts: ParamCounts, stage: int, ranks: int, ds_config: di
     grad_bytes = 0 if offload_optimizer else 4 + (2 if stage == 2 else 0)
     out = {"gradients": grad_bytes * t // n, "optimizer": 0 if offload_optimizer else 12 * t // n}
     if stage == 2:
-        out["weights"], out["trainable"] = 2 * f, 2 * t
+        out["weights"], out["trainable"] = 2 * f + counts.quantized_bytes, 2 * t
         n_buckets = 2 if s["overlap_comm"] else 1
         out["buffers"] = n_buckets * 2 * s["reduce_bucket_size"] if t and s["contiguous_gradients"] else 0
         return out
+    if counts.quantized_bytes:
+        raise ValueError("ZeRO-3 does not shard quantized weights (model.quantize): plan ZeRO-2 instead")
     out["weights"] = 2 * ((f - counts.persistent_frozen) // n + counts.persistent_frozen)
     out["trainable"] = 2 * ((t - counts.persistent_trainable) // n + counts.persistent_trainable)
     gathered = min(counts.largest_unit + s["stage3_prefetch_bucket_size"], s["stage3_max_live_parameters"])

@@ -211,14 +211,15 @@ def read_trained_state(trained_dir: str | Path) -> tuple[dict, dict]:
     return lora, full
 
 
-def trained_policy(model: nn.Module, trained_dir: str | Path):
-    """The policy of a trained dir (policy.json), or the one a stock PEFT adapter's targets map onto (foreign.py)."""
+def trained_policy(trained_dir: str | Path, config):
+    """The policy of a trained dir (policy.json, or its run dir's), or the one a stock PEFT adapter's targets map onto
+    on the architecture `config` (a VL2Config) describes (foreign.py)."""
     trained_dir = resolve_trained_dir(trained_dir)
     if (trained_dir / POLICY_FILE).is_file():
         return json.loads((trained_dir / POLICY_FILE).read_text())
     from .foreign import policy_from_adapter
 
-    return policy_from_adapter(model, trained_dir / ADAPTER_CONFIG)
+    return policy_from_adapter(config, trained_dir / ADAPTER_CONFIG)
 
 
 def load_lora_tensors(model: nn.Module, lora: dict, where: Path) -> None:
@@ -267,7 +268,7 @@ def load_trained_state(
     casts the policy's trainable parameters before the saved values are copied in, so they are not rounded to
     the storage dtype."""
     trained_dir = resolve_trained_dir(trained_dir)
-    report = apply_policy(model, trained_policy(model, trained_dir))
+    report = apply_policy(model, trained_policy(trained_dir, model.config))
     if trainable_dtype is not None:
         for p in model.parameters():
             if p.requires_grad and p.dtype != trainable_dtype:

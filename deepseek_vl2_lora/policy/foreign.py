@@ -22,9 +22,11 @@ from .groups import PolicyError, base_name, group_of, layer_of, resolve_groups, 
 _LAYER_PREFIX = "language.model.layers."
 
 
-def _skeleton(model: nn.Module) -> nn.Module:
+def _skeleton(config) -> nn.Module:
+    from ..model.deepseek_vl2 import DeepseekVL2ForCausalLM
+
     with torch.device("meta"):
-        return type(model)(model.config)
+        return DeepseekVL2ForCausalLM(config)
 
 
 def _short(name: str) -> str:
@@ -78,8 +80,9 @@ def _as_group(chosen: set[str], available: list[str]) -> list[int] | None | bool
     return sorted(layers) if chosen == {n for n in available if layer_of(n) in layers} else False
 
 
-def policy_from_adapter(model: nn.Module, adapter_config: Path) -> PolicyConfig:
-    """The PolicyConfig a stock PEFT LoRA adapter (its adapter_config.json) amounts to on `model`; a PolicyError
+def policy_from_adapter(config, adapter_config: Path) -> PolicyConfig:
+    """The PolicyConfig a stock PEFT LoRA adapter (its adapter_config.json) amounts to on the architecture `config`
+    (a VL2Config) describes; a PolicyError
     (one line) when it is not LoRA or touches part of a group."""
     from peft import LoraConfig
 
@@ -95,8 +98,8 @@ def policy_from_adapter(model: nn.Module, adapter_config: Path) -> PolicyConfig:
     config.init_lora_weights = False  # shapes only: the weights come from the adapter
     if config.lora_bias or config.fan_in_fan_out:
         raise PolicyError(f"{adapter_config}: lora_bias / fan_in_fan_out adapters map onto no policy")
-    use_mla = model.config.language.use_mla
-    skeleton = _skeleton(model)
+    use_mla = config.language.use_mla
+    skeleton = _skeleton(config)
     groups = resolve_groups(skeleton, PolicyConfig())
     adaptable = {
         g: [n for n in names if n.endswith(".weight") and isinstance(_owner(skeleton, n), nn.Linear)]

@@ -19,6 +19,7 @@ import re
 import torch
 from torch import nn
 
+from ..model.quant import quantized_weights
 from .config import GROUP_NAMES, MODES, GroupPolicy, PolicyConfig, PolicyGroups
 from .lora import _lora_config, _use_low_rank_expert_lora
 from .report import GroupReport, PolicyReport
@@ -128,10 +129,12 @@ def _fit_hint(model, group: str) -> str:
 
 
 def resolve_groups(model: nn.Module, cfg: PolicyConfig) -> dict[str, list[str]]:
-    """group -> parameter names it covers (honouring `layers`), for the model as it is now."""
+    """group -> parameter names it covers (honouring `layers`), for the model as it is now; a quantized weight
+    (model/quant.py) counts under the name of the parameter it replaces."""
     use_mla = model.config.language.use_mla
     out: dict[str, list[str]] = {g: [] for g in GROUP_NAMES}
-    for name, _ in model.named_parameters():
+    names = [n for n, _ in model.named_parameters()] + list(quantized_weights(model))
+    for name in names:
         g = group_of(name, use_mla)
         layers = getattr(cfg.groups, g).layers
         if layers is not None and layer_of(name) not in set(layers):
@@ -183,6 +186,7 @@ def apply_policy(model: nn.Module, cfg) -> PolicyReport:
         raise PolicyError(f"policy {cfg.name}: " + "; ".join(missing) + f". ({_checkpoint_summary(model)})")
     warnings += missing
 
+    _check_quantized(model, cfg, matched)
     model.requires_grad_(False)
     lora_cfg = _lora_config(model, cfg, matched)
     if lora_cfg is not None:
@@ -209,6 +213,14 @@ def _report(model, cfg, use_mla, warnings, lora_cfg) -> PolicyReport:
     rows = {g: GroupReport(g, getattr(cfg.groups, g).mode) for g in GROUP_NAMES}
     modules: dict[str, set] = {g: set() for g in GROUP_NAMES}
     trainable_names, total, trainable = [], 0, 0
+    quantized = quantized_weights(model)
+    kinds: dict[str, set] = {g: set() for g in GROUP_NAMES}
+    for name, q in quantized.items():  # frozen, stored quantized: in their group's params and in the total
+        g = group_of(name, use_mla)
+        rows[g].params += q.numel()
+        total += q.numel()
+        modules[g].add(base_name(name).rsplit(".", 1)[0])
+        kinds[g].add(q.kind)
     for name, p in model.named_parameters():  # adapters count in their group's params and in the total
         g = group_of(name, use_mla)
         rows[g].params += p.numel()
@@ -226,6 +238,8 @@ def _report(model, cfg, use_mla, warnings, lora_cfg) -> PolicyReport:
             row.note = f"layers {spec.layers}"
         if row.mode == "lora":
             row.note = (row.note + f" r={spec.r} alpha={spec.alpha}").strip()
+        if kinds[g]:
+            row.note = (row.note + " base " + "/".join(sorted(kinds[g]))).strip()
         if row.mode != "freeze" and row.params == 0:
             row.note = (row.note + (" not in this checkpoint" if not spec.required else " MATCHES NOTHING")).strip()
     lora = lora_cfg.to_dict() if lora_cfg is not None else None
@@ -240,6 +254,28 @@ def _report(model, cfg, use_mla, warnings, lora_cfg) -> PolicyReport:
         warnings,
         lora,
     )
+
+
+def _check_quantized(model: nn.Module, cfg: PolicyConfig, matched: dict[str, list[str]]) -> None:
+    """A group trained in full cannot have quantized weights, nor can LoRA that reads its base weight (DoRA, PiSSA,
+    OLoRA, ... inits); one-line PolicyError naming the group and the fix."""
+    stored = quantized_weights(model)
+    for g in GROUP_NAMES:
+        spec = getattr(cfg.groups, g)
+        hit = [n for n in matched[g] if n in stored]
+        if not hit or spec.mode == "freeze":
+            continue
+        kind = stored[hit[0]].kind
+        if spec.mode == "train":
+            raise PolicyError(
+                f"policy {cfg.name} trains group {g} in full, but its weights are stored quantized ({kind}, "
+                f"e.g. {hit[0]}): freeze it, give it LoRA (policy.groups.{g}.mode=lora) or set model.quantize=none"
+            )
+        if spec.dora or spec.init not in ("default", "gaussian"):
+            raise PolicyError(
+                f"policy.groups.{g}: LoRA with dora={spec.dora} init={spec.init} reads the base weight, which is "
+                f"quantized ({kind}): use plain LoRA (dora=false, init default or gaussian) or model.quantize=none"
+            )
 
 
 # ------------------------------------------------------------------------------------------- optimisation

@@ -3,19 +3,23 @@ experts by parameter name), our low-rank forward for the routed experts, and fol
 
 from __future__ import annotations
 
+import functools
 import re
 import types
 
 from torch import nn
 
+from ..model.quant import QuantLinear
 from .config import GROUP_NAMES, PolicyConfig
 
 
 def _lora_config(model, cfg: PolicyConfig, matched: dict[str, list[str]]):
-    """One PEFT LoraConfig: nn.Linear targets by exact module name, stacked experts by parameter name."""
+    """One PEFT LoraConfig: nn.Linear targets (quantized ones too) by exact module name, stacked experts by parameter
+    name."""
     from peft import LoraConfig
 
     modules, params, rank_pattern, alpha_pattern = [], [], {}, {}
+    quantized_targets = False
     spec0 = None
     for g in GROUP_NAMES:
         spec = getattr(cfg.groups, g)
@@ -25,8 +29,9 @@ def _lora_config(model, cfg: PolicyConfig, matched: dict[str, list[str]]):
         for name in matched[g]:
             owner_name, leaf = name.rsplit(".", 1) if "." in name else ("", name)
             owner = model.get_submodule(owner_name) if owner_name else model
-            if isinstance(owner, nn.Linear) and leaf == "weight":
+            if isinstance(owner, (nn.Linear, QuantLinear)) and leaf == "weight":
                 target, bucket = owner_name, modules
+                quantized_targets |= isinstance(owner, QuantLinear)
             elif g == "routed_experts":
                 # Stacked [E, out, in] tensors: PEFT parameter targeting (a per-expert rank-r update). PEFT holds,
                 # saves, loads and merges the adapter; the forward is ours (_use_low_rank_expert_lora).
@@ -42,7 +47,7 @@ def _lora_config(model, cfg: PolicyConfig, matched: dict[str, list[str]]):
         return None
     init = True if spec0.init == "default" else spec0.init
     base = cfg.groups.routed_experts if params else spec0
-    return LoraConfig(
+    config = LoraConfig(
         r=base.r,
         lora_alpha=base.alpha,
         lora_dropout=spec0.dropout,
@@ -55,6 +60,22 @@ def _lora_config(model, cfg: PolicyConfig, matched: dict[str, list[str]]):
         alpha_pattern=alpha_pattern,
         bias="none",
     )
+    if quantized_targets:  # (not part of the saved adapter config: the adapter is the same as on a bf16 base)
+        config._register_custom_module({QuantLinear: quant_lora_linear()})
+    return config
+
+
+@functools.cache
+def quant_lora_linear():
+    """PEFT's LoRA Linear over a QuantLinear base: the base computes its (dequantized) output, the LoRA factors add
+    theirs. PEFT knows no in/out features for a custom layer type; they are the base's."""
+    from peft.tuners.lora.layer import Linear
+
+    class QuantLoraLinear(Linear):
+        def _get_in_out_features(self, module):
+            return module.in_features, module.out_features
+
+    return QuantLoraLinear
 
 
 def expert_lora_factors(wrapper) -> tuple[nn.Module, dict]:
@@ -103,6 +124,13 @@ def merge_lora(model: nn.Module) -> nn.Module:
     since stacked-expert targets nest)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    from ..model.quant import quantized_weights
+
+    if quantized_weights(model):
+        raise ValueError(
+            "merge_lora: the base weights are quantized; merge into the original weights instead "
+            "(policy.merge.merge_checkpoint / scripts/merge.py read them from the base checkpoint)"
+        )
     while True:
         found = next(((n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)), None)
         if found is None:

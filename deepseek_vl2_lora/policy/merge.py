@@ -8,10 +8,15 @@ by PEFT's own `merge` on that one fp32 weight (DoRA included), a routed expert `
 gets expert e's rank-r update of the stacked adapter (B_e A_e × scale, in fp32, as PEFT's merge computes it). The
 result is cast once to the output dtype and written straight to its place in a Hub-sized shard
 (`model.shards.ShardWriter`). Peak memory: about one base shard (the mapped file) plus the trained state.
+
+The base weights are always the checkpoint's own, also when training ran on a quantized copy of them
+(`model.quantize`): the trained tensors and LoRA factors are applied to the original weights, never to dequantized
+ones (which differ from them by the quantization error).
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -45,6 +50,8 @@ from .adapters import (
 from .groups import apply_policy, base_name
 from .lora import expert_lora_factors
 
+log = logging.getLogger(__name__)
+
 
 def merge_checkpoint(
     base: str | Path | None,
@@ -63,6 +70,16 @@ def merge_checkpoint(
     base, trained = (Path(base), resolve_trained_dir(trained)) if base is not None else resolve_trained_model(trained)
     parse_shard_size(max_shard_size)  # a bad size fails before any work
     out = Path(out)
+    quantize = _training_quantize(trained)
+    log.info(
+        "merging %s into the original weights of %s%s",
+        trained,
+        base,
+        f" (training ran on a {quantize}-quantized copy of them; the merge reads the checkpoint's own weights, not "
+        "dequantized ones)"
+        if quantize != "none"
+        else "",
+    )
     config = VL2Config.from_file(base / CONFIG_NAME)
     files = weight_files(base)
     with torch.device("meta"):
@@ -97,6 +114,17 @@ def merge_checkpoint(
     return out
 
 
+def _training_quantize(trained_dir: Path) -> str:
+    """model.quantize of the run that wrote `trained_dir` (its run dir's config_resolved.yaml), "none" if unknown."""
+    import yaml
+
+    config = trained_dir.parent / "config_resolved.yaml"
+    try:
+        return str(((yaml.safe_load(config.read_text()) or {}).get("model") or {}).get("quantize", "none"))
+    except (OSError, yaml.YAMLError, AttributeError):
+        return "none"
+
+
 def _headers(files: list[Path]) -> dict[str, tuple[tuple[int, ...], torch.dtype, Path, int]]:
     """{key: (shape, dtype, file, offset)} from the shards' headers (no tensor data read)."""
     found = {}
@@ -115,7 +143,7 @@ class _Merger:
         from peft.tuners.lora.layer import Linear as LoraLinear
         from peft.tuners.lora.layer import ParamWrapper
 
-        apply_policy(model, trained_policy(model, trained_dir))
+        apply_policy(model, trained_policy(trained_dir, model.config))
         lora, full = read_trained_state(trained_dir)
         load_lora_tensors(model, lora, trained_dir)
         check_full_tensors(model, full, trained_dir)

@@ -46,6 +46,12 @@ class ModelConfig:
     # LoRA adapter for this architecture. Its policy replaces `policy`; optimizer and schedule start fresh. Not a
     # resume (trainer.resume continues this run from its own checkpoint). deepseek_vl2_lora/training/init_from.py
     init_from: str | None = None
+    # Store the frozen language-model weights quantized (QLoRA-style), dequantized just in time for each matmul:
+    # none | nf4 (4-bit NormalFloat, double-quantized scales: ~0.26 × bf16) | int8 (8-bit blockwise: ~0.51 × bf16).
+    # Quantized: the dense MLP, shared and routed experts, and the attention projections the policy does not train
+    # in full (deepseek_vl2_lora/policy/quantize.py); never embeddings, norms, routers, vision or projector.
+    quantize: str = "none"
+    quantize_lm_head: bool = False  # also store lm_head quantized (only with model.quantize)
 
 
 @dataclass
@@ -241,6 +247,7 @@ class ConfigError(ValueError):
 _CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16"),
     "model.experts_kernel": ("auto", "loop", "grouped"),
+    "model.quantize": ("none", "nf4", "int8"),
     "data.overlong": ("error", "skip", "truncate"),
     "data.on_bad_sample": ("error", "skip"),
     "data.large_image": ("reject", "resize"),
@@ -353,6 +360,21 @@ def _budget_problems(tokens: int | None, pack_length: int | None) -> list[str]:
     return []
 
 
+def _quantize_problems(cfg: DictConfig) -> list[str]:
+    m = cfg.model
+    if m.quantize not in ("nf4", "int8"):
+        return ["model.quantize_lm_head=true needs model.quantize=nf4 or int8"] if m.quantize_lm_head else []
+    from ..policy.quantize import quantize_conflicts
+
+    problems = quantize_conflicts(cfg.policy, m.quantize, m.quantize_lm_head)
+    if cfg.dist.kind == "zero3":
+        problems.append(
+            f"model.quantize={m.quantize} with dist=zero3: ZeRO-3 shards parameters, not the quantized weights "
+            "(buffers); use dist=zero2 (quantized weights replicated, training state sharded)"
+        )
+    return problems
+
+
 def check_config(cfg: DictConfig) -> None:
     """Checks that types cannot express; raises ConfigError naming the key and the allowed values."""
     problems = []
@@ -403,6 +425,7 @@ def check_config(cfg: DictConfig) -> None:
             problems.append(f"{key}.dropout={group.dropout}: must be in [0, 1)")
     if cfg.model.dtype == "bfloat16" and cfg.trainer.precision == "fp32":
         problems.append("model.dtype=bfloat16 needs bf16 autocast: set trainer.precision=bf16 (or auto on CUDA)")
+    problems += _quantize_problems(cfg)
     if cfg.trainer.vision_feature_cache and cfg.dist.kind != "single":
         problems.append("trainer.vision_feature_cache works with dist=single only (each rank would need its share)")
     if cfg.dist.offload_params and cfg.dist.kind != "zero3":

@@ -21,9 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ..model.config import VL2Config
-from ..model.deepseek_vl2 import DeepseekVL2ForCausalLM
-from ..policy.adapters import POLICY_FILE, load_trained_tensors, resolve_trained_dir, trained_base
-from ..policy.foreign import policy_from_adapter
+from ..policy.adapters import load_trained_tensors, resolve_trained_dir, trained_base, trained_policy
 from ..policy.groups import to_policy_config
 from .config import ConfigError
 from .preflight import resolve_model_dir
@@ -55,13 +53,8 @@ def apply_init_from(cfg) -> Path | None:
     trained = init_from_dir(cfg.model)
     if trained is None:
         return None
-    if (trained / POLICY_FILE).is_file():
-        policy = to_policy_config(json.loads((trained / POLICY_FILE).read_text()))
-    else:
-        config = VL2Config.from_file(resolve_model_dir(cfg.model) / "config.json")  # (a tiny one: generated here)
-        with torch.device("meta"):
-            model = DeepseekVL2ForCausalLM(config)
-        policy = policy_from_adapter(model, trained / "adapter_config.json")
+    config = VL2Config.from_file(resolve_model_dir(cfg.model) / "config.json")  # (a tiny one: generated here)
+    policy = to_policy_config(trained_policy(trained, config))
     configured = OmegaConf.to_container(cfg.policy, resolve=True)
     cfg.policy = OmegaConf.structured(policy)
     if OmegaConf.to_container(cfg.policy, resolve=True) != configured:

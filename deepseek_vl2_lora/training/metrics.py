@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from ..model.quant import quantized_weights
+
 log = logging.getLogger(__name__)
 
 # Dense (no sparsity) peak FLOP/s by device-name substring, first match wins (so PCIe/NVL before the SXM name).
@@ -88,13 +90,15 @@ class FlopModel:
         lm = cfg.language
         expert_share = (lm.num_experts_per_tok or 0) / lm.n_routed_experts if lm.n_routed_experts else 0.0
         lm_active = lm_trainable = 0.0
-        for name, p in model.language.named_parameters():
-            if p.dim() < 2 or "embed_tokens" in name:
+        weights = [(n, p.dim(), p.numel(), p.requires_grad) for n, p in model.language.named_parameters()]
+        weights += [(n, len(q.shape), q.numel(), False) for n, q in quantized_weights(model.language).items()]
+        for name, dim, numel, trainable in weights:
+            if dim < 2 or "embed_tokens" in name:
                 continue
             share = expert_share if ".mlp.experts." in name else 1.0
-            lm_active += p.numel() * share
-            if p.requires_grad:
-                lm_trainable += p.numel() * share
+            lm_active += numel * share
+            if trainable:
+                lm_trainable += numel * share
         if lm.use_mla:
             d_qk, d_v = lm.qk_nope_head_dim + lm.qk_rope_head_dim, lm.v_head_dim
         else:

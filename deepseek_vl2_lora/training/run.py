@@ -32,9 +32,12 @@ from ..data.processor import DeepseekVL2Processor
 from ..evaluation.benchmarks import BenchmarkSuite, parse_specs
 from ..evaluation.eval_set import evaluate
 from ..evaluation.ranks import EvalRanks
+from ..model.config import VL2Config
 from ..model.deepseek_vl2 import DeepseekVL2ForCausalLM
+from ..model.quant import describe_quantized
 from ..policy.adapters import save_trained_state
 from ..policy.groups import optimizer_param_groups
+from ..policy.quantize import keep_unquantized
 from .batching import Batching
 from .config import ConfigError
 from .dist_env import DistEnv
@@ -77,16 +80,25 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------------------------------ setup helpers
-def load_model(model_cfg, precision: str, device: torch.device) -> tuple[DeepseekVL2ForCausalLM, Path]:
-    """The configured checkpoint (real or generated tiny) on `device`, in the dtype `precision` implies."""
+def load_model(model_cfg, precision: str, device: torch.device, policy_cfg=None) -> tuple[DeepseekVL2ForCausalLM, Path]:
+    """The configured checkpoint (real or generated tiny) on `device`, in the dtype `precision` implies; under
+    `model.quantize` its frozen language-model weights quantized as `policy_cfg` allows (policy/quantize.py)."""
     model_dir = resolve_model_dir(model_cfg)
+    keep = None
+    if model_cfg.quantize != "none" and policy_cfg is not None:
+        keep = keep_unquantized(policy_cfg, VL2Config.from_file(model_dir / "config.json").language.use_mla)
     model = DeepseekVL2ForCausalLM.from_pretrained(
         model_dir,
         torch_dtype=resolve_dtype(model_cfg.dtype, precision, device),
         attn_implementation=model_cfg.attn_implementation,
         experts_kernel=model_cfg.experts_kernel,
         device=device,
+        quantize=model_cfg.quantize,
+        quantize_lm_head=model_cfg.quantize_lm_head,
+        keep_unquantized=keep,
     )
+    if model_cfg.quantize != "none":
+        log.info("quantized base (model.quantize=%s): %s", model_cfg.quantize, describe_quantized(model))
     return model, model_dir
 
 
@@ -155,7 +167,7 @@ def _describe_eval(result_metrics: dict) -> str:
 
 def _setup_model(cfg, device: torch.device, env: DistEnv, precision: str):
     """(model prepared for training, its checkpoint dir, policy report, FLOP model)."""
-    model, model_dir = load_model(cfg.model, precision, device)
+    model, model_dir = load_model(cfg.model, precision, device, cfg.policy)
     seed_everything(cfg.seed)  # after loading: generating a tiny checkpoint on first use draws random numbers
     report = prepare_model(
         model, cfg.policy, cfg.trainer
