@@ -75,6 +75,10 @@ class StepMeasurement:
     flops: float  # model FLOPs per optimizer step on this rank
     layout: dict
     micro_batches_run: int
+    positions: int  # token positions per micro batch (padding included): the per-token denominator
+    end_of_forward: dict[str, int]  # activation bytes by module kind when backward starts: saved for backward
+    layers_per_kind: dict[str, int]  # decoder layers holding each kind: the per-layer denominator
+    counted_flops: dict[str, int]  # matmul/attention FLOPs per phase as run (recompute apart), per step
 
 
 class _PhaseEngine:
@@ -150,7 +154,7 @@ class FakeTrainingModel:
             tracker.register_optimizer(self.engine.optimizer)
             for value in batch.values():
                 if isinstance(value, torch.Tensor):
-                    tracker.register(value, "activations")
+                    tracker.register(value, "activations", kind="batch")
             start = tracker.now.total
             stack.enter_context(HostValues())
             stack.enter_context(tracker)
@@ -180,4 +184,8 @@ class FakeTrainingModel:
             flops=self.flop_model.batch_flops(batch, lengths) * accum,
             layout=layout,
             micro_batches_run=micro_batches,
+            positions=batch["input_ids"].numel(),
+            end_of_forward=tracker.end_of_forward,
+            layers_per_kind=tracker.layers_per_kind,
+            counted_flops={k: v * accum // micro_batches for k, v in tracker.flops.items() if k != "optimizer step"},
         )

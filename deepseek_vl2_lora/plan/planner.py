@@ -20,6 +20,7 @@ from pathlib import Path
 from .. import PACKAGE_DIR
 from ..model.config import VL2Config
 from ..training.config import as_train_config, check_config
+from .kinds import KINDS
 from .measure import FakeTrainingModel, StepMeasurement
 from .tracker import MODEL_STATES
 from .zero import zero_model_states, zero_settings
@@ -123,6 +124,42 @@ class Plan:
     fits: bool
     change: dict | None = None  # the smallest change that fits: overrides and its column
     notes: list[str] = field(default_factory=list)
+    activations: list[dict] = field(default_factory=list)  # by module kind (activation_breakdown)
+    recompute: dict = field(default_factory=dict)  # the setting and the FLOPs it adds (recompute_cost)
+
+
+def activation_breakdown(m: StepMeasurement) -> list[dict]:
+    """Per module kind: activation bytes at the step's peak, bytes the forward pass leaves for backward (alive when
+    backward starts) and those per token position and per decoder layer holding the kind (layer kinds only)."""
+    rows = []
+    for kind in KINDS:
+        at_peak, saved = m.peak.activation_kinds.get(kind, 0), m.end_of_forward.get(kind, 0)
+        if not (at_peak or saved):
+            continue
+        layers = m.layers_per_kind.get(kind)
+        per = saved / (m.positions * layers) if layers else None
+        rows.append(
+            {
+                "kind": kind,
+                "at_peak_bytes": at_peak,
+                "saved_for_backward_bytes": saved,
+                "saved_per_token_per_layer_bytes": None if per is None else round(per, 1),
+            }
+        )
+    return rows
+
+
+def recompute_cost(m: StepMeasurement, setting: str) -> dict:
+    """The FLOPs recompute adds per optimizer step (matmuls and attention, as counted while the step ran) and their
+    share of the step's own forward + backward FLOPs."""
+    f = m.counted_flops
+    step = f["forward"] + f["backward"]
+    return {
+        "setting": setting,
+        "extra_flops_per_step": f["recompute"],
+        "step_flops_counted": step,
+        "extra_fraction": f["recompute"] / step if step else 0.0,
+    }
 
 
 class Planner:
@@ -236,6 +273,8 @@ class Planner:
                 if dist.offload_params
                 else []
             ),
+            activations=activation_breakdown(m),
+            recompute=recompute_cost(m, "full" if tc.gradient_checkpointing else "none"),
         )
 
     def _model_name(self) -> str:
@@ -289,6 +328,7 @@ def format_plan(plan: Plan) -> str:
         f"  per step and GPU: {meas['tokens per step']:,} tokens, {meas['samples per step']} samples, "
         f"{meas['flops per step'] / 1e12:,.1f} TFLOP"
     )
+    lines += [""] + format_breakdown(plan.activations, plan.recompute)
     lines.append("")
     verdict = "fits" if plan.fits else "does NOT fit"
     lines.append(f"As configured ({plan.configured}): {verdict} a {s['gpu memory GiB']:g} GB GPU.")
@@ -303,6 +343,21 @@ def format_plan(plan: Plan) -> str:
             args = " ".join(f"{k}={_override(v)}" for k, v in plan.change["overrides"].items())
             lines.append(f"Smallest change that fits: {args}  ({c.name}: peak {c.peak / GIB:.2f} GiB)")
     return "\n".join(lines)
+
+
+def format_breakdown(rows: list[dict], recompute: dict) -> list[str]:
+    lines = ["  activations by module kind   GiB at peak   saved for backward: GiB   KB per token and layer"]
+    for r in rows:
+        per = r["saved_per_token_per_layer_bytes"]
+        lines.append(
+            f"  {r['kind']:<28}{r['at_peak_bytes'] / GIB:>11.2f}{r['saved_for_backward_bytes'] / GIB:>26.2f}"
+            + (f"{per / 1000:>25.1f}" if per is not None else "")
+        )
+    lines.append(
+        f"  recompute {recompute['setting']}: {recompute['extra_flops_per_step'] / 1e12:,.1f} TFLOP per step extra "
+        f"({100 * recompute['extra_fraction']:.1f} % of the step's matmul and attention FLOPs)"
+    )
+    return lines
 
 
 def _count(n: int) -> str:
