@@ -14,8 +14,9 @@ Paths (toggled on one model, so all see identical weights and batch):
   fused kernels (`flash_attention_2` on CUDA: cuDNN at 192/128, else flash with V padded; packed rows: one fused
   call per sample), loss on supervised positions without full-vocab logits, recompute as for the reference;
 - ablations (`--paths all`): the optimized path with one technique reverted (`-grouped`: loop experts,
-  `-fused_attention`: eager attention, `-lean_ce`: full fp32 logits) or added (`+recompute`, `+compile`: each
-  decoder layer torch.compiled, `+feature_cache`: frozen-vision features from the disk cache, image shapes only).
+  `-fused_attention`: eager attention, `-lean_ce`: full fp32 logits) or added (`+recompute`: whole layers,
+  `+selective`: trainer.recompute=selective, `+compile`: each decoder layer torch.compiled, `+feature_cache`:
+  frozen-vision features from the disk cache, image shapes only).
 All train the MLA low-rank paths (`mla_lowrank`; `mha_lora` for the MHA tiny shapes) with AdamW on the trainable
 parameters kept in fp32; vision is frozen and runs without autograd.
 
@@ -167,6 +168,7 @@ PATHS = {
     "optimized-fused_attention": dict(experts="grouped", attention="eager", lean_ce=True, recompute="auto"),
     "optimized-lean_ce": dict(experts="grouped", attention="fused", lean_ce=False, recompute="auto"),
     "optimized+recompute": dict(experts="grouped", attention="fused", lean_ce=True, recompute=True),
+    "optimized+selective": dict(experts="grouped", attention="fused", lean_ce=True, recompute="selective"),
     "optimized+feature_cache": dict(experts="grouped", attention="fused", lean_ce=True, recompute=False, cache=True),
     "optimized+compile": dict(experts="grouped", attention="fused", lean_ce=True, recompute=False, compile=True),
 }
@@ -229,7 +231,8 @@ def set_path(model, path: dict, device, cache_dir=None) -> None:
             m.backend = fused if path["attention"] == "fused" else "eager"
         if isinstance(m, MLAttention):
             m.absorbed_reference = path["attention"] == "absorbed"
-    model.language.model.gradient_checkpointing = path["recompute"] is True
+    recompute = path["recompute"]  # True: whole layers; "auto": none until out of memory
+    model.language.model.recompute = {True: "full", "selective": "selective"}.get(recompute, "none")
     model.feature_cache = None
     if path.get("cache"):
         from deepseek_vl2_lora.training.feature_cache import VisionFeatureCache

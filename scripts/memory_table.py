@@ -52,10 +52,10 @@ def main() -> None:
                 cfg = as_train_config(compose("train", overrides=overrides))
             planner = Planner(cfg, args.ranks)
             for mb in args.micro_batches:
-                for recompute in (False, True):
+                for recompute in ("none", "selective", "full"):
                     columns = planner.columns(planner.measure(mb, recompute), offload=False)
                     cells = " | ".join(cell(c.peak) for c in columns)
-                    print(f"| {model} | {policy} | {mb} | {'on' if recompute else 'off'} | {cells} |", flush=True)
+                    print(f"| {model} | {policy} | {mb} | {recompute} | {cells} |", flush=True)
     print(f"\n({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
 
 

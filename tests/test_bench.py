@@ -40,6 +40,7 @@ def test_bench_packed_rows_and_every_ablation(tmp_path):
         "optimized-fused_attention",
         "optimized-lean_ce",
         "optimized+recompute",
+        "optimized+selective",
         "optimized+feature_cache",
         "optimized+compile",
     ]

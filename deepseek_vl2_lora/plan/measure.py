@@ -2,9 +2,10 @@
 
 The step is the training loop's own (`step.prepare_model`, `step.micro_step`, the engine's optimizer step):
 the policy is applied exactly as training applies it (PEFT adapters included), with the configured precision,
-recompute, experts kernel, attention backend and packing. The optimizer state exists before the measured step
-(its first step allocates it; every later step starts with it), and with gradient accumulation two micro batches
-run, so gradients already exist during the second one: the measured step is a steady-state step.
+recompute (none, selective, full), experts kernel, attention backend and packing. The optimizer state exists
+before the measured step (its first step allocates it; every later step starts with it), and with gradient
+accumulation two micro batches run, so gradients already exist during the second one: the measured step is a
+steady-state step.
 """
 
 from __future__ import annotations
@@ -136,13 +137,14 @@ class FakeTrainingModel:
         self.flop_model = FlopModel.from_model(model)
         self.counts = param_counts(model, persistence_threshold)
 
-    def measure(self, micro_batch_size: int, gradient_checkpointing: bool) -> StepMeasurement:
+    def measure(self, micro_batch_size: int, recompute: str) -> StepMeasurement:
+        """One steady-state step at this micro batch and `trainer.recompute` setting (none | selective | full)."""
         cfg, setting = self.cfg, self.setting
         length = cfg.data.max_length or 4096
         layout = sample_layout(self.vl2_config, length, cfg.plan)
         batch = synthetic_batch(self.vl2_config, micro_batch_size, length, cfg.plan, cfg.trainer.pack_length)
         lengths = sample_lengths(batch)
-        self.model.language.model.gradient_checkpointing = gradient_checkpointing
+        self.model.language.model.recompute = recompute
         tracker = MemoryTracker(block=CUDA_BLOCK if setting.target == "cuda" else 1)
         kernels = CudaAttentionKernels() if setting.target == "cuda" else nullcontext()
         micro_batches = min(cfg.trainer.grad_accum, 2)

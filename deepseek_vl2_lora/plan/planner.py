@@ -5,8 +5,8 @@ category. The one-GPU column is that measurement; the ZeRO-2 / ZeRO-3 columns ke
 temporaries (every rank runs its own micro batch) and replace the model states by DeepSpeed's sharded ones
 (zero.py). A config fits a GPU when 1.05 × its peak + 1 GiB (CUDA context, cuBLAS/cuDNN workspaces and allocator
 fragmentation, which `torch.cuda.max_memory_allocated` does not count) is at most `trainer.gpu_memory_gb`. When
-it does not fit, the smallest change that fits is searched, in this order: recompute, a smaller micro batch (the
-global batch kept with more accumulation), ZeRO-2, ZeRO-3, optimizer offload.
+it does not fit, the smallest change that fits is searched, in this order: more recompute (selective, then full),
+a smaller micro batch (the global batch kept with more accumulation), ZeRO-2, ZeRO-3, optimizer offload.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .. import PACKAGE_DIR
 from ..model.config import VL2Config
-from ..training.config import as_train_config, check_config
+from ..training.config import RECOMPUTE, as_train_config, check_config, resolve_recompute
 from .kinds import KINDS
 from .measure import FakeTrainingModel, StepMeasurement
 from .tracker import MODEL_STATES
@@ -174,9 +174,10 @@ class Planner:
             self.ds_configs[kind] = deepspeed_config(dist, cfg.trainer, cfg.optim, "bf16", ranks)
         threshold = zero_settings(self.ds_configs["zero3"])["stage3_param_persistence_threshold"]
         self.fake = FakeTrainingModel(cfg, self.vl2_config, "cuda", threshold)
-        self._measured: dict[tuple[int, bool], StepMeasurement] = {}
+        self._measured: dict[tuple[int, str], StepMeasurement] = {}
+        self.recompute = resolve_recompute(cfg.trainer)
 
-    def measure(self, micro_batch_size: int, recompute: bool) -> StepMeasurement:
+    def measure(self, micro_batch_size: int, recompute: str) -> StepMeasurement:
         key = (micro_batch_size, recompute)
         if key not in self._measured:
             self._measured[key] = self.fake.measure(micro_batch_size, recompute)
@@ -196,26 +197,26 @@ class Planner:
     def smallest_change(self) -> dict | None:
         """The first candidate (in the module docstring's order) whose configured column fits."""
         tc, dist = self.cfg.trainer, self.cfg.dist
-        mb, recompute, kind, offload = tc.micro_batch_size, tc.gradient_checkpointing, dist.kind, dist.offload_optimizer
+        mb, recompute, kind, offload = tc.micro_batch_size, self.recompute, dist.kind, dist.offload_optimizer
         sizes = []
         while mb > 1:
             mb //= 2
             sizes.append(mb)
-        gc = [] if recompute else [{"trainer.gradient_checkpointing": True}]
-        candidates = list(gc)
+        # more recompute, cheapest first: selective before full
+        more = [{"trainer.recompute": r} for r in RECOMPUTE[RECOMPUTE.index(recompute) + 1 :]]
+        candidates = list(more)
         candidates += [{"trainer.micro_batch_size": s} for s in sizes]
-        candidates += [{**g, "trainer.micro_batch_size": s} for g in gc for s in sizes]
+        candidates += [{**r, "trainer.micro_batch_size": s} for r in more for s in sizes]
         stages = {"single": ["zero2", "zero3"], "zero2": ["zero3"], "zero3": []}[kind]
-        candidates += [{"dist": stage, **g} for stage in stages for g in [{}, *gc]]
+        candidates += [{"dist": stage, **r} for stage in stages for r in [{}, *more]]
         if not offload:
+            full = {} if recompute == "full" else {"trainer.recompute": "full"}
             for stage in [k for k in (kind, *stages) if k != "single"]:
-                candidates.append(
-                    {"dist": stage, "trainer.gradient_checkpointing": True, "dist.offload_optimizer": True}
-                )
+                candidates.append({"dist": stage, **full, "dist.offload_optimizer": True})
         for change in candidates:
             m = self.measure(
                 change.get("trainer.micro_batch_size", tc.micro_batch_size),
-                change.get("trainer.gradient_checkpointing", recompute),
+                change.get("trainer.recompute", recompute),
             )
             columns = self.columns(m, change.get("dist.offload_optimizer", offload))
             column = self._configured(columns, change.get("dist", kind))
@@ -224,6 +225,8 @@ class Planner:
                 if "trainer.micro_batch_size" in overrides:
                     factor = tc.micro_batch_size // overrides["trainer.micro_batch_size"]
                     overrides["trainer.grad_accum"] = tc.grad_accum * factor  # keeps the global batch
+                if "trainer.recompute" in overrides and tc.gradient_checkpointing is not None:
+                    overrides["trainer.gradient_checkpointing"] = None  # the older switch would contradict it
                 if "dist" in overrides and overrides["dist"] != "single":
                     overrides["dist.world_size"] = self.ranks
                     if kind == "single":  # N ranks each run a micro batch: fewer accumulation steps, same batch
@@ -234,7 +237,7 @@ class Planner:
 
     def plan(self) -> Plan:
         tc, dist = self.cfg.trainer, self.cfg.dist
-        m = self.measure(tc.micro_batch_size, tc.gradient_checkpointing)
+        m = self.measure(tc.micro_batch_size, self.recompute)
         columns = self.columns(m, dist.offload_optimizer)
         configured = self._configured(columns, dist.kind)
         change = None if configured.fits else self.smallest_change()
@@ -251,7 +254,7 @@ class Planner:
                 "storage dtype": str(setting.dtype).replace("torch.", ""),
                 "attention": m.attention,
                 "experts kernel": setting.experts_kernel,
-                "recompute": tc.gradient_checkpointing,
+                "recompute": self.recompute,
                 "micro batch": tc.micro_batch_size,
                 "grad accum": tc.grad_accum,
                 "sequence length": self.cfg.data.max_length or 4096,
@@ -274,7 +277,7 @@ class Planner:
                 else []
             ),
             activations=activation_breakdown(m),
-            recompute=recompute_cost(m, "full" if tc.gradient_checkpointing else "none"),
+            recompute=recompute_cost(m, self.recompute),
         )
 
     def _model_name(self) -> str:
@@ -307,7 +310,7 @@ def format_plan(plan: Plan) -> str:
         f"  step: micro batch {s['micro batch']} × {s['sequence length']} tokens"
         + (f", packed into rows of {s['packing']}" if s["packing"] else "")
         + f", grad accum {s['grad accum']}, {s['precision']} (weights {s['storage dtype']}),"
-        f" recompute {'on' if s['recompute'] else 'off'}, experts kernel {s['experts kernel']}",
+        f" recompute {s['recompute']}, experts kernel {s['experts kernel']}",
         f"  sample: {lay['images']} image(s) × {lay['tiles_per_image']} tiles = {lay['image_tokens']} image tokens,"
         f" {lay['text_tokens']} text tokens of which {lay['supervised_tokens']} supervised; routing {s['routing']}",
         "  attention kernel assumed: " + "; ".join(s["attention"]),
@@ -365,7 +368,7 @@ def _count(n: int) -> str:
 
 
 def _override(value) -> str:
-    return str(value).lower() if isinstance(value, bool) else str(value)
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def plan_to_dict(plan: Plan) -> dict:
