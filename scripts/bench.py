@@ -267,7 +267,7 @@ def attention_kernel(model, device) -> str:
 
 
 def run_path(model, batch, path, steps, warmup, device, tile_keys=None):
-    """(median step seconds, peak GiB, whether whole-layer recompute was on)."""
+    """(median step seconds, peak GiB, the recompute setting it ran with: none | selective | full)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
     extra = {"tile_keys": tile_keys} if path.get("cache") else {}
@@ -303,7 +303,7 @@ def run_path(model, batch, path, steps, warmup, device, tile_keys=None):
             times.append(time.perf_counter() - t0)
         i += 1
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return statistics.median(times), peak, model.language.model.gradient_checkpointing
+    return statistics.median(times), peak, model.language.model.recompute
 
 
 def agreement(model, batch, device):
@@ -435,12 +435,13 @@ def main() -> None:
                 "tokens_per_s": n_tokens / step,
                 "tflops": flops / step / 1e12,
                 "peak_gib": peak,
-                "recompute": recompute,
+                "recompute": recompute == "full",  # whole layers (as before trainer.recompute existed)
+                "recompute_setting": recompute,  # none | selective | full
             }
             print(
                 f"[{router}] {name:26s} step {step * 1e3:9.1f} ms  {n_tokens / step:10.0f} tok/s  "
                 f"{flops / step / 1e12:7.1f} TFLOP/s  peak {peak if peak is None else round(peak, 2)} GiB"
-                + ("  (whole-layer recompute)" if recompute else ""),
+                + {"full": "  (whole-layer recompute)", "selective": "  (selective recompute)"}.get(recompute, ""),
                 flush=True,
             )
         if "reference" in row and "optimized" in row:

@@ -1,10 +1,11 @@
 """The memory table of docs/memory.md: the dry-run plan for the released models × policies × micro batch ×
 recompute, per GPU for one GPU, ZeRO-2 × 8 and ZeRO-3 × 8, at 4096 tokens per sample (one 2×2-tiled image).
 
-    python scripts/memory_table.py > table.md          # about 10 minutes on 2 CPU cores, no GPU, no weights
+    python scripts/memory_table.py > table.md          # about 15 minutes on 2 CPU cores, no GPU, no weights
     python scripts/memory_table.py --models deepseek-vl2-tiny --micro-batches 1
 
-Each cell is the predicted peak in GiB and, in brackets, the smallest of 24 / 40 / 80 GB cards it fits (— none).
+Each cell is the predicted peak in GiB and, in brackets, the smallest of 24 / 40 / 80 GB cards it fits (— none);
+extra FLOPs: the matmul and attention FLOPs recompute adds to the step's.
 """
 
 import argparse
@@ -16,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from deepseek_vl2_lora.plan.planner import GIB, Planner, fits  # noqa: E402
+from deepseek_vl2_lora.plan.planner import GIB, Planner, fits, recompute_cost  # noqa: E402
 from deepseek_vl2_lora.training.config import as_train_config  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -42,8 +43,9 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=4096)
     ap.add_argument("--ranks", type=int, default=8)
     args = ap.parse_args()
-    print(f"| model | policy | micro batch | recompute | 1 GPU | ZeRO-2 ×{args.ranks} | ZeRO-3 ×{args.ranks} |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    zero = f"ZeRO-2 ×{args.ranks} | ZeRO-3 ×{args.ranks}"
+    print(f"| model | policy | micro batch | recompute | extra FLOPs | 1 GPU | {zero} |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     t0 = time.perf_counter()
     for model in args.models:
         for policy in [p for p in POLICIES[model] if not args.policies or p in args.policies]:
@@ -53,9 +55,10 @@ def main() -> None:
             planner = Planner(cfg, args.ranks)
             for mb in args.micro_batches:
                 for recompute in ("none", "selective", "full"):
-                    columns = planner.columns(planner.measure(mb, recompute), offload=False)
-                    cells = " | ".join(cell(c.peak) for c in columns)
-                    print(f"| {model} | {policy} | {mb} | {recompute} | {cells} |", flush=True)
+                    m = planner.measure(mb, recompute)
+                    cells = " | ".join(cell(c.peak) for c in planner.columns(m, offload=False))
+                    extra = f"{100 * recompute_cost(m, recompute)['extra_fraction']:.1f} %"
+                    print(f"| {model} | {policy} | {mb} | {recompute} | {extra} | {cells} |", flush=True)
     print(f"\n({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
 
 

@@ -45,3 +45,4 @@ def test_bench_packed_rows_and_every_ablation(tmp_path):
         "optimized+compile",
     ]
     assert row["optimized+recompute"]["recompute"] and not row["optimized"]["recompute"]
+    assert row["optimized+selective"]["recompute_setting"] == "selective"

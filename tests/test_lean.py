@@ -112,8 +112,8 @@ def _loss_and_grads(model, batch, lean: bool):
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    ref = b.double().norm()
-    diff = (a.double() - b.double()).norm()
+    a, b = a.detach().double(), b.detach().double()
+    ref, diff = b.norm(), (a - b).norm()
     return float(diff / ref) if ref > 0 else float(diff)
 
 

@@ -225,9 +225,10 @@ def test_train_py_dry_run_plans_vl2_under_zero3_without_weights_or_gpu(tmp_path)
 
 # ----------------------------------------------------------------------------------------------------- on a GPU
 @pytest.mark.gpu
-def test_plan_peak_matches_cuda_max_memory_allocated_for_a_vl2_small_shaped_step(tmp_path):
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_plan_peak_matches_cuda_max_memory_allocated_for_a_vl2_small_shaped_step(tmp_path, recompute):
     """VL2-Small at full width (4 LM layers, the whole vision tower), bf16, 2 × 4096 tokens with a 2×2-tiled image,
-    recompute on, two micro batches: the planned peak within 10 % of torch.cuda.max_memory_allocated."""
+    each recompute setting, two micro batches: the planned peak within 10 % of torch.cuda.max_memory_allocated."""
     model_dir = write_slice(tmp_path / "small", "deepseek-vl2-small", lm_layers=4, vision_layers=27)
     cfg = compose_config(
         "experiment=vl2_small",
@@ -235,9 +236,10 @@ def test_plan_peak_matches_cuda_max_memory_allocated_for_a_vl2_small_shaped_step
         "trainer.micro_batch_size=2",
         "trainer.grad_accum=2",
         "data.max_length=4096",
+        f"trainer.recompute={recompute}",
     )
     vl2, _ = model_config_for(cfg.model)
-    planned = FakeTrainingModel(cfg, vl2, target="cuda").measure(2, "full")
+    planned = FakeTrainingModel(cfg, vl2, target="cuda").measure(2, recompute)
     model = real_model(vl2, cfg, device="cuda", dtype=torch.bfloat16)
     real = measure_real_step(cfg, model, "cuda", lambda: torch.autocast("cuda", dtype=torch.bfloat16))
     print(f"planned {planned.peak.total / 2**30:.2f} GiB, max_memory_allocated {real / 2**30:.2f} GiB")

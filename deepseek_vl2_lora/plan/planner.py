@@ -19,7 +19,8 @@ from pathlib import Path
 
 from .. import PACKAGE_DIR
 from ..model.config import VL2Config
-from ..training.config import RECOMPUTE, as_train_config, check_config, resolve_recompute
+from ..model.recompute import RECOMPUTE
+from ..training.config import as_train_config, check_config, resolve_recompute
 from .kinds import KINDS
 from .measure import FakeTrainingModel, StepMeasurement
 from .tracker import MODEL_STATES
@@ -232,7 +233,8 @@ class Planner:
                     if kind == "single":  # N ranks each run a micro batch: fewer accumulation steps, same batch
                         accum = overrides.get("trainer.grad_accum", tc.grad_accum)
                         overrides["trainer.grad_accum"] = max(1, accum // self.ranks)
-                return {"overrides": overrides, "column": column}
+                cost = recompute_cost(m, change.get("trainer.recompute", recompute))
+                return {"overrides": overrides, "column": column, "recompute": cost}
         return None
 
     def plan(self) -> Plan:
@@ -344,7 +346,9 @@ def format_plan(plan: Plan) -> str:
         else:
             c = plan.change["column"]
             args = " ".join(f"{k}={_override(v)}" for k, v in plan.change["overrides"].items())
-            lines.append(f"Smallest change that fits: {args}  ({c.name}: peak {c.peak / GIB:.2f} GiB)")
+            cost = plan.change["recompute"]
+            extra = f", recompute +{100 * cost['extra_fraction']:.1f} % FLOPs" if cost["extra_flops_per_step"] else ""
+            lines.append(f"Smallest change that fits: {args}  ({c.name}: peak {c.peak / GIB:.2f} GiB{extra})")
     return "\n".join(lines)
 
 
@@ -388,7 +392,12 @@ def plan_to_dict(plan: Plan) -> dict:
     out["columns"] = [column(c) for c in plan.columns]
     out["model_states"] = list(MODEL_STATES)
     if plan.change is not None:
-        out["change"] = {"overrides": plan.change["overrides"], "column": column(plan.change["column"])}
+        change = plan.change
+        out["change"] = {
+            "overrides": change["overrides"],
+            "column": column(change["column"]),
+            "recompute": change["recompute"],
+        }
     return out
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ..model.recompute import RECOMPUTE
 from ..policy.config import PolicyConfig
 
 HUB = "https://huggingface.co/"
@@ -229,9 +230,6 @@ register_configs()
 
 class ConfigError(ValueError):
     """A config value that composes but cannot work; the message says what to change."""
-
-
-RECOMPUTE = ("none", "selective", "full")
 
 
 def resolve_recompute(trainer_cfg) -> str:
