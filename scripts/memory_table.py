@@ -1,7 +1,7 @@
 """The memory table of docs/memory.md: the dry-run plan for the released models × policies × micro batch ×
 recompute, per GPU for one GPU, ZeRO-2 × 8 and ZeRO-3 × 8, at 4096 tokens per sample (one 2×2-tiled image).
 
-    python scripts/memory_table.py > table.md          # about 15 minutes on 2 CPU cores, no GPU, no weights
+    python scripts/memory_table.py > table.md          # about 30 minutes on 2 CPU cores, no GPU, no weights
     python scripts/memory_table.py --models deepseek-vl2-tiny --micro-batches 1
 
 Each cell is the predicted peak in GiB and, in brackets, the smallest of 24 / 40 / 80 GB cards it fits (— none);
