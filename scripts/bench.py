@@ -14,8 +14,9 @@ Paths (toggled on one model, so all see identical weights and batch):
   fused kernels (`flash_attention_2` on CUDA: cuDNN at 192/128, else flash with V padded; packed rows: one fused
   call per sample), loss on supervised positions without full-vocab logits, recompute as for the reference;
 - ablations (`--paths all`): the optimized path with one technique reverted (`-grouped`: loop experts,
-  `-fused_attention`: eager attention, `-lean_ce`: full fp32 logits) or added (`+recompute`, `+compile`: each
-  decoder layer torch.compiled, `+feature_cache`: frozen-vision features from the disk cache, image shapes only).
+  `-fused_attention`: eager attention, `-lean_ce`: full fp32 logits) or added (`+recompute`: whole layers,
+  `+selective`: trainer.recompute=selective, `+compile`: each decoder layer torch.compiled, `+feature_cache`:
+  frozen-vision features from the disk cache, image shapes only).
 All train the MLA low-rank paths (`mla_lowrank`; `mha_lora` for the MHA tiny shapes) with AdamW on the trainable
 parameters kept in fp32; vision is frozen and runs without autograd.
 
@@ -167,6 +168,7 @@ PATHS = {
     "optimized-fused_attention": dict(experts="grouped", attention="eager", lean_ce=True, recompute="auto"),
     "optimized-lean_ce": dict(experts="grouped", attention="fused", lean_ce=False, recompute="auto"),
     "optimized+recompute": dict(experts="grouped", attention="fused", lean_ce=True, recompute=True),
+    "optimized+selective": dict(experts="grouped", attention="fused", lean_ce=True, recompute="selective"),
     "optimized+feature_cache": dict(experts="grouped", attention="fused", lean_ce=True, recompute=False, cache=True),
     "optimized+compile": dict(experts="grouped", attention="fused", lean_ce=True, recompute=False, compile=True),
 }
@@ -229,7 +231,8 @@ def set_path(model, path: dict, device, cache_dir=None) -> None:
             m.backend = fused if path["attention"] == "fused" else "eager"
         if isinstance(m, MLAttention):
             m.absorbed_reference = path["attention"] == "absorbed"
-    model.language.model.gradient_checkpointing = path["recompute"] is True
+    recompute = path["recompute"]  # True: whole layers; "auto": none until out of memory
+    model.language.model.recompute = {True: "full", "selective": "selective"}.get(recompute, "none")
     model.feature_cache = None
     if path.get("cache"):
         from deepseek_vl2_lora.training.feature_cache import VisionFeatureCache
@@ -264,7 +267,7 @@ def attention_kernel(model, device) -> str:
 
 
 def run_path(model, batch, path, steps, warmup, device, tile_keys=None):
-    """(median step seconds, peak GiB, whether whole-layer recompute was on)."""
+    """(median step seconds, peak GiB, the recompute setting it ran with: none | selective | full)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
     extra = {"tile_keys": tile_keys} if path.get("cache") else {}
@@ -300,7 +303,7 @@ def run_path(model, batch, path, steps, warmup, device, tile_keys=None):
             times.append(time.perf_counter() - t0)
         i += 1
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return statistics.median(times), peak, model.language.model.gradient_checkpointing
+    return statistics.median(times), peak, model.language.model.recompute
 
 
 def agreement(model, batch, device):
@@ -432,12 +435,13 @@ def main() -> None:
                 "tokens_per_s": n_tokens / step,
                 "tflops": flops / step / 1e12,
                 "peak_gib": peak,
-                "recompute": recompute,
+                "recompute": recompute == "full",  # whole layers (as before trainer.recompute existed)
+                "recompute_setting": recompute,  # none | selective | full
             }
             print(
                 f"[{router}] {name:26s} step {step * 1e3:9.1f} ms  {n_tokens / step:10.0f} tok/s  "
                 f"{flops / step / 1e12:7.1f} TFLOP/s  peak {peak if peak is None else round(peak, 2)} GiB"
-                + ("  (whole-layer recompute)" if recompute else ""),
+                + {"full": "  (whole-layer recompute)", "selective": "  (selective recompute)"}.get(recompute, ""),
                 flush=True,
             )
         if "reference" in row and "optimized" in row:

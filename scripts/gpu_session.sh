@@ -4,6 +4,7 @@
 #   bash scripts/gpu_session.sh checks small          # GPU tests, then the VL2-Small reference vs optimized runs
 #   bash scripts/gpu_session.sh ablations tiny packed  # each optimization alone; VL2-Tiny with images; packed rows
 #   bash scripts/gpu_session.sh memory                 # the dry-run memory plan against max_memory_allocated
+#   bash scripts/gpu_session.sh recompute              # VL2-Small: no recompute, selective, whole layers
 #
 # Needs torch with CUDA, transformers, timm, peft, safetensors, pyyaml, pytest (no Hydra, W&B or DeepSpeed:
 # the model side imports none of them); the memory stage composes configs, so it needs Hydra (hydra-core, omegaconf,
@@ -32,9 +33,11 @@ for stage in "$@"; do
         ablations) bench small_ablations --shapes small --router skewed --paths all --steps 10 --warmup 2 ;;
         tiny) bench tiny --shapes tiny --steps 20 --warmup 3 ;;
         packed) bench small_packed --shapes small --sample-tokens 1024 --router skewed --steps 20 --warmup 3 ;;
+        recompute) bench small_recompute --shapes small --router uniform --steps 10 --warmup 2 \
+            --paths optimized,optimized+selective,optimized+recompute ;;
         memory) python -m pytest -q -s -m gpu tests/test_memory_plan.py -p no:cacheprovider 2>&1 \
             | tee "$out/memory_plan.log" || status=1 ;;
-        *) echo "unknown stage $stage (checks, small, ablations, tiny, packed, memory)" >&2; exit 2 ;;
+        *) echo "unknown stage $stage (checks, small, ablations, tiny, packed, memory, recompute)" >&2; exit 2 ;;
     esac
 done
 exit $status

@@ -1,13 +1,13 @@
 """The memory table of docs/memory.md: the dry-run plan for the released models × policies × micro batch ×
 recompute, per GPU for one GPU, ZeRO-2 × 8 and ZeRO-3 × 8, at 4096 tokens per sample (one 2×2-tiled image).
 
-    python scripts/memory_table.py > table.md          # about 10 minutes on 2 CPU cores, no GPU, no weights
+    python scripts/memory_table.py > table.md          # about 30 minutes on 2 CPU cores, no GPU, no weights
     python scripts/memory_table.py --models deepseek-vl2-tiny --micro-batches 1
     python scripts/memory_table.py --quantize nf4 --micro-batches 1   # the 4-bit frozen base (model.quantize)
 
-Each cell is the predicted peak in GiB and, in brackets, the smallest of 24 / 40 / 80 GB cards it fits (— none).
-With `--quantize`, policies that train a quantized group in full (full_lm) are left out, and ZeRO-3 (which does not
-shard quantized weights) is n/a.
+Each cell is the predicted peak in GiB and, in brackets, the smallest of 24 / 40 / 80 GB cards it fits (— none);
+extra FLOPs: the matmul and attention FLOPs recompute adds to the step's. With `--quantize`, policies that train a
+quantized group in full (full_lm) are left out, and ZeRO-3 (which does not shard quantized weights) is n/a.
 """
 
 import argparse
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from deepseek_vl2_lora.plan.planner import GIB, Planner, fits  # noqa: E402
+from deepseek_vl2_lora.plan.planner import GIB, Planner, fits, recompute_cost  # noqa: E402
 from deepseek_vl2_lora.training.config import as_train_config  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "deepseek_vl2_lora" / "configs"
@@ -46,8 +46,9 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, default=8)
     ap.add_argument("--quantize", default="none", choices=["none", "nf4", "int8"])
     args = ap.parse_args()
-    print(f"| model | policy | micro batch | recompute | 1 GPU | ZeRO-2 ×{args.ranks} | ZeRO-3 ×{args.ranks} |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    zero = f"ZeRO-2 ×{args.ranks} | ZeRO-3 ×{args.ranks}"
+    print(f"| model | policy | micro batch | recompute | extra FLOPs | 1 GPU | {zero} |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     t0 = time.perf_counter()
     for model in args.models:
         for policy in [p for p in POLICIES[model] if not args.policies or p in args.policies]:
@@ -58,10 +59,12 @@ def main() -> None:
                 cfg = as_train_config(compose("train", overrides=[*overrides, f"model.quantize={args.quantize}"]))
             planner = Planner(cfg, args.ranks)
             for mb in args.micro_batches:
-                for recompute in (False, True):
-                    columns = planner.columns(planner.measure(mb, recompute), offload=False)
+                for recompute in ("none", "selective", "full"):
+                    m = planner.measure(mb, recompute)
+                    columns = planner.columns(m, offload=False)
                     cells = " | ".join([cell(c.peak) for c in columns] + ["n/a"] * (3 - len(columns)))
-                    print(f"| {model} | {policy} | {mb} | {'on' if recompute else 'off'} | {cells} |", flush=True)
+                    extra = f"{100 * recompute_cost(m, recompute)['extra_fraction']:.1f} %"
+                    print(f"| {model} | {policy} | {mb} | {recompute} | {extra} | {cells} |", flush=True)
     print(f"\n({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
 
 

@@ -40,7 +40,9 @@ def test_bench_packed_rows_and_every_ablation(tmp_path):
         "optimized-fused_attention",
         "optimized-lean_ce",
         "optimized+recompute",
+        "optimized+selective",
         "optimized+feature_cache",
         "optimized+compile",
     ]
     assert row["optimized+recompute"]["recompute"] and not row["optimized"]["recompute"]
+    assert row["optimized+selective"]["recompute_setting"] == "selective"

@@ -19,6 +19,7 @@ from deepseek_vl2_lora.plan.fake import HostValues, fake_mode, routing_assumptio
 from deepseek_vl2_lora.plan.measure import FakeTrainingModel
 from deepseek_vl2_lora.plan.planner import RELEASED_DIR, Planner, dry_run, model_config_for, released_config
 from deepseek_vl2_lora.plan.zero import ParamCounts, zero_model_states
+from deepseek_vl2_lora.training.config import resolve_recompute
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,7 +50,7 @@ def _plan_and_real(*overrides, model_dir=None):
     cfg = compose_config(*overrides, *([f"model.path={model_dir}"] if model_dir else []))
     vl2, _ = model_config_for(cfg.model)
     planned = FakeTrainingModel(cfg, vl2, target="cpu").measure(
-        micro_batch_of(cfg.data, cfg.trainer), cfg.trainer.gradient_checkpointing
+        micro_batch_of(cfg.data, cfg.trainer), resolve_recompute(cfg.trainer)
     )
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cfg.trainer.precision == "bf16" else None
@@ -78,11 +79,11 @@ TINY_CASES = [
 ]
 
 
-@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
 @pytest.mark.parametrize("case", TINY_CASES, ids=lambda c: "-".join(o.split("=")[1] for o in c[:2]))
 def test_plan_peak_equals_the_real_step_on_tiny_models(case, recompute):
     common = ("trainer.micro_batch_size=3", "data.max_length=256", "plan.image_tiles=[2,1]")
-    planned, real = _plan_and_real(*case, *common, f"trainer.gradient_checkpointing={recompute}")
+    planned, real = _plan_and_real(*case, *common, f"trainer.recompute={recompute}")
     assert planned == pytest.approx(real, rel=0.05)
 
 
@@ -110,10 +111,11 @@ SLICE_COMMON = ("trainer.micro_batch_size=1", "data.max_length=640", "plan.image
 
 
 def test_plan_peak_equals_the_real_step_on_a_real_width_slice(tmp_path):
-    """VL2-Small at full width, two LM and two vision layers, recompute on (the full matrix is slow, below)."""
+    """VL2-Small at full width, two LM and two vision layers, selective recompute (the lean MoE block and the
+    attention's recomputed input side; the full matrix is slow, below)."""
     name, *policy = SLICES[0]
     model_dir = write_slice(tmp_path / name, name)
-    planned, real = _plan_and_real(*policy, *SLICE_COMMON, "trainer.gradient_checkpointing=true", model_dir=model_dir)
+    planned, real = _plan_and_real(*policy, *SLICE_COMMON, "trainer.recompute=selective", model_dir=model_dir)
     assert planned == pytest.approx(real, rel=0.05)
 
 
@@ -138,14 +140,12 @@ def test_plan_peak_equals_the_real_step_on_quantized_real_width_slices(tmp_path,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
 @pytest.mark.parametrize("case", SLICES, ids=lambda c: f"{c[0]}-{c[1].split('=')[1]}")
 def test_plan_peak_equals_the_real_step_on_real_width_slices(tmp_path, case, recompute):
     name, *policy = case
     model_dir = write_slice(tmp_path / name, name)
-    planned, real = _plan_and_real(
-        *policy, *SLICE_COMMON, f"trainer.gradient_checkpointing={recompute}", model_dir=model_dir
-    )
+    planned, real = _plan_and_real(*policy, *SLICE_COMMON, f"trainer.recompute={recompute}", model_dir=model_dir)
     assert planned == pytest.approx(real, rel=0.05)
 
 
@@ -211,7 +211,7 @@ def test_a_config_that_does_not_fit_names_the_change_that_fits(tmp_path):
     cfg = compose_config(
         "experiment=vl2_small",
         "trainer.dry_run=true",
-        "trainer.gradient_checkpointing=false",
+        "trainer.recompute=none",
         "trainer.micro_batch_size=4",
         "trainer.gpu_memory_gb=40",
         "data.max_length=2048",
@@ -266,9 +266,10 @@ def test_train_py_dry_run_plans_vl2_under_zero3_without_weights_or_gpu(tmp_path)
 
 # ----------------------------------------------------------------------------------------------------- on a GPU
 @pytest.mark.gpu
-def test_plan_peak_matches_cuda_max_memory_allocated_for_a_vl2_small_shaped_step(tmp_path):
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_plan_peak_matches_cuda_max_memory_allocated_for_a_vl2_small_shaped_step(tmp_path, recompute):
     """VL2-Small at full width (4 LM layers, the whole vision tower), bf16, 2 × 4096 tokens with a 2×2-tiled image,
-    recompute on, two micro batches: the planned peak within 10 % of torch.cuda.max_memory_allocated."""
+    each recompute setting, two micro batches: the planned peak within 10 % of torch.cuda.max_memory_allocated."""
     model_dir = write_slice(tmp_path / "small", "deepseek-vl2-small", lm_layers=4, vision_layers=27)
     cfg = compose_config(
         "experiment=vl2_small",
@@ -276,9 +277,10 @@ def test_plan_peak_matches_cuda_max_memory_allocated_for_a_vl2_small_shaped_step
         "trainer.micro_batch_size=2",
         "trainer.grad_accum=2",
         "data.max_length=4096",
+        f"trainer.recompute={recompute}",
     )
     vl2, _ = model_config_for(cfg.model)
-    planned = FakeTrainingModel(cfg, vl2, target="cuda").measure(2, True)
+    planned = FakeTrainingModel(cfg, vl2, target="cuda").measure(2, recompute)
     model = real_model(vl2, cfg, device="cuda", dtype=torch.bfloat16)
     real = measure_real_step(cfg, model, "cuda", lambda: torch.autocast("cuda", dtype=torch.bfloat16))
     print(f"planned {planned.peak.total / 2**30:.2f} GiB, max_memory_allocated {real / 2**30:.2f} GiB")
@@ -321,7 +323,7 @@ def test_full_size_vl2_tiny_trains_one_step_on_the_cpu_within_its_plan(tmp_path)
         "data.max_length=640",
         "plan.image_tiles=[1,1]",
     )
-    planned = FakeTrainingModel(cfg, vl2, target="cpu").measure(1, cfg.trainer.gradient_checkpointing)
+    planned = FakeTrainingModel(cfg, vl2, target="cpu").measure(1, resolve_recompute(cfg.trainer))
     model = DeepseekVL2ForCausalLM.from_pretrained(ckpt, torch_dtype=torch.bfloat16, attn_implementation="sdpa")
     samples = []
 

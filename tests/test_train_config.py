@@ -139,3 +139,40 @@ def test_cli_errors_are_short(tmp_path):
     assert missing.returncode == 1
     assert "huggingface.co/deepseek-ai/deepseek-vl2" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        ((), "none"),
+        (("trainer.gradient_checkpointing=true",), "full"),  # the older name still works
+        (("trainer.gradient_checkpointing=false",), "none"),
+        (("trainer.recompute=selective",), "selective"),
+        (("trainer.recompute=selective", "trainer.gradient_checkpointing=false"), "selective"),  # not full: agrees
+        (("trainer.recompute=full", "trainer.gradient_checkpointing=true"), "full"),
+        (("experiment=vl2_small",), "full"),
+        (("experiment=vl2_small", "trainer.recompute=none"), "none"),
+    ],
+)
+def test_recompute_and_its_older_name(overrides, expected):
+    from deepseek_vl2_lora.training.config import resolve_recompute
+
+    cfg = as_train_config(compose_cfg(*overrides))
+    check_config(cfg)
+    assert resolve_recompute(cfg.trainer) == expected
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("trainer.recompute=selective", "trainer.gradient_checkpointing=true"),
+        ("trainer.recompute=none", "trainer.gradient_checkpointing=true"),
+        ("experiment=vl2_small", "trainer.gradient_checkpointing=false"),  # the experiment sets recompute=full
+        ("trainer.recompute=some",),
+    ],
+)
+def test_contradicting_recompute_settings_are_a_one_line_error(overrides):
+    cfg = as_train_config(compose_cfg(*overrides))
+    with pytest.raises(ConfigError, match="trainer.recompute") as err:
+        check_config(cfg)
+    assert "\n" not in str(err.value)

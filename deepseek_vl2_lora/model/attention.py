@@ -271,7 +271,13 @@ class MLAttention(nn.Module):
         # kv_b_proj would be bypassed, and it keeps no cache.
         self.absorbed_reference = False
 
-    def forward(self, x, position_ids, mask, past_kv=None):
+    def forward(self, x, position_ids, mask, past_kv=None, project: bool = True):
+        """-> (o_proj(heads' outputs), the layer's (K, V)); `project=False`: the heads' outputs [B, S, H·v_head_dim]
+        before o_proj (selective recompute ends there)."""
+        out, kv = self._heads(x, position_ids, mask, past_kv)
+        return (self.o_proj(out) if project else out), kv
+
+    def _heads(self, x, position_ids, mask, past_kv):
         b, s, _ = x.shape
         h = self.num_heads
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
@@ -290,7 +296,7 @@ class MLAttention(nn.Module):
         if past_kv is not None:
             k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
         out = ATTENTION_FUNCTIONS[self.backend](q, k, v.contiguous(), mask, self.softmax_scale)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, h * self.v_dim)), (k, v)
+        return out.transpose(1, 2).reshape(b, s, h * self.v_dim), (k, v)
 
     def _absorbed(self, q_nope, q_pe, c, k_pe, mask):
         """Official eager MLA: q_nope·W_uk against the latent, fp32 softmax over [B, H, S, S], then W_uv."""
@@ -303,7 +309,7 @@ class MLAttention(nn.Module):
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(c.dtype)
         out = torch.einsum("bhsr,hvr->bhsv", probs @ c[:, None], w[:, self.nope :])
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, h * self.v_dim))
+        return out.transpose(1, 2).reshape(b, s, h * self.v_dim)
 
 
 class MHAttention(nn.Module):
@@ -322,7 +328,13 @@ class MHAttention(nn.Module):
         self.rotary = RotaryEmbedding(self.head_dim, cfg.rope_theta, cfg.max_position_embeddings, cfg.rope_scaling)
         self.softmax_scale = self.head_dim**-0.5
 
-    def forward(self, x, position_ids, mask, past_kv=None):
+    def forward(self, x, position_ids, mask, past_kv=None, project: bool = True):
+        """-> (o_proj(heads' outputs), the layer's (K, V)); `project=False`: the heads' outputs [B, S, H·head_dim]
+        before o_proj (selective recompute ends there)."""
+        out, kv = self._heads(x, position_ids, mask, past_kv)
+        return (self.o_proj(out) if project else out), kv
+
+    def _heads(self, x, position_ids, mask, past_kv):
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -335,4 +347,4 @@ class MHAttention(nn.Module):
         kk = k.repeat_interleave(rep, dim=1) if rep > 1 else k
         vv = v.repeat_interleave(rep, dim=1) if rep > 1 else v
         out = ATTENTION_FUNCTIONS[self.backend](q, kk, vv, mask, self.softmax_scale)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)), (k, v)
+        return out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim), (k, v)

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import resolve_attn_implementation, segment_starts
 from .config import VL2Config
 from .language import DeepseekV2ForCausalLM
+from .lean import linear_cross_entropy, loss_chunk_rows
 from .vision import MlpProjector, build_vision_tower
 
 IGNORE_INDEX = -100
@@ -42,26 +43,24 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
-def supervised_lm_loss(hidden: torch.Tensor, lm_head: nn.Linear, labels: torch.Tensor, chunk: int = 4096):
+def supervised_lm_loss(hidden: torch.Tensor, lm_head: nn.Linear, labels: torch.Tensor, chunk: int = 1024):
     """The same loss as `causal_lm_loss(lm_head(hidden), labels)` without materialising full-vocab logits:
     lm_head runs only on positions whose next token is supervised (SFT supervises the answers only), in chunks
-    whose fp32 logits are recomputed in backward instead of stored."""
+    whose gradients are formed right away (lean.linear_cross_entropy): no fp32 logits are kept for backward and
+    lm_head does not run again there."""
     targets = labels[:, 1:].reshape(-1)
     keep = targets != IGNORE_INDEX
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]
     targets = targets[keep]
+    if isinstance(lm_head, nn.Linear):
+        return linear_cross_entropy(h, lm_head.weight, targets, chunk) / keep.sum().clamp(min=1)
+    # A quantized lm_head (model.quantize_lm_head): the module dequantizes its weight per call; its chunks are
+    # recomputed in backward instead (no fp32 logits kept).
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, h.shape[0], chunk):
         part = (h[start : start + chunk], targets[start : start + chunk])
-        if isinstance(lm_head, nn.Linear):
-            total = total + checkpoint(_chunk_ce, lm_head.weight, *part, use_reentrant=False)
-        else:  # a quantized lm_head (model.quantize_lm_head): the module dequantizes its weight per call
-            total = total + checkpoint(_chunk_ce_module, lm_head, *part, use_reentrant=False)
+        total = total + checkpoint(_chunk_ce_module, lm_head, *part, use_reentrant=False)
     return total / keep.sum().clamp(min=1)
-
-
-def _chunk_ce(weight, h, targets):
-    return F.cross_entropy(F.linear(h, weight).float(), targets, reduction="sum")
 
 
 def _chunk_ce_module(lm_head, h, targets):
@@ -81,7 +80,7 @@ class DeepseekVL2ForCausalLM(nn.Module):
         self.image_newline = nn.Parameter(torch.randn(n) / math.sqrt(n))
         self.view_seperator = nn.Parameter(torch.randn(n) / math.sqrt(n))  # (sic) the checkpoint's spelling
         self.language = DeepseekV2ForCausalLM(lm, prefix, backend, experts_kernel)
-        self.loss_chunk_tokens = 4096  # tokens per lm_head chunk when the loss is computed without logits
+        self.loss_chunk_tokens = loss_chunk_rows(lm.vocab_size)  # supervised positions per lm_head chunk
         self.feature_cache = None  # a VisionFeatureCache, attached by the trainer when configured
         # A forward given an image batch without images still runs the vision side (on a blank tile, result
         # unused): set while ranks evaluate different batches under ZeRO-3, where a rank whose batch has images

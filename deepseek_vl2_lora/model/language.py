@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .attention import MHAttention, MLAttention, SegmentMask, build_attention_mask, positions_from_segments
 from .config import LanguageConfig
 from .moe import MLP, MoE
 from .norm import RMSNorm
+from .recompute import RECOMPUTE, recompute_attention_inputs, recompute_layer
 
 
 class DecoderLayer(nn.Module):
@@ -28,15 +28,23 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
 
-    def forward(self, x, position_ids, mask, past_kv=None):
-        attn_out, kv = self.self_attn(self.input_layernorm(x), position_ids, mask, past_kv)
-        x = x + attn_out
+    def forward(self, x, position_ids, mask, past_kv=None, selective: bool = False):
+        """`selective`: the attention's input side is recomputed in backward (recompute.py)."""
+        fused = self.self_attn.backend != "eager" and not getattr(self.self_attn, "absorbed_reference", False)
+        if selective and fused and past_kv is None:
+            out, kv = recompute_attention_inputs(self._attend, x, position_ids, mask)
+        else:
+            out, kv = self._attend(x, position_ids, mask, past_kv)
+        x = x + self.self_attn.o_proj(out)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             ffn, aux = self.mlp(h)
         else:
             ffn, aux = self.mlp(h), None
         return x + ffn, kv, aux
+
+    def _attend(self, x, position_ids, mask, past_kv=None):
+        return self.self_attn(self.input_layernorm(x), position_ids, mask, past_kv, project=False)
 
 
 class DeepseekV2Model(nn.Module):
@@ -47,7 +55,16 @@ class DeepseekV2Model(nn.Module):
             DecoderLayer(cfg, i, prefix, backend, experts_kernel) for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.gradient_checkpointing = False
+        self.recompute = "none"  # none | selective | full, in training (recompute.py)
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """The older name: whole-layer recompute on or off."""
+        return self.recompute == "full"
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool) -> None:
+        self.recompute = "full" if on else "none"
 
     def compile_layers(self, **options) -> None:
         """torch.compile every decoder layer in place (one graph per layer type; the layers share the code, so
@@ -82,13 +99,16 @@ class DeepseekV2Model(nn.Module):
             if position_ids is None:
                 position_ids = default_position_ids(attention_mask, b, s, past_len, inputs_embeds.device)
             mask = build_attention_mask(attention_mask, s, past_len + s)
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"recompute={self.recompute!r}; expected one of {', '.join(RECOMPUTE)}")
+        recompute = self.recompute if self.training and torch.is_grad_enabled() else "none"
         x, new_cache, aux_total = inputs_embeds, [], None
         for i, layer in enumerate(self.layers):
             past = past_key_values[i] if past_key_values else None
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, kv, aux = checkpoint(layer, x, position_ids, mask, past, use_reentrant=False)
+            if recompute == "full":
+                x, kv, aux = recompute_layer(layer, x, position_ids, mask, past)
             else:
-                x, kv, aux = layer(x, position_ids, mask, past)
+                x, kv, aux = layer(x, position_ids, mask, past, selective=recompute == "selective")
             if use_cache:
                 new_cache.append(kv)
             if aux is not None:

@@ -6,7 +6,10 @@ Differences from the official code, on purpose:
 - the aux loss is returned (per layer, already scaled by `aux_loss_alpha`) instead of being injected into the
   backward pass unseen, so it can be reported next to the LM loss and added to it by the training loop;
 - routed experts are stacked tensors `[E, out, in]` (the checkpoint's per-expert keys are stacked on load and
-  split on save), so they can run as a grouped GEMM; the per-expert loop stays as the reference kernel.
+  split on save), so they can run as a grouped GEMM; the per-expert loop stays as the reference kernel;
+- the SwiGLU keeps only gate and up for backward (lean.py), and the routing weight multiplies each token copy's
+  SwiGLU output before the down projection instead of the expert output after it: Σ_k w_k·down(h_k) =
+  Σ_k down(w_k·h_k), so backward needs neither the expert outputs nor an fp32 [N, k, D] product.
 """
 
 from __future__ import annotations
@@ -16,16 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LanguageConfig
+from .lean import check_activation, swiglu
 from .quant import QuantizedTensor, dequantized_grouped_mm
 
-ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 EXPERT_KERNELS = ("loop", "grouped", "auto")
-
-
-def _activation(name: str):
-    if name not in ACTIVATIONS:
-        raise ValueError(f"hidden_act {name!r} not supported; expected one of {sorted(ACTIVATIONS)}")
-    return ACTIVATIONS[name]
 
 
 class MLP(nn.Module):
@@ -36,10 +33,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-        self.act = _activation(act)
+        self.act = check_activation(act)
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.act))
 
 
 class Router(nn.Module):
@@ -144,10 +141,12 @@ class RoutedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, intermediate))
         for w in (self.gate_proj, self.up_proj, self.down_proj):
             nn.init.normal_(w, std=0.02)
-        self.act = _activation(act)
+        self.act = check_activation(act)
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, lora: dict | None = None):
-        """x [N, D], idx/weight [N, k] -> sum_k weight * expert_idx(x), computed like the official combine.
+        """x [N, D], idx/weight [N, k] -> sum_k weight * expert_idx(x) (the routing weight applied inside the
+        expert, before its down projection; the sum over k accumulates in fp32 and is cast back once, like the
+        official combine).
 
         `lora` maps a projection name (`gate_proj`, `up_proj`, `down_proj`) to low-rank updates
         `[(B [E, out, r], A [E, r, in], scale), ...]`: expert e's weight acts as W[e] + scale·B[e]·A[e], applied
@@ -156,36 +155,37 @@ class RoutedExperts(nn.Module):
         if kernel == "auto":
             kernel = "grouped" if x.is_cuda and grouped_mm_supported(x) else "loop"
         lora = lora or {}
+        w = weight.reshape(-1)
         if kernel == "grouped":
-            y = self._grouped(x, idx, lora)
+            y = self._grouped(x, idx, w, lora)
         elif isinstance(self.gate_proj, QuantizedTensor):  # one dequantize per projection, not one per expert
-            y = self._grouped(x, idx, lora, gmm=looped_gmm)
+            y = self._grouped(x, idx, w, lora, gmm=looped_gmm)
         else:
-            y = self._loop(x, idx, lora)
+            y = self._loop(x, idx, w, lora)
+        # y [N·k, D]: token n's copy j at row n·k + j, already weighted
         n, k = idx.shape
-        # Official combine: fp32 routing weights times expert outputs, summed over k, cast back.
-        return (y.view(n, k, -1) * weight.unsqueeze(-1)).sum(dim=1).to(x.dtype)
+        return y.view(n, k, -1).sum(dim=1).to(x.dtype)
 
-    def _expert(self, e: int, h: torch.Tensor, lora: dict) -> torch.Tensor:
+    def _expert(self, e: int, h: torch.Tensor, weight: torch.Tensor, lora: dict) -> torch.Tensor:
         def proj(name, inp):
             out = F.linear(inp, getattr(self, name)[e])
             for b, a, scale in lora.get(name, ()):
                 out = out + scale * F.linear(F.linear(inp, a[e].to(inp.dtype)), b[e].to(inp.dtype))
             return out
 
-        return proj("down_proj", self.act(proj("gate_proj", h)) * proj("up_proj", h))
+        return proj("down_proj", swiglu(proj("gate_proj", h), proj("up_proj", h), self.act, weight))
 
-    def _loop(self, x, idx, lora):
+    def _loop(self, x, idx, weight, lora):
         """Reference kernel: one masked matmul chain per expert, as the official training branch does."""
         flat = idx.reshape(-1)
         xs = x.repeat_interleave(idx.shape[1], dim=0)
         y = xs.new_zeros(xs.shape)
         for e in range(self.n_experts):
             sel = flat == e
-            y[sel] = self._expert(e, xs[sel], lora).to(y.dtype)
+            y[sel] = self._expert(e, xs[sel], weight[sel], lora).to(y.dtype)
         return y
 
-    def _grouped(self, x, idx, lora, gmm=None):
+    def _grouped(self, x, idx, weight, lora, gmm=None):
         """Sort token copies by expert, three grouped GEMMs (+ two thin ones per LoRA update), unsort. No host
         sync (unless `gmm` is `looped_gmm`: the loop kernel over quantized experts)."""
         k = idx.shape[1]
@@ -209,7 +209,8 @@ class RoutedExperts(nn.Module):
                 out = out + scale * gmm(gmm(inp, a.transpose(-2, -1), offs), b.transpose(-2, -1), offs)
             return out
 
-        out = proj("down_proj", self.act(proj("gate_proj", xs)) * proj("up_proj", xs))
+        h = swiglu(proj("gate_proj", xs), proj("up_proj", xs), self.act, weight[order])
+        out = proj("down_proj", h)
         y = torch.empty_like(out)
         y[order] = out
         return y

@@ -1,7 +1,10 @@
-"""RMSNorm as DeepSeek-V2 computes it: statistics in fp32, scale applied after casting back."""
+"""RMSNorm as DeepSeek-V2 computes it: statistics in fp32, scale applied after casting back (lean.py: backward
+keeps x as it came and the fp32 1/rms, not an fp32 copy of x)."""
 
 import torch
 from torch import nn
+
+from .lean import rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -11,7 +14,4 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return rms_norm(x, self.weight, self.eps)

@@ -2,9 +2,10 @@
 
 The step is the training loop's own (`step.prepare_model`, `step.micro_step`, the engine's optimizer step):
 the policy is applied exactly as training applies it (PEFT adapters included), with the configured precision,
-recompute, experts kernel, attention backend and packing. The optimizer state exists before the measured step
-(its first step allocates it; every later step starts with it), and with gradient accumulation two micro batches
-run, so gradients already exist during the second one: the measured step is a steady-state step.
+recompute (none, selective, full), experts kernel, attention backend and packing. The optimizer state exists
+before the measured step (its first step allocates it; every later step starts with it), and with gradient
+accumulation two micro batches run, so gradients already exist during the second one: the measured step is a
+steady-state step.
 """
 
 from __future__ import annotations
@@ -77,6 +78,10 @@ class StepMeasurement:
     flops: float  # model FLOPs per optimizer step on this rank
     layout: dict
     micro_batches_run: int
+    positions: int  # token positions per micro batch (padding included): the per-token denominator
+    end_of_forward: dict[str, int]  # activation bytes by module kind when backward starts: saved for backward
+    layers_per_kind: dict[str, int]  # decoder layers holding each kind: the per-layer denominator
+    counted_flops: dict[str, int]  # matmul/attention FLOPs per phase as run (recompute apart), per step
 
 
 class _PhaseEngine:
@@ -137,8 +142,9 @@ class FakeTrainingModel:
         self.flop_model = FlopModel.from_model(model)
         self.counts = param_counts(model, persistence_threshold)
 
-    def measure(self, micro_batch_size: int, gradient_checkpointing: bool) -> StepMeasurement:
-        """One step of `micro_batch_size` samples (token-budget batching: packed rows, each full)."""
+    def measure(self, micro_batch_size: int, recompute: str) -> StepMeasurement:
+        """One steady-state step of `micro_batch_size` samples (token-budget batching: packed rows, each full) at a
+        `trainer.recompute` setting (none | selective | full)."""
         cfg, setting = self.cfg, self.setting
         length = cfg.data.max_length or 4096
         if cfg.data.get("tokens_per_micro_batch"):
@@ -146,7 +152,7 @@ class FakeTrainingModel:
         layout = sample_layout(self.vl2_config, length, cfg.plan)
         batch = plan_batch(self.vl2_config, micro_batch_size, cfg.data, cfg.trainer, cfg.plan)
         lengths = sample_lengths(batch)
-        self.model.language.model.gradient_checkpointing = gradient_checkpointing
+        self.model.language.model.recompute = recompute
         tracker = MemoryTracker(block=CUDA_BLOCK if setting.target == "cuda" else 1)
         kernels = CudaAttentionKernels() if setting.target == "cuda" else nullcontext()
         micro_batches = min(cfg.trainer.grad_accum, 2)
@@ -158,7 +164,7 @@ class FakeTrainingModel:
             tracker.register_optimizer(self.engine.optimizer)
             for value in batch.values():
                 if isinstance(value, torch.Tensor):
-                    tracker.register(value, "activations")
+                    tracker.register(value, "activations", kind="batch")
             start = tracker.now.total
             stack.enter_context(HostValues())
             stack.enter_context(tracker)
@@ -188,4 +194,8 @@ class FakeTrainingModel:
             flops=self.flop_model.batch_flops(batch, lengths) * accum,
             layout=layout,
             micro_batches_run=micro_batches,
+            positions=batch["input_ids"].numel(),
+            end_of_forward=tracker.end_of_forward,
+            layers_per_kind=tracker.layers_per_kind,
+            counted_flops={k: v * accum // micro_batches for k, v in tracker.flops.items() if k != "optimizer step"},
         )

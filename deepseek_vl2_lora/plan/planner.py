@@ -5,10 +5,10 @@ category. The one-GPU column is that measurement; the ZeRO-2 / ZeRO-3 columns ke
 temporaries (every rank runs its own micro batch) and replace the model states by DeepSpeed's sharded ones
 (zero.py). A config fits a GPU when 1.05 × its peak + 1 GiB (CUDA context, cuBLAS/cuDNN workspaces and allocator
 fragmentation, which `torch.cuda.max_memory_allocated` does not count) is at most `trainer.gpu_memory_gb`. When
-it does not fit, the smallest change that fits is searched, in this order: recompute, a smaller micro batch (the
-global batch kept with more accumulation), a 4-bit frozen base (`model.quantize=nf4`, where the policy allows it),
-ZeRO-2, ZeRO-3, optimizer offload. With a quantized base there is no ZeRO-3 column (it does not shard quantized
-weights; training/config.py refuses the combination).
+it does not fit, the smallest change that fits is searched, in this order: more recompute (selective, then full),
+a smaller micro batch (the global batch kept with more accumulation), a 4-bit frozen base (`model.quantize=nf4`,
+where the policy allows it), ZeRO-2, ZeRO-3, optimizer offload. With a quantized base there is no ZeRO-3 column (it
+does not shard quantized weights; training/config.py refuses the combination).
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ from pathlib import Path
 
 from .. import PACKAGE_DIR
 from ..model.config import VL2Config
+from ..model.recompute import RECOMPUTE
 from ..policy.quantize import quantize_conflicts
-from ..training.config import as_train_config, check_config
+from ..training.config import as_train_config, check_config, resolve_recompute
 from .batch import micro_batch_of
+from .kinds import KINDS
 from .measure import FakeTrainingModel, StepMeasurement
 from .tracker import MODEL_STATES
 from .zero import zero_model_states, zero_settings
@@ -129,6 +131,42 @@ class Plan:
     fits: bool
     change: dict | None = None  # the smallest change that fits: overrides and its column
     notes: list[str] = field(default_factory=list)
+    activations: list[dict] = field(default_factory=list)  # by module kind (activation_breakdown)
+    recompute: dict = field(default_factory=dict)  # the setting and the FLOPs it adds (recompute_cost)
+
+
+def activation_breakdown(m: StepMeasurement) -> list[dict]:
+    """Per module kind: activation bytes at the step's peak, bytes the forward pass leaves for backward (alive when
+    backward starts) and those per token position and per decoder layer holding the kind (layer kinds only)."""
+    rows = []
+    for kind in KINDS:
+        at_peak, saved = m.peak.activation_kinds.get(kind, 0), m.end_of_forward.get(kind, 0)
+        if not (at_peak or saved):
+            continue
+        layers = m.layers_per_kind.get(kind)
+        per = saved / (m.positions * layers) if layers else None
+        rows.append(
+            {
+                "kind": kind,
+                "at_peak_bytes": at_peak,
+                "saved_for_backward_bytes": saved,
+                "saved_per_token_per_layer_bytes": None if per is None else round(per, 1),
+            }
+        )
+    return rows
+
+
+def recompute_cost(m: StepMeasurement, setting: str) -> dict:
+    """The FLOPs recompute adds per optimizer step (matmuls and attention, as counted while the step ran) and their
+    share of the step's own forward + backward FLOPs."""
+    f = m.counted_flops
+    step = f["forward"] + f["backward"]
+    return {
+        "setting": setting,
+        "extra_flops_per_step": f["recompute"],
+        "step_flops_counted": step,
+        "extra_fraction": f["recompute"] / step if step else 0.0,
+    }
 
 
 class Planner:
@@ -146,9 +184,10 @@ class Planner:
         self.threshold = zero_settings(self.ds_configs["zero3"])["stage3_param_persistence_threshold"]
         self.fake = FakeTrainingModel(cfg, self.vl2_config, "cuda", self.threshold)
         self._fakes = {cfg.model.quantize: self.fake}  # another quantization: built when the search needs it
-        self._measured: dict[tuple[int, bool, str], StepMeasurement] = {}
+        self._measured: dict[tuple[int, str, str], StepMeasurement] = {}
+        self.recompute = resolve_recompute(cfg.trainer)
 
-    def measure(self, micro_batch_size: int, recompute: bool, quantize: str | None = None) -> StepMeasurement:
+    def measure(self, micro_batch_size: int, recompute: str, quantize: str | None = None) -> StepMeasurement:
         quantize = quantize or self.cfg.model.quantize
         key = (micro_batch_size, recompute, quantize)
         if key not in self._measured:
@@ -172,32 +211,35 @@ class Planner:
     def smallest_change(self) -> dict | None:
         """The first candidate (in the module docstring's order) whose configured column fits."""
         tc, dist = self.cfg.trainer, self.cfg.dist
-        mb, recompute, kind, offload = self.micro_batch, tc.gradient_checkpointing, dist.kind, dist.offload_optimizer
+        mb, recompute, kind, offload = self.micro_batch, self.recompute, dist.kind, dist.offload_optimizer
         sizes = []
         while mb > 1:
             mb //= 2
             sizes.append(mb)
-        gc = [] if recompute else [{"trainer.gradient_checkpointing": True}]
-        candidates = list(gc)
+        # more recompute, cheapest first: selective before full
+        more = [{"trainer.recompute": r} for r in RECOMPUTE[RECOMPUTE.index(recompute) + 1 :]]
+        candidates = list(more)
         candidates += [{MICRO: s} for s in sizes]
-        candidates += [{**g, MICRO: s} for g in gc for s in sizes]
+        candidates += [{**r, MICRO: s} for r in more for s in sizes]
         m = self.cfg.model
         if m.quantize == "none" and not quantize_conflicts(self.cfg.policy, "nf4", m.quantize_lm_head):
             nf4 = {"model.quantize": "nf4"}
-            candidates += [nf4] + [{**nf4, **g} for g in gc]
-            candidates += [{**nf4, **g, MICRO: s} for g in [{}, *gc] for s in sizes]
+            candidates += [nf4] + [{**nf4, **r} for r in more]
+            candidates += [{**nf4, **r, MICRO: s} for r in [{}, *more] for s in sizes]
         stages = {"single": ["zero2", "zero3"], "zero2": ["zero3"], "zero3": []}[kind]
         if m.quantize != "none":  # ZeRO-3 does not shard quantized weights
             stages = [stage for stage in stages if stage != "zero3"]
-        candidates += [{"dist": stage, **g} for stage in stages for g in [{}, *gc]]
+        candidates += [{"dist": stage, **r} for stage in stages for r in [{}, *more]]
         if not offload:
+            full = {} if recompute == "full" else {"trainer.recompute": "full"}
             for stage in [k for k in (kind, *stages) if k != "single"]:
-                candidates.append(
-                    {"dist": stage, "trainer.gradient_checkpointing": True, "dist.offload_optimizer": True}
-                )
+                candidates.append({"dist": stage, **full, "dist.offload_optimizer": True})
         for change in candidates:
-            recompute_now = change.get("trainer.gradient_checkpointing", recompute)
-            m = self.measure(change.get(MICRO, self.micro_batch), recompute_now, change.get("model.quantize"))
+            m = self.measure(
+                change.get(MICRO, self.micro_batch),
+                change.get("trainer.recompute", recompute),
+                change.get("model.quantize"),
+            )
             columns = self.columns(m, change.get("dist.offload_optimizer", offload))
             column = self._configured(columns, change.get("dist", kind))
             if column.fits:
@@ -210,17 +252,20 @@ class Planner:
                         overrides = {"data.tokens_per_micro_batch": rows * tc.pack_length, **overrides}
                     else:
                         overrides = {"trainer.micro_batch_size": rows, **overrides}
+                if "trainer.recompute" in overrides and tc.gradient_checkpointing is not None:
+                    overrides["trainer.gradient_checkpointing"] = None  # the older switch would contradict it
                 if "dist" in overrides and overrides["dist"] != "single":
                     overrides["dist.world_size"] = self.ranks
                     if kind == "single":  # N ranks each run a micro batch: fewer accumulation steps, same batch
                         accum = overrides.get("trainer.grad_accum", tc.grad_accum)
                         overrides["trainer.grad_accum"] = max(1, accum // self.ranks)
-                return {"overrides": overrides, "column": column}
+                cost = recompute_cost(m, change.get("trainer.recompute", recompute))
+                return {"overrides": overrides, "column": column, "recompute": cost}
         return None
 
     def plan(self) -> Plan:
         tc, dist = self.cfg.trainer, self.cfg.dist
-        m = self.measure(self.micro_batch, tc.gradient_checkpointing)
+        m = self.measure(self.micro_batch, self.recompute)
         columns = self.columns(m, dist.offload_optimizer)
         configured = self._configured(columns, dist.kind)
         change = None if configured.fits else self.smallest_change()
@@ -239,7 +284,7 @@ class Planner:
                 "quantized weights GiB": round(m.counts.quantized_bytes / GIB, 3),
                 "attention": m.attention,
                 "experts kernel": setting.experts_kernel,
-                "recompute": tc.gradient_checkpointing,
+                "recompute": self.recompute,
                 "micro batch": self.micro_batch,
                 "grad accum": tc.grad_accum,
                 "sequence length": self.cfg.data.max_length or 4096,
@@ -270,6 +315,8 @@ class Planner:
                 if m.counts.quantized_bytes
                 else []
             ),
+            activations=activation_breakdown(m),
+            recompute=recompute_cost(m, self.recompute),
         )
 
     def _model_name(self) -> str:
@@ -308,7 +355,7 @@ def format_plan(plan: Plan) -> str:
         + f", grad accum {s['grad accum']}, {s['precision']} (weights {s['storage dtype']}"
         + (f"; LM weights {s['quantize']}, {s['quantized weights GiB']:.2f} GiB" if s["quantize"] != "none" else "")
         + "),"
-        f" recompute {'on' if s['recompute'] else 'off'}, experts kernel {s['experts kernel']}",
+        f" recompute {s['recompute']}, experts kernel {s['experts kernel']}",
         f"  sample: {lay['images']} image(s) × {lay['tiles_per_image']} tiles = {lay['image_tokens']} image tokens,"
         f" {lay['text_tokens']} text tokens of which {lay['supervised_tokens']} supervised; routing {s['routing']}",
         "  attention kernel assumed: " + "; ".join(s["attention"]),
@@ -329,6 +376,7 @@ def format_plan(plan: Plan) -> str:
         f"  per step and GPU: {meas['tokens per step']:,} tokens, {meas['samples per step']} samples, "
         f"{meas['flops per step'] / 1e12:,.1f} TFLOP"
     )
+    lines += [""] + format_breakdown(plan.activations, plan.recompute)
     lines.append("")
     verdict = "fits" if plan.fits else "does NOT fit"
     lines.append(f"As configured ({plan.configured}): {verdict} a {s['gpu memory GiB']:g} GB GPU.")
@@ -342,8 +390,25 @@ def format_plan(plan: Plan) -> str:
         else:
             c = plan.change["column"]
             args = " ".join(f"{k}={_override(v)}" for k, v in plan.change["overrides"].items())
-            lines.append(f"Smallest change that fits: {args}  ({c.name}: peak {c.peak / GIB:.2f} GiB)")
+            cost = plan.change["recompute"]
+            extra = f", recompute +{100 * cost['extra_fraction']:.1f} % FLOPs" if cost["extra_flops_per_step"] else ""
+            lines.append(f"Smallest change that fits: {args}  ({c.name}: peak {c.peak / GIB:.2f} GiB{extra})")
     return "\n".join(lines)
+
+
+def format_breakdown(rows: list[dict], recompute: dict) -> list[str]:
+    lines = ["  activations by module kind   GiB at peak   saved for backward: GiB   KB per token and layer"]
+    for r in rows:
+        per = r["saved_per_token_per_layer_bytes"]
+        lines.append(
+            f"  {r['kind']:<28}{r['at_peak_bytes'] / GIB:>11.2f}{r['saved_for_backward_bytes'] / GIB:>26.2f}"
+            + (f"{per / 1000:>25.1f}" if per is not None else "")
+        )
+    lines.append(
+        f"  recompute {recompute['setting']}: {recompute['extra_flops_per_step'] / 1e12:,.1f} TFLOP per step extra "
+        f"({100 * recompute['extra_fraction']:.1f} % of the step's matmul and attention FLOPs)"
+    )
+    return lines
 
 
 def _count(n: int) -> str:
@@ -351,7 +416,7 @@ def _count(n: int) -> str:
 
 
 def _override(value) -> str:
-    return str(value).lower() if isinstance(value, bool) else str(value)
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def plan_to_dict(plan: Plan) -> dict:
@@ -371,7 +436,12 @@ def plan_to_dict(plan: Plan) -> dict:
     out["columns"] = [column(c) for c in plan.columns]
     out["model_states"] = list(MODEL_STATES)
     if plan.change is not None:
-        out["change"] = {"overrides": plan.change["overrides"], "column": column(plan.change["column"])}
+        change = plan.change
+        out["change"] = {
+            "overrides": change["overrides"],
+            "column": column(change["column"]),
+            "recompute": change["recompute"],
+        }
     return out
 
 

@@ -8,7 +8,10 @@ exist before the step (weights, optimizer state, the batch) are registered by th
 Categories: `weights` (frozen parameters and buffers), `trainable` (trainable parameters: the fp32 master copies
 in one process), `gradients` (a trainable parameter's `.grad`, retagged when autograd accumulates it),
 `optimizer` (optimizer state), `activations` (created in the forward pass and the batch) and `temporaries`
-(created in backward or in the optimizer step, gradients excepted).
+(created in backward or in the optimizer step, gradients excepted). Activations are also counted by module kind
+(kinds.py): at the peak, and at the end of the forward pass (what the forward leaves for backward: the tensors
+autograd saved, the loss and the batch). Each op's matmul FLOPs are counted by phase; ops that run in backward
+with gradients enabled are a recompute (activation checkpointing re-running a forward), counted apart.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
+
+from .kinds import AFTER_LM, BEFORE_LM, is_language_model, module_kinds, op_flops
 
 CATEGORIES = ("weights", "trainable", "gradients", "optimizer", "activations", "temporaries")
 MODEL_STATES = ("weights", "trainable", "gradients", "optimizer")
@@ -36,9 +41,10 @@ class Snapshot:
     total: int = 0
     by_category: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CATEGORIES, 0))
     moment: str = ""  # phase and innermost module when this snapshot was taken
+    activation_kinds: dict[str, int] = field(default_factory=dict)  # activation bytes by module kind
 
     def copy(self, moment: str) -> Snapshot:
-        return Snapshot(self.total, dict(self.by_category), moment)
+        return Snapshot(self.total, dict(self.by_category), moment, dict(self.activation_kinds))
 
     @property
     def transient(self) -> int:
@@ -65,6 +71,12 @@ class MemoryTracker(TorchDispatchMode):
         self._stack: list[str] = []  # modules whose forward is running
         self._backward_module = ""
         self._hooks: list = []
+        self._kinds: dict[int, str] = {}  # id(module) -> kind (kinds.py)
+        self.layers_per_kind: dict[str, int] = {}
+        self._kind_stack: list[str] = []
+        self._after_lm = False  # the language model has returned in this forward pass: top-level ops are the loss
+        self.end_of_forward: dict[str, int] = {}  # activation bytes by kind when backward starts (largest micro batch)
+        self.flops = {"forward": 0, "backward": 0, "recompute": 0, "optimizer step": 0}
 
     @property
     def phase(self) -> str:
@@ -74,34 +86,51 @@ class MemoryTracker(TorchDispatchMode):
     def phase(self, value: str) -> None:
         if value == "backward" and self._phase != "backward":
             self._backward_module = "the loss (lm_head)"  # backward starts there, before any module's gradients
+            if sum(self.now.activation_kinds.values()) > sum(self.end_of_forward.values()):
+                self.end_of_forward = dict(self.now.activation_kinds)
+        if value == "forward":
+            self._after_lm = False
         self._phase = value
 
     # -- registration ------------------------------------------------------------------------------------
-    def register(self, tensor: torch.Tensor, category: str, retag: bool = True) -> None:
-        """Count `tensor`'s storage under `category`; one counted already is retagged (unless `retag` is False:
-        an op's output that aliases an existing storage, a view or an in-place result, keeps its category)."""
+    def register(self, tensor: torch.Tensor, category: str, retag: bool = True, kind: str | None = None) -> None:
+        """Count `tensor`'s storage under `category` (and, for activations, under `kind`: by default the running
+        module's); one counted already is retagged (unless `retag` is False: an op's output that aliases an
+        existing storage, a view or an in-place result, keeps its category)."""
         st = tensor.untyped_storage()
         entry = self._storages.get(st)
         if entry is not None:
             if retag and entry[1] != category:
-                self.now.by_category[entry[1]] -= entry[0]
-                self.now.by_category[category] += entry[0]
+                self._count(entry, -1)
                 entry[1] = category
+                self._count(entry, 1)
             return
         nbytes = allocated_bytes(st.nbytes(), self.block)
-        entry = [nbytes, category]
+        entry = [nbytes, category, kind or self._current_kind()]
         self._storages[st] = entry
         weakref.finalize(st, self._freed, entry)
         self.now.total += nbytes
-        self.now.by_category[category] += nbytes
+        self._count(entry, 1)
         self._update_peaks()
+
+    def _count(self, entry, sign: int) -> None:
+        nbytes, category, kind = entry
+        self.now.by_category[category] += sign * nbytes
+        if category == "activations":
+            self.now.activation_kinds[kind] = self.now.activation_kinds.get(kind, 0) + sign * nbytes
 
     def _freed(self, entry) -> None:
         self.now.total -= entry[0]
-        self.now.by_category[entry[1]] -= entry[0]
+        self._count(entry, -1)
+
+    def _current_kind(self) -> str:
+        if self._kind_stack:
+            return self._kind_stack[-1]
+        return AFTER_LM if self._after_lm else BEFORE_LM
 
     def register_module(self, module: torch.nn.Module) -> None:
         self._names.update((id(m), name) for name, m in module.named_modules() if name)
+        self._kinds, self.layers_per_kind = module_kinds(module)
         for p in module.parameters():
             self.register(p, "trainable" if p.requires_grad else "weights")
             if p.requires_grad:
@@ -133,6 +162,7 @@ class MemoryTracker(TorchDispatchMode):
         name = self._names.get(id(module))
         if name is not None:
             self._stack.append(name)
+            self._kind_stack.append(self._kinds.get(id(module), self._current_kind()))
 
     def _post_forward(self, module, args, output):
         name = self._names.get(id(module))
@@ -140,6 +170,9 @@ class MemoryTracker(TorchDispatchMode):
             return
         if self._stack and self._stack[-1] == name:
             self._stack.pop()
+            self._kind_stack.pop()
+        if is_language_model(module):
+            self._after_lm = True
         for t in tree_leaves(output):
             if isinstance(t, torch.Tensor) and t.grad_fn is not None:
                 t.grad_fn.metadata.setdefault("module", name)
@@ -158,6 +191,11 @@ class MemoryTracker(TorchDispatchMode):
             if node is not None and "module" in node.metadata:
                 self._backward_module = node.metadata["module"]
         out = func(*args, **(kwargs or {}))
+        phase = self.phase
+        if phase == "backward" and torch.is_grad_enabled():
+            phase = "recompute"  # a forward op re-run by activation checkpointing (backward proper runs without grad)
+        if phase in self.flops:
+            self.flops[phase] += op_flops(func, args, kwargs or {}, out)
         category = self._category()
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):

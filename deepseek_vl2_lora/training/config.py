@@ -17,6 +17,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ..model.recompute import RECOMPUTE
 from ..policy.config import PolicyConfig
 
 HUB = "https://huggingface.co/"
@@ -128,7 +129,12 @@ class TrainerConfig:
     # torch intra-op threads when training on CPU; null: torch's default (all cores). On a shared machine one
     # thread degrades gracefully where several oversubscribe the cores and can run many times slower.
     cpu_threads: int | None = None
-    gradient_checkpointing: bool = False  # per decoder layer, LM only
+    # Activation recompute in the language model's layers (deepseek_vl2_lora/model/recompute.py): none | selective
+    # (the attention's input norm and q/kv projections run again in backward, the attention kernel does not: a few
+    # % more FLOPs) | full (every layer runs again). null: as gradient_checkpointing says, none when that is unset.
+    recompute: str | None = None
+    # The older switch: true = recompute full, false = not full. Set both only if they agree (resolve_recompute).
+    gradient_checkpointing: bool | None = None
     # Pack each micro batch's samples into rows of at most this many tokens (first-fit decreasing), each sample
     # attending only to itself with its own position ids; the loss is the unpacked one. null: one row per sample.
     pack_length: int | None = None
@@ -242,6 +248,23 @@ register_configs()
 
 class ConfigError(ValueError):
     """A config value that composes but cannot work; the message says what to change."""
+
+
+def resolve_recompute(trainer_cfg) -> str:
+    """trainer.recompute, with trainer.gradient_checkpointing as its older name: true means full and false means
+    not full. Unset recompute takes gradient_checkpointing's meaning (none when both are unset); both set must
+    agree, else ConfigError."""
+    recompute, legacy = trainer_cfg.recompute, trainer_cfg.gradient_checkpointing
+    if recompute is None:
+        return "full" if legacy else "none"
+    if recompute not in RECOMPUTE:
+        raise ConfigError(f"trainer.recompute={recompute!r}: expected one of {', '.join(RECOMPUTE)}")
+    if legacy is not None and legacy != (recompute == "full"):
+        raise ConfigError(
+            f"trainer.gradient_checkpointing={str(legacy).lower()} contradicts trainer.recompute={recompute} "
+            "(gradient_checkpointing is the older name for recompute=full): set only trainer.recompute"
+        )
+    return recompute
 
 
 _CHOICES = {
@@ -446,6 +469,10 @@ def check_config(cfg: DictConfig) -> None:
             f"plan.image_tiles={list(cfg.plan.image_tiles)} / plan.images_per_sample={cfg.plan.images_per_sample}: "
             "need two tile counts ≥ 1 ([width, height]) and images_per_sample ≥ 0"
         )
+    try:
+        resolve_recompute(cfg.trainer)
+    except ConfigError as e:
+        problems.append(str(e))
     if cfg.trainer.cpu_threads is not None and cfg.trainer.cpu_threads < 1:
         problems.append(f"trainer.cpu_threads={cfg.trainer.cpu_threads}: must be ≥ 1 (or null)")
     if problems:

@@ -38,13 +38,15 @@ def autocast_for(precision: str, device: torch.device):
 
 def prepare_model(model: torch.nn.Module, policy_cfg, trainer_cfg, compile_layers: bool | None = None) -> PolicyReport:
     """The model as training runs it: the freezing policy applied (PEFT adapters included), trainable weights in
-    fp32 (master weights under bf16 storage), per-layer recompute and `torch.compile` per layer as `trainer_cfg`
-    says (`compile_layers` overrides the latter), train mode. Returns the policy report."""
+    fp32 (master weights under bf16 storage), recompute (`trainer.recompute`) and `torch.compile` per layer as
+    `trainer_cfg` says (`compile_layers` overrides the latter), train mode. Returns the policy report."""
     report = apply_policy(model, policy_cfg)
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
-    model.language.model.gradient_checkpointing = trainer_cfg.gradient_checkpointing
+    from .config import resolve_recompute  # (config imports Hydra; the step's users need not)
+
+    model.language.model.recompute = resolve_recompute(trainer_cfg)
     if trainer_cfg.compile_blocks if compile_layers is None else compile_layers:
         model.language.model.compile_layers()
     model.train()
