@@ -19,7 +19,7 @@ from deepseek_vl2_lora.model.moe import MLP, RoutedExperts
 from deepseek_vl2_lora.model.norm import RMSNorm
 from deepseek_vl2_lora.policy.groups import apply_policy
 
-PRESETS = Path(__file__).resolve().parents[1] / "configs" / "policy"
+PRESETS = Path(__file__).resolve().parents[1] / "deepseek_vl2_lora" / "configs" / "policy"
 ACT = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
 
