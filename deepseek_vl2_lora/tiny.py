@@ -124,20 +124,20 @@ def family_config(family: str, vocab_size: int) -> dict:
 
 
 def random_value(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-    """One parameter's deterministic random value (fp32) with O(1) activations: norms 1, biases 0, matrices
-    N(0, 0.05²) (the router 0.3, for non-trivial routing), drawn from `gen`."""
-    leaf = name.rsplit(".", 1)[-1]
+    """One parameter's deterministic random value (fp32, on `gen`'s device) with O(1) activations: norms 1,
+    biases 0, matrices N(0, 0.05²) (the router 0.3, for non-trivial routing), drawn from `gen`."""
+    leaf, device = name.rsplit(".", 1)[-1], gen.device
     if "norm" in name and leaf in ("weight", "bias"):
-        return torch.full(shape, 1.0 if leaf == "weight" else 0.0)
+        return torch.full(shape, 1.0 if leaf == "weight" else 0.0, device=device)
     if leaf == "bias":
-        return torch.zeros(shape)
+        return torch.zeros(shape, device=device)
     if name.endswith("e_score_correction_bias"):
-        return torch.randn(shape, generator=gen) * 0.05
+        return torch.randn(shape, generator=gen, device=device) * 0.05
     if name.endswith("mlp.gate.weight"):
-        return torch.randn(shape, generator=gen) * 0.3  # non-trivial routing
+        return torch.randn(shape, generator=gen, device=device) * 0.3  # non-trivial routing
     if name in ("image_newline", "view_seperator"):
-        return torch.randn(shape, generator=gen) / shape[0] ** 0.5
-    return torch.randn(shape, generator=gen) * 0.05
+        return torch.randn(shape, generator=gen, device=device) / shape[0] ** 0.5
+    return torch.randn(shape, generator=gen, device=device) * 0.05
 
 
 def _init_random(model: torch.nn.Module, seed: int) -> None:
@@ -155,11 +155,13 @@ def write_random_checkpoint(
     dtype: torch.dtype = torch.float32,
     max_shard_bytes: int | None = None,
     extra_files=(),
+    device: str = "cpu",
 ) -> Path:
     """A checkpoint directory in the official layout (config.json, safetensors with per-expert keys, sharded with
     an index above `max_shard_bytes`, plus `extra_files` such as the tokenizer) holding `_init_random`'s weights
     for the architecture `raw_config` describes, in `dtype`. Written tensor by tensor and shard by shard, so at most
-    one shard is ever in memory (a full-size model never is); atomically (a temp dir, then renamed)."""
+    one shard is ever in memory (a full-size model never is); atomically (a temp dir, then renamed). The values
+    are drawn on `device` (a GPU draws billions in a second; the values then differ from the CPU's)."""
     from .checkpoint import (
         CONFIG_NAME,
         INDEX_FILE,
@@ -187,13 +189,13 @@ def write_random_checkpoint(
     tmp = make_temp_dir(out_dir.parent, f".{out_dir.name}.tmp-")
     try:
         (tmp / CONFIG_NAME).write_text(json.dumps(raw_config, indent=2) + "\n")
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator(device).manual_seed(seed)
         weight_map = {}
         for i, names in enumerate(shards, 1):
             file = SINGLE_FILE if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
             tensors = {}
             for name in names:
-                tensors.update(to_official({name: random_value(name, shapes[name], gen).to(dtype)}))
+                tensors.update(to_official({name: random_value(name, shapes[name], gen).to(dtype).cpu()}))
             save_safetensors(tensors, tmp / file, metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(tensors, file))
             del tensors
@@ -233,11 +235,13 @@ def make_released_random_checkpoint(
     seed: int = 0,
     dtype: torch.dtype = torch.bfloat16,
     max_shard_bytes: int = 4 * 2**30,
+    device: str | None = None,
 ) -> Path:
     """A released model at full size with random weights, in the official layout: the shipped config.json (its
     `layers` / `vision_layers` optionally cut, widths unchanged) and processor_config.json, the tiny tokenizer
     (its ids are a subset of the real vocabulary), bf16 weights in shards. For runs of the real shapes (GPU
-    end-to-end tests, benchmarks) where the real weights cannot be downloaded."""
+    end-to-end tests, benchmarks) where the real weights cannot be downloaded. Drawn on the GPU when there is one
+    (`device`)."""
     from .plan.planner import RELEASED, RELEASED_DIR
     from .tokenizer_builder import write_tokenizer
 
@@ -254,7 +258,8 @@ def make_released_random_checkpoint(
         write_tokenizer(extra)
         shutil.copy2(RELEASED_DIR / released / "processor_config.json", extra)
         files = sorted(Path(extra).iterdir())
-        return write_random_checkpoint(out_dir, raw, seed, dtype, max_shard_bytes, extra_files=files)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return write_random_checkpoint(out_dir, raw, seed, dtype, max_shard_bytes, files, device)
 
 
 def cache_root() -> Path:
