@@ -438,8 +438,8 @@ def agreement(model, cfg, batch, names, device, precision, cache_dir) -> dict:
     return out
 
 
-def expert_imbalance(model, batch, device, autocast) -> float:
-    """max/mean tokens per expert, averaged over the MoE layers (1.0 = perfectly balanced)."""
+def expert_imbalance(model, batch, device, autocast) -> float | None:
+    """max/mean tokens per expert, averaged over the MoE layers (1.0 = perfectly balanced); None without any."""
     from deepseek_vl2_lora.evaluation import MODEL_INPUTS
     from deepseek_vl2_lora.moe import MoE
 
@@ -455,7 +455,7 @@ def expert_imbalance(model, batch, device, autocast) -> float:
         model(**inputs, return_logits=False)
     for h in handles:
         h.remove()
-    return statistics.mean(ratios)
+    return statistics.mean(ratios) if ratios else None
 
 
 def print_agreement(router: str, block: dict, names) -> None:
@@ -617,8 +617,10 @@ def main() -> None:
             )
         if "reference" in row and "optimized" in row:
             row["speedup"] = row["reference"]["step_s"] / row["optimized"]["step_s"]
+            imbalance = row["expert_imbalance"]
+            imbalance = "n/a (no MoE layer)" if imbalance is None else f"{imbalance:.2f}"
             print(
-                f"[{router}] speedup {row['speedup']:.2f}x  imbalance {row['expert_imbalance']:.2f}  "
+                f"[{router}] speedup {row['speedup']:.2f}x  imbalance {imbalance}  "
                 f"attention kernel {row['attention_kernel']}",
                 flush=True,
             )

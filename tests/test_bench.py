@@ -5,6 +5,7 @@ the GPU."""
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -90,3 +91,20 @@ def test_bench_real_width_in_bf16_on_cpu(tmp_path, shapes):
         for name in ("reference", "optimized"):
             assert math.isfinite(row[name]["loss"]) and math.isfinite(row[name]["agreement"]["loss"])
         assert opt["grad_median"] <= 2 * ref["grad_median"] + 1e-3
+
+
+@pytest.mark.slow
+def test_gpu_session_dry_run_passes_on_the_cpu(tmp_path):
+    """`scripts/gpu_session.sh --dry-run all`: every stage of the GPU session on the CPU (about 12 min on 2 cores),
+    its results in few files (a GPU run returns at most 8)."""
+    (tmp_path / "wheels").mkdir()  # --wheels resolves the install against what is installed (pip --dry-run)
+    env = {**os.environ, "OUT": str(tmp_path / "out")}
+    cmd = ["bash", "scripts/gpu_session.sh", "--dry-run", "--wheels", str(tmp_path / "wheels"), "all"]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
+    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-2000:]
+    summary = (tmp_path / "out" / "summary.txt").read_text().split("\n")
+    stages = [line.split()[:2] for line in summary if line.strip()]
+    assert stages == [[s, "passed"] for s in ("checks", "e2e", "small", "tiny", "ablations", "memory")]
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == ["bench_ablations.json", "bench_small.json", "bench_tiny.json", "session.log", "summary.txt"]
+    assert "dry run on the CPU" in (tmp_path / "out" / "session.log").read_text()
