@@ -95,7 +95,7 @@ def test_bench_real_width_in_bf16_on_cpu(tmp_path, shapes):
 
 @pytest.mark.slow
 def test_gpu_session_dry_run_passes_on_the_cpu(tmp_path):
-    """`scripts/gpu_session.sh --dry-run all`: every stage of the GPU session on the CPU (about 13 min on 2 cores),
+    """`scripts/gpu_session.sh --dry-run all`: every stage of the GPU session on the CPU (5.5 min on 2 idle cores),
     its results in few files (a GPU run returns at most 8)."""
     (tmp_path / "wheels").mkdir()  # --wheels resolves the install against what is installed (pip --dry-run)
     env = {**os.environ, "OUT": str(tmp_path / "out")}
