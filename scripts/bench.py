@@ -1,164 +1,61 @@
 #!/usr/bin/env python
-"""Training-step benchmark: an official-style reference path vs our optimized path, same model, same batch.
+"""Training-step benchmark: the trainer's own step on an official-style reference path vs our optimized path.
 
     python scripts/bench.py                          # VL2-Small LM shapes, 8k tokens/step, uniform + skewed router
     python scripts/bench.py --shapes tiny            # VL2-Tiny shapes (MHA) with images
     python scripts/bench.py --paths all              # also each optimization reverted / added on its own
     python scripts/bench.py --sample-tokens 1024     # rows packed with ~1k-token samples (per-sample attention)
+    python scripts/bench.py --device cpu --precision bf16 --shapes small --layers 2 --tokens 512 --seq 256
+                                                     # GPU shapes at real width, 2 layers, bf16 autocast on a CPU
     python scripts/bench.py --shapes cpu-tiny --steps 3 --warmup 1   # a CPU smoke run of the whole script
 
-Paths (toggled on one model, so all see identical weights and batch):
+The step is the trainer's: the model prepared by `step.prepare_model` (the policy preset, trainable weights as
+fp32 masters over bf16 storage), each micro batch through `step.micro_step` under the trainer's autocast
+(`step.autocast_for`), and the optimizer step (clip + AdamW + schedule) through `engine.SingleProcessEngine` with
+the policy's parameter groups. Paths switch kernels on that one model, so all see identical weights and batch:
 - reference: per-expert loop MoE, the official absorbed eager MLA (or eager MHA), full fp32 logits + CE;
   whole-layer recompute only if the step would otherwise run out of memory (recorded as `recompute`);
-- optimized: grouped-GEMM experts (`torch._grouped_mm` where it has a kernel), non-absorbed MLA on SDPA's
-  fused kernels (`flash_attention_2` on CUDA: cuDNN at 192/128, else flash with V padded; packed rows: one fused
-  call per sample), loss on supervised positions without full-vocab logits, recompute as for the reference;
+- optimized: grouped-GEMM experts (`torch._grouped_mm`), non-absorbed MLA on SDPA's fused kernels
+  (`flash_attention_2` on CUDA: cuDNN at 192/128, else flash with V padded; packed rows: one fused call per
+  sample; `sdpa` on a CPU), loss on supervised positions without full-vocab logits, recompute as above;
 - ablations (`--paths all`): the optimized path with one technique reverted (`-grouped`: loop experts,
   `-fused_attention`: eager attention, `-lean_ce`: full fp32 logits) or added (`+recompute`: whole layers,
   `+selective`: trainer.recompute=selective, `+compile`: each decoder layer torch.compiled, `+feature_cache`:
   frozen-vision features from the disk cache, image shapes only).
-All train the MLA low-rank paths (`mla_lowrank`; `mha_lora` for the MHA tiny shapes) with AdamW on the trainable
-parameters kept in fp32; vision is frozen and runs without autograd.
+All train the MLA low-rank paths (`mla_lowrank`; `mha_lora` for the MHA tiny shapes). Weights are random, built in
+the storage dtype (bf16 for `--precision bf16`); LoRA B is drawn like the other weights (a LoRA mid-training: at
+B = 0 every gradient of A is exactly zero).
 
-Reported per path: median step time over --steps after --warmup, LM tokens/s, useful TFLOP/s, peak memory;
-then the speedups and an agreement check of reference vs optimized (loss and trainable gradients, same weights,
-same batch). FLOP rule (deepseek_vl2_lora.training.metrics.FlopModel, the one the trainer logs): per LM token
-4·N_active + 2·N_trainable, plus 3·A for attention, where N_active counts the matmul weights a token passes
-through (attention projections, dense or shared + top-k routed experts, router, lm_head; not the embedding) and
-A = 2·H·(d_qk + d_v) per (query, visible key) pair of each sample; frozen vision adds its forward FLOPs per tile.
+Reported per path: median step time over --steps after --warmup, LM tokens/s, useful TFLOP/s, peak memory, and
+an agreement block: the path's loss and trainable gradients against fp32 truth (deepseek_vl2_lora.training.agreement).
+The truth is the reference path in fp32 on the same weights (the bf16-built model cast to fp32 and back, both
+exact; at --agreement-layers layers); each path runs one bf16 micro step on the same batch; per path the median and max
+relative gradient error over the trainable tensors and the loss error are printed beside the reference's. A path
+passes when its median error ≤ 2 × the reference's + 1e-3; the script exits 1 when one does not. In fp32 the
+truth is the fp32 reference path itself, so the check is equality up to rounding.
+
+FLOP rule (deepseek_vl2_lora.training.metrics.FlopModel, the one the trainer logs): per LM token 4·N_active +
+2·N_trainable, plus 3·A for attention, where N_active counts the matmul weights a token passes through (attention
+projections, dense or shared + top-k routed experts, router, lm_head; not the embedding) and A = 2·H·(d_qk + d_v)
+per (query, visible key) pair of each sample; frozen vision adds its forward FLOPs per tile.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
+import resource
 import statistics
+import sys
+import tempfile
 import time
 
 import torch
+from bench_model import SHAPES, build, image_tokens, make_batch, prepare, route, shapes_at_depth, train_config, unroute
 
-from deepseek_vl2_lora.model.tiny import FAMILIES
-
-SHAPES = {
-    # VL2-Small language model (= DeepSeek-V2-Lite dims); a token vision tower (LM-only batches).
-    "small": {
-        "vision": {"width": 64, "layers": 1, "heads": 4, "mlp_ratio": 3.7362, "patch_size": 14, "image_size": 384},
-        "language": {
-            "hidden_size": 2048,
-            "num_hidden_layers": 27,
-            "num_attention_heads": 16,
-            "num_key_value_heads": 16,
-            "use_mla": True,
-            "q_lora_rank": None,
-            "kv_lora_rank": 512,
-            "qk_nope_head_dim": 128,
-            "qk_rope_head_dim": 64,
-            "v_head_dim": 128,
-            "intermediate_size": 10944,
-            "moe_intermediate_size": 1408,
-            "n_routed_experts": 64,
-            "n_shared_experts": 2,
-            "num_experts_per_tok": 6,
-            "first_k_dense_replace": 1,
-            "topk_method": "greedy",
-            "vocab_size": 102400,
-            "max_position_embeddings": 8192,
-        },
-        "policy": "mla_lowrank",
-        "images": False,
-    },
-    # VL2-Tiny with its SigLIP-SO400M tower and images (MHA: trains q/k/v/o LoRA).
-    "tiny": {
-        "vision": {"width": 1152, "layers": 27, "heads": 16, "mlp_ratio": 3.7362, "patch_size": 14, "image_size": 384},
-        "language": {
-            "hidden_size": 1280,
-            "num_hidden_layers": 12,
-            "num_attention_heads": 10,
-            "num_key_value_heads": 10,
-            "use_mla": False,
-            "q_lora_rank": None,
-            "kv_lora_rank": None,
-            "qk_nope_head_dim": 0,
-            "qk_rope_head_dim": 0,
-            "v_head_dim": 0,
-            "intermediate_size": 6848,
-            "moe_intermediate_size": 896,
-            "n_routed_experts": 64,
-            "n_shared_experts": 2,
-            "num_experts_per_tok": 6,
-            "first_k_dense_replace": 1,
-            "topk_method": "greedy",
-            "vocab_size": 129280,
-            "max_position_embeddings": 8192,
-        },
-        "policy": "mha_lora",
-        "images": True,
-    },
-    # The small-mla tiny family (deepseek_vl2_lora/model/tiny.py): runs on a CPU in seconds, a check of the script.
-    "cpu-tiny": {
-        "vision": {**FAMILIES["small-mla"]["vision"], "image_size": 64, "patch_size": 16},
-        "language": {**FAMILIES["small-mla"]["language"], "vocab_size": 512},
-        "policy": "mla_lowrank",
-        "images": True,
-    },
-}
-
-
-def build(shapes: dict, device, dtype):
-    from deepseek_vl2_lora.model import DeepseekVL2ForCausalLM, VL2Config
-
-    v, lm = shapes["vision"], shapes["language"]
-    raw = {
-        "tile_tag": "2D",
-        "global_view_pos": "head",
-        "candidate_resolutions": [[v["image_size"]] * 2],
-        "vision_config": v,
-        "projector_config": {"n_embed": lm["hidden_size"], "input_dim": v["width"]},
-        "language_config": lm,
-    }
-    with torch.device(device):
-        model = DeepseekVL2ForCausalLM(VL2Config.from_dict(raw, source="bench shapes"), attn_implementation="eager")
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, 0.02 if "gate.weight" not in name else 0.1, generator=gen)
-    for mod in model.modules():  # buffers were made on `device`; RoPE frequencies stay fp32
-        if hasattr(mod, "inv_freq"):
-            mod.reset_inv_freq(device)
-    return model.to(dtype)
-
-
-def skew_routing(model, zipf_s: float = 0.5, seed: int = 0) -> None:
-    """Realistic imbalance. Random gates route almost uniformly; trained ones do not. Here every MoE layer routes
-    by a fixed Zipf(s) popularity over its experts (∝ 1/rank^s, ranks shuffled per layer): each token's k
-    distinct experts are drawn from it once per layer and batch shape, so every path sees the same routing. The
-    gate still runs and its top-k weights scale the chosen experts, so the router trains as usual.
-    With 64 experts, top-6 and s = 0.5 the busiest expert gets ~3.8× the mean load and the idlest ~0.55×."""
-    from deepseek_vl2_lora.model.moe import Router
-
-    chosen = {}
-
-    def hook(mod, args, out):
-        idx, weight, aux = out
-        key = (id(mod), tuple(idx.shape))
-        if key not in chosen:
-            g = torch.Generator().manual_seed(seed + len(chosen))
-            rank = torch.randperm(mod.n_experts, generator=g).float() + 1
-            popularity = rank.pow(-zipf_s).expand(idx.shape[0], -1)
-            picks = torch.multinomial(popularity, idx.shape[1], replacement=False, generator=g)
-            chosen[key] = picks.to(idx.device, idx.dtype)
-        return chosen[key], weight, aux
-
-    for m in model.modules():
-        if isinstance(m, Router):
-            m.register_forward_hook(hook)
-
+from deepseek_vl2_lora import agreement as fp32_truth
 
 PATHS = {
     "reference": dict(experts="loop", attention="absorbed", lean_ce=False, recompute="auto"),
@@ -174,55 +71,11 @@ PATHS = {
 }
 
 
-def make_batch(shapes, tokens: int, seq: int, supervised: float, device, sample_tokens=None, images_per_row=2):
-    """`tokens // seq` rows of `seq` random tokens. Image shapes: `images_per_row` 2×2-tiled images at the start
-    of each row, their positions unsupervised. With `sample_tokens`, each row is packed with samples of 0.5–1.5×
-    that length (`segment_ids`; the first sample holds the images)."""
-    b = max(1, tokens // seq)
-    g = torch.Generator().manual_seed(1)
-    vocab = shapes["language"]["vocab_size"]
-    ids = torch.randint(3, vocab, (b, seq), generator=g)
-    labels = ids.clone()
-    labels[:, : int(seq * (1 - supervised))] = -100
-    batch = {"input_ids": ids, "attention_mask": torch.ones(b, seq, dtype=torch.long), "labels": labels}
-    images_end = 0
-    if shapes["images"]:
-        v = shapes["vision"]
-        side = -(-(v["image_size"] // v["patch_size"]) // 2)
-        tw = th = 2
-        n_img = side * (side + 1) + 1 + (side * th) * (side * tw + 1)  # official 2D layout, 2×2 tiles
-        images_end = 1 + images_per_row * (n_img + 1)
-        if images_end > seq:
-            raise SystemExit(f"{images_per_row} images of {n_img} tokens do not fit a row of {seq}")
-        mask = torch.zeros(b, seq, dtype=torch.bool)
-        for i in range(images_per_row):
-            start = 1 + i * (n_img + 1)
-            mask[:, start : start + n_img] = True
-        batch["labels"][mask] = -100
-        n_tiles = images_per_row * (1 + tw * th)
-        batch.update(
-            images=torch.randn(b, n_tiles, 3, v["image_size"], v["image_size"], generator=g),
-            images_seq_mask=mask,
-            images_spatial_crop=torch.tensor([[tw, th]] * images_per_row).expand(b, -1, -1).contiguous(),
-        )
-    if sample_tokens:
-        seg = torch.zeros(b, seq, dtype=torch.long)
-        for r in range(b):
-            start, j = 0, 1
-            while start < seq:
-                n = int(torch.randint(sample_tokens // 2, sample_tokens * 3 // 2 + 1, (), generator=g))
-                n = max(n, images_end) if j == 1 else n  # the images belong to the first sample
-                seg[r, start : start + n] = j
-                start, j = start + n, j + 1
-        batch["segment_ids"] = seg
-    return {k: t.to(device) for k, t in batch.items()}
-
-
-def set_path(model, path: dict, device, cache_dir=None) -> None:
+def set_path(model, path: dict, device, compute_dtype, cache_dir=None) -> None:
     from deepseek_vl2_lora.model.attention import MLAttention
     from deepseek_vl2_lora.model.moe import RoutedExperts, grouped_mm_supported
 
-    probe = torch.zeros(1, dtype=model.dtype, device=device)
+    probe = torch.zeros(1, dtype=compute_dtype, device=device)
     fused = "flash_attention_2" if device.type == "cuda" else "sdpa"
     for m in model.modules():
         if isinstance(m, RoutedExperts):
@@ -249,7 +102,7 @@ def attention_kernel(model, device) -> str:
     """Which fused SDPA kernel takes this model's attention shapes (fwd+bwd, causal, bf16), tried in the order
     the flash_attention_2 backend tries them. MLA's 192/128 must not land on the slow mem-efficient kernel."""
     if device.type != "cuda":
-        return "n/a (cpu)"
+        return "n/a (cpu: sdpa)"
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     lm = model.config.language
@@ -266,11 +119,22 @@ def attention_kernel(model, device) -> str:
     return "flash (V padded)" if dq != dv else "none"
 
 
-def run_path(model, batch, path, steps, warmup, device, tile_keys=None):
-    """(median step seconds, peak GiB, the recompute setting it ran with: none | selective | full)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
-    extra = {"tile_keys": tile_keys} if path.get("cache") else {}
+def new_engine(model, cfg, max_steps: int):
+    """The trainer's one-process engine: AdamW over the policy's parameter groups, clipping, lr schedule."""
+    from deepseek_vl2_lora.policy.groups import optimizer_param_groups
+    from deepseek_vl2_lora.training.dist_env import DistEnv
+    from deepseek_vl2_lora.training.engine import SingleProcessEngine
+
+    groups = optimizer_param_groups(model, cfg.policy, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    return SingleProcessEngine(model, groups, cfg.optim, max_steps, DistEnv())
+
+
+def run_path(model, cfg, batch, path, steps, warmup, device, autocast):
+    """(median step seconds, peak GiB, the recompute setting it ran with (none | selective | full), last LM loss):
+    the trainer's step, timed."""
+    from deepseek_vl2_lora.training.step import micro_step
+
+    engine = new_engine(model, cfg, warmup + steps)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -280,57 +144,78 @@ def run_path(model, batch, path, steps, warmup, device, tile_keys=None):
         t0 = time.perf_counter()
         oom = False
         try:
-            out = model(**batch, **extra, return_logits=not path["lean_ce"])
-            (out.loss + (out.aux_loss if out.aux_loss is not None else 0)).backward()
+            loss, _ = micro_step(engine, batch, device, autocast, full_logits=not path["lean_ce"])
         except torch.OutOfMemoryError:
-            if path["recompute"] != "auto" or model.language.model.gradient_checkpointing:
+            if path["recompute"] != "auto" or model.language.model.recompute != "none":
                 raise
             oom = True  # handled below, once the exception (and the activations its frames hold) is gone
         if oom:
-            out = None
-            model.zero_grad(set_to_none=True)
+            engine.zero_grad()
             gc.collect()
             torch.cuda.empty_cache()
             print("  out of memory without recompute: retrying with whole-layer recompute", flush=True)
-            model.language.model.gradient_checkpointing = True
+            model.language.model.recompute = "full"
             torch.cuda.reset_peak_memory_stats(device)
             continue
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        engine.optimizer_step(cfg.optim.grad_clip, loss_finite=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
         i += 1
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return statistics.median(times), peak, model.language.model.recompute
+    return statistics.median(times), peak, model.language.model.recompute, float(loss)
 
 
-def agreement(model, batch, device):
-    """Loss and trainable gradients of the reference and optimized paths (same weights, batch, no step)."""
-    results = {}
-    for name in ("reference", "optimized"):
-        path = dict(PATHS[name], recompute=True)  # recompute changes no value; it keeps the reference in memory
-        set_path(model, path, device)
-        model.zero_grad(set_to_none=True)
-        out = model(**batch, return_logits=not path["lean_ce"])
-        (out.loss + (out.aux_loss if out.aux_loss is not None else 0)).backward()
-        grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
-        results[name] = (out.loss.float().item(), grads)
-        del out
-    model.zero_grad(set_to_none=True)
-    (l_ref, g_ref), (l_opt, g_opt) = results["reference"], results["optimized"]
-    worst = max(((g_opt[n] - g_ref[n]).norm() / g_ref[n].norm().clamp(min=1e-12)).item() for n in g_ref)
-    return {
-        "loss_reference": l_ref,
-        "loss_optimized": l_opt,
-        "loss_rel_diff": abs(l_opt - l_ref) / abs(l_ref),
-        "worst_grad_rel_diff": worst,
-    }
+def path_gradients(model, cfg, batch, device, autocast, full_logits: bool):
+    """(LM loss, {trainable name: fp32 gradient}) of one micro step as the trainer runs it; no update."""
+    from deepseek_vl2_lora.training.step import micro_step
+
+    engine = new_engine(model, cfg, 1)
+    loss, _ = micro_step(engine, batch, device, autocast, full_logits=full_logits)
+    grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    engine.zero_grad()
+    return float(loss), grads
 
 
-def expert_imbalance(model, batch) -> float:
-    """max/mean tokens per expert, averaged over the MoE layers (1.0 = perfectly balanced)."""
+def agreement(model, cfg, batch, names, device, precision, cache_dir) -> dict:
+    """Each path's loss and trainable gradients against fp32 truth (the module docstring of
+    deepseek_vl2_lora.training.agreement): {path: errors}, plus the truth's loss under "truth_loss"."""
+    from deepseek_vl2_lora.training.step import autocast_for
+
+    no_retry = lambda p: dict(p, recompute=p["recompute"] if p["recompute"] != "auto" else False)  # noqa: E731
+    with fp32_truth.in_fp32(model):  # in an fp32 run: the reference path itself
+        set_path(model, no_retry(PATHS["reference"]), device, torch.float32)
+        truth_loss, truth = path_gradients(model, cfg, batch, device, autocast_for("fp32", device), True)
+    out = {"truth_loss": truth_loss}
+    autocast = autocast_for(precision, device)
+    compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    for name in names:
+        path = no_retry(PATHS[name])
+        set_path(model, path, device, compute_dtype, cache_dir)
+        loss, grads = path_gradients(model, cfg, batch, device, autocast, not path["lean_ce"])
+        errors = fp32_truth.tensor_errors(grads, truth)
+        stats = fp32_truth.summarize(errors)
+        out[name] = {
+            "grad_median": stats["median"],
+            "grad_max": stats["max"],
+            "grad_worst": stats["worst"],
+            "grad_overall": fp32_truth.overall_error(grads, truth),
+            "tensors": stats["tensors"],
+            "zero_truth_tensors": len(truth) - stats["tensors"],
+            "loss": loss,
+            "loss_err": abs(loss - truth_loss) / abs(truth_loss),
+        }
+        del grads
+    ref = out["reference"]["grad_median"] if "reference" in out else None
+    for name in names:
+        out[name]["pass"] = ref is None or fp32_truth.within(out[name]["grad_median"], ref)
+    return out
+
+
+def expert_imbalance(model, batch, device, autocast) -> float | None:
+    """max/mean tokens per expert, averaged over the MoE layers (1.0 = perfectly balanced); None without any."""
+    from deepseek_vl2_lora.evaluation.eval_set import MODEL_INPUTS
     from deepseek_vl2_lora.model.moe import MoE
 
     ratios = []
@@ -340,16 +225,44 @@ def expert_imbalance(model, batch) -> float:
         ratios.append((counts.max() / counts.mean()).item())
 
     handles = [m.gate.register_forward_hook(hook) for m in model.modules() if isinstance(m, MoE)]
-    with torch.no_grad():
-        model(**batch, return_logits=False)
+    inputs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS + ("segment_ids",)}
+    with torch.no_grad(), autocast():
+        model(**inputs, return_logits=False)
     for h in handles:
         h.remove()
-    return statistics.mean(ratios)
+    return statistics.mean(ratios) if ratios else None
+
+
+def print_agreement(router: str, block: dict, names) -> None:
+    ref = block.get("reference")
+    for name in names:
+        a = block[name]
+        beside = ""
+        if ref and name != "reference":
+            beside = f"  (reference {ref['grad_median']:.3g} / {ref['grad_max']:.3g})"
+        print(
+            f"[{router}] vs fp32 {name:26s} grad err median {a['grad_median']:.3g} max {a['grad_max']:.3g}{beside}"
+            f"  loss err {a['loss_err']:.2e}  {'pass' if a['pass'] else 'FAIL'}",
+            flush=True,
+        )
+
+
+def versions(device) -> dict:
+    return {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", choices=sorted(SHAPES), default="small")
+    ap.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    ap.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
+    ap.add_argument("--layers", type=int, help="decoder layers (widths unchanged; caps the vision tower's too)")
+    ap.add_argument("--agreement-layers", type=int, default=4, help="layers of the fp32-truth check (0: none)")
     ap.add_argument("--tokens", type=int, default=8192, help="LM tokens per step")
     ap.add_argument("--seq", type=int, default=4096, help="row length")
     ap.add_argument("--sample-tokens", type=int, help="pack each row with samples of about this many tokens")
@@ -365,72 +278,104 @@ def main() -> None:
     ap.add_argument("--out", help="also write the results as JSON here")
     args = ap.parse_args()
 
-    import tempfile
-
-    import yaml
-
     from deepseek_vl2_lora.data.packing import sample_lengths
     from deepseek_vl2_lora.data.tiling import tile_key
-    from deepseek_vl2_lora.policy.groups import apply_policy
     from deepseek_vl2_lora.training.metrics import FlopModel
+    from deepseek_vl2_lora.training.step import autocast_for
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    shapes = SHAPES[args.shapes]
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # storage: bf16 weights are exact in fp32
+    compute_dtype = dtype
+    autocast = autocast_for(precision, device)
+    shapes = shapes_at_depth(args.shapes, args.layers)
+    layers = shapes["language"]["num_hidden_layers"]
+    agreement_layers = min(args.agreement_layers, layers)
     names = list(PATHS) if args.paths == "all" else args.paths.split(",")
-    if not shapes["images"]:
-        names = [n for n in names if not PATHS[n].get("cache")]
     unknown = [n for n in names if n not in PATHS]
     if unknown:
         raise SystemExit(f"unknown path(s) {unknown}; choose from {', '.join(PATHS)}")
-    seq = min(args.seq, args.tokens) if args.shapes != "cpu-tiny" else min(args.seq, 64)
-    tokens = args.tokens if args.shapes != "cpu-tiny" else min(args.tokens, 128)
-    sample_tokens = args.sample_tokens if args.shapes != "cpu-tiny" or not args.sample_tokens else 16
-    images_per_row = args.images_per_row if args.shapes != "cpu-tiny" else 1
+    cpu_tiny = args.shapes == "cpu-tiny"
+    seq = min(args.seq, args.tokens) if not cpu_tiny else min(args.seq, 64)
+    tokens = args.tokens if not cpu_tiny else min(args.tokens, 128)
+    sample_tokens = 16 if cpu_tiny and args.sample_tokens else args.sample_tokens
+    images_per_row = (1 if cpu_tiny else args.images_per_row) if shapes["images"] else 0
+    if images_per_row and 1 + images_per_row * (image_tokens(shapes) + 1) > seq:
+        fit = max(0, (seq - 1) // (image_tokens(shapes) + 1))
+        print(f"note: {images_per_row} images of {image_tokens(shapes)} tokens do not fit a row of {seq}: {fit}")
+        images_per_row = fit
+    if not images_per_row:
+        names = [n for n in names if not PATHS[n].get("cache")]
+    policy = args.policy or shapes["policy"]
     header = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
+        **versions(device),
         "shapes": args.shapes,
+        "precision": precision,
+        "weights_dtype": str(dtype),
+        "layers": layers,
+        "vision_layers": shapes["vision"]["layers"],
+        "agreement_layers": agreement_layers,
         "tokens_per_step": tokens,
         "seq": seq,
         "sample_tokens": sample_tokens,
-        "images_per_row": images_per_row if shapes["images"] else 0,
-        "dtype": str(dtype),
+        "images_per_row": images_per_row,
         "supervised": args.supervised,
-        "policy": args.policy or shapes["policy"],
+        "policy": policy,
         "expert_lora_rank": args.expert_lora,
+        "agreement_rule": fp32_truth.rule_text() + " (median over the trainable tensors)",
     }
     print(json.dumps(header), flush=True)
-    results = []
+    cfg = train_config(policy, args.expert_lora, precision, device)
+    batch = make_batch(shapes, tokens, seq, args.supervised, sample_tokens, images_per_row)
+    if images_per_row:
+        batch["tile_keys"] = [[tile_key(t) for t in row] for row in batch["images"]]
+    routers = ["uniform", "skewed"] if args.router == "both" else [args.router]
     cache_root = tempfile.mkdtemp(prefix="bench_feature_cache_")
-    for router in ["uniform", "skewed"] if args.router == "both" else [args.router]:
+    rows = {router: {"router": router} for router in routers}
+
+    # Agreement first, on weights no optimizer step has touched.
+    model = None
+    if agreement_layers:
+        short = copy.deepcopy(shapes)  # the same model but for the LM's depth
+        short["language"]["num_hidden_layers"] = agreement_layers
+        model = build(short, device, dtype)
+        prepare(model, cfg, dtype)
+        for router in routers:
+            hooks = route(model, router, args.zipf)
+            block = agreement(model, cfg, batch, names, device, precision, cache_root)
+            rows[router]["agreement_truth_loss"] = block.pop("truth_loss")
+            rows[router]["agreement"] = block
+            print_agreement(router, block, names)
+            unroute(hooks)
+        if agreement_layers != layers:
+            del model
+            model = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if model is None:
         model = build(shapes, device, dtype)
-        policy = yaml.safe_load(open(f"deepseek_vl2_lora/configs/policy/{args.policy or shapes['policy']}.yaml"))
-        if args.expert_lora:
-            policy["groups"]["routed_experts"] = {"mode": "lora", "r": args.expert_lora, "alpha": 2 * args.expert_lora}
-        apply_policy(model, policy)
-        for p in model.parameters():  # trainable weights in fp32 (master weights), as the trainer keeps them
-            if p.requires_grad:
-                p.data = p.data.float()
-        model.train()
-        if router == "skewed":
-            skew_routing(model, args.zipf)
-        batch = make_batch(shapes, tokens, seq, args.supervised, device, sample_tokens, images_per_row)
-        tile_keys = [[tile_key(t) for t in row] for row in batch["images"]] if shapes["images"] else None
-        n_tokens = int(batch["attention_mask"].sum())
-        flops = FlopModel.from_model(model).batch_flops(batch)
-        row = {
-            "router": router,
-            "samples": len(sample_lengths(batch)),
-            "attention_kernel": attention_kernel(model, device),
-            "expert_imbalance": expert_imbalance(model, batch),
-        }
-        if "reference" in names and "optimized" in names:
-            row.update(agreement(model, batch, device))
+        prepare(model, cfg, dtype)
+
+    n_tokens = int(batch["attention_mask"].sum())
+    flops = FlopModel.from_model(model).batch_flops(batch)
+    for router in routers:
+        hooks = route(model, router, args.zipf)
+        row = rows[router]
+        block = row.pop("agreement", {})
+        set_path(model, PATHS["optimized"], device, compute_dtype)
+        row.update(
+            samples=len(sample_lengths(batch)),
+            attention_kernel=attention_kernel(model, device),
+            expert_imbalance=expert_imbalance(model, batch, device, autocast),
+        )
         for name in names:
-            set_path(model, PATHS[name], device, cache_root)
-            step, peak, recompute = run_path(model, batch, PATHS[name], args.steps, args.warmup, device, tile_keys)
+            set_path(model, PATHS[name], device, compute_dtype, cache_root)
+            step, peak, recompute, loss = run_path(
+                model, cfg, batch, PATHS[name], args.steps, args.warmup, device, autocast
+            )
             row[name] = {
+                "loss": loss,
                 "step_s": step,
                 "tokens_per_s": n_tokens / step,
                 "tflops": flops / step / 1e12,
@@ -438,6 +383,8 @@ def main() -> None:
                 "recompute": recompute == "full",  # whole layers (as before trainer.recompute existed)
                 "recompute_setting": recompute,  # none | selective | full
             }
+            if name in block:
+                row[name]["agreement"] = block[name]
             print(
                 f"[{router}] {name:26s} step {step * 1e3:9.1f} ms  {n_tokens / step:10.0f} tok/s  "
                 f"{flops / step / 1e12:7.1f} TFLOP/s  peak {peak if peak is None else round(peak, 2)} GiB"
@@ -446,9 +393,10 @@ def main() -> None:
             )
         if "reference" in row and "optimized" in row:
             row["speedup"] = row["reference"]["step_s"] / row["optimized"]["step_s"]
+            imbalance = row["expert_imbalance"]
+            imbalance = "n/a (no MoE layer)" if imbalance is None else f"{imbalance:.2f}"
             print(
-                f"[{router}] speedup {row['speedup']:.2f}x  imbalance {row['expert_imbalance']:.2f}  "
-                f"loss rel diff {row['loss_rel_diff']:.2e}  worst grad rel diff {row['worst_grad_rel_diff']:.2e}  "
+                f"[{router}] speedup {row['speedup']:.2f}x  imbalance {imbalance}  "
                 f"attention kernel {row['attention_kernel']}",
                 flush=True,
             )
@@ -457,14 +405,20 @@ def main() -> None:
                 if name.startswith("optimized") and name != "optimized":
                     rel = row[name]["step_s"] / row["optimized"]["step_s"]
                     print(f"[{router}] {name}: {rel:.2f}x the optimized step time", flush=True)
-        results.append(row)
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    print(json.dumps({**header, "results": results}))
+        unroute(hooks)
+    del model
+    results = list(rows.values())
+    failed = [f"{r['router']}/{n}" for r in results for n in names if not r[n].get("agreement", {}).get("pass", True)]
+    summary = {**header, "results": results, "agreement_failures": failed}
+    if device.type == "cpu":
+        summary["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps(summary))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({**header, "results": results}, f, indent=2)
+            json.dump(summary, f, indent=2)
+    if failed:
+        print(f"agreement FAILED for {', '.join(failed)}: {fp32_truth.rule_text()}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

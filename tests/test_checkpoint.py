@@ -130,3 +130,20 @@ def test_bf16_load(tmp_path):
     model = DeepseekVL2ForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.language.model.layers[0].self_attn.rotary.inv_freq.dtype == torch.float32
+
+
+def test_random_checkpoint_written_shard_by_shard_is_the_tiny_models_weights(tmp_path):
+    """tiny.write_random_checkpoint (what the full-size random checkpoints use): bf16 shards with an index in the
+    official layout, each tensor `_init_random`'s value for the model the config describes (built independently
+    here), rounded to bf16."""
+    from deepseek_vl2_lora.model.tiny import family_config, write_random_checkpoint
+
+    raw = family_config("small-mla", 300)
+    out = write_random_checkpoint(tmp_path / "ck", raw, seed=3, dtype=torch.bfloat16, max_shard_bytes=100_000)
+    shards = sorted(p.name for p in out.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2 and (out / "model.safetensors.index.json").is_file()
+    assert json.loads((out / "config.json").read_text()) == raw
+    loaded = DeepseekVL2ForCausalLM.from_pretrained(out, torch_dtype=torch.bfloat16)
+    expected = build_model("small-mla", vocab=300, seed=3)
+    for name, p in expected.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], p.to(torch.bfloat16)), name

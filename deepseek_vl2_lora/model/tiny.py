@@ -16,7 +16,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -121,29 +123,96 @@ def family_config(family: str, vocab_size: int) -> dict:
     }
 
 
+def random_value(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """One parameter's deterministic random value (fp32, on `gen`'s device) with O(1) activations: norms 1,
+    biases 0, matrices N(0, 0.05²) (the router 0.3, for non-trivial routing), drawn from `gen`."""
+    leaf, device = name.rsplit(".", 1)[-1], gen.device
+    if "norm" in name and leaf in ("weight", "bias"):
+        return torch.full(shape, 1.0 if leaf == "weight" else 0.0, device=device)
+    if leaf == "bias":
+        return torch.zeros(shape, device=device)
+    if name.endswith("e_score_correction_bias"):
+        return torch.randn(shape, generator=gen, device=device) * 0.05
+    if name.endswith("mlp.gate.weight"):
+        return torch.randn(shape, generator=gen, device=device) * 0.3  # non-trivial routing
+    if name in ("image_newline", "view_seperator"):
+        return torch.randn(shape, generator=gen, device=device) / shape[0] ** 0.5
+    return torch.randn(shape, generator=gen, device=device) * 0.05
+
+
 def _init_random(model: torch.nn.Module, seed: int) -> None:
-    """Deterministic weights with O(1) activations: norms 1, biases 0, matrices N(0, 0.02·k)."""
+    """`random_value` for every parameter, in name order from one generator (what the checkpoints hold)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
-            leaf = name.rsplit(".", 1)[-1]
-            if "norm" in name and leaf in ("weight", "bias"):
-                p.fill_(1.0 if leaf == "weight" else 0.0)
-            elif leaf == "bias":
-                p.zero_()
-            elif name.endswith("e_score_correction_bias"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-            elif name.endswith("mlp.gate.weight"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)  # non-trivial routing
-            elif name in ("image_newline", "view_seperator"):
-                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[0] ** 0.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+            p.copy_(random_value(name, tuple(p.shape), gen))
+
+
+def write_random_checkpoint(
+    out_dir: str | Path,
+    raw_config: dict,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    max_shard_bytes: int | None = None,
+    extra_files=(),
+    device: str = "cpu",
+) -> Path:
+    """A checkpoint directory in the official layout (config.json, safetensors with per-expert keys, sharded with
+    an index above `max_shard_bytes`, plus `extra_files` such as the tokenizer) holding `_init_random`'s weights
+    for the architecture `raw_config` describes, in `dtype`. Written tensor by tensor and shard by shard, so at most
+    one shard is ever in memory (a full-size model never is); atomically (a temp dir, then renamed). The values
+    are drawn on `device` (a GPU draws billions in a second; the values then differ from the CPU's)."""
+    from .checkpoint import (
+        CONFIG_NAME,
+        INDEX_FILE,
+        SINGLE_FILE,
+        make_temp_dir,
+        replace_dir,
+        save_safetensors,
+        to_official,
+    )
+    from .model import DeepseekVL2ForCausalLM
+
+    with torch.device("meta"):  # names and shapes only
+        model = DeepseekVL2ForCausalLM(VL2Config.from_dict(raw_config, source="random checkpoint config"))
+    shapes = dict(sorted((n, tuple(p.shape)) for n, p in model.named_parameters()))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shards, size = [[]], 0
+    for name, shape in shapes.items():
+        nbytes = math.prod(shape) * itemsize
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards, size = [*shards, []], 0
+        shards[-1].append(name)
+        size += nbytes
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(out_dir.parent, f".{out_dir.name}.tmp-")
+    try:
+        (tmp / CONFIG_NAME).write_text(json.dumps(raw_config, indent=2) + "\n")
+        gen = torch.Generator(device).manual_seed(seed)
+        weight_map = {}
+        for i, names in enumerate(shards, 1):
+            file = SINGLE_FILE if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {}
+            for name in names:
+                tensors.update(to_official({name: random_value(name, shapes[name], gen).to(dtype).cpu()}))
+            save_safetensors(tensors, tmp / file, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, file))
+            del tensors
+        if len(shards) > 1:
+            total = sum(math.prod(s) for s in shapes.values()) * itemsize
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        for f in extra_files:
+            shutil.copy2(f, tmp / Path(f).name)
+        replace_dir(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
 
 
 def make_tiny_checkpoint(out_dir: str | Path, family: str, seed: int = 0) -> Path:
     """Write a complete checkpoint directory (config, weights, tokenizer, processor config), atomically."""
-    from .deepseek_vl2 import DeepseekVL2ForCausalLM
     from .processor_config import write_processor_config
     from .tokenizer import write_tokenizer
 
@@ -154,13 +223,43 @@ def make_tiny_checkpoint(out_dir: str | Path, family: str, seed: int = 0) -> Pat
         raw = family_config(family, vocab_size)
         vision = raw["vision_config"]
         write_processor_config(extra, image_size=vision["image_size"], patch_size=vision["patch_size"])
-        with torch.random.fork_rng():  # the caller's random stream stays as it was
-            torch.manual_seed(seed)
-            model = DeepseekVL2ForCausalLM(VL2Config.from_dict(raw, source=f"tiny family {family}"))
-            _init_random(model, seed)
-        # save_pretrained writes the whole directory (weights + these files) to a temp dir and renames it
-        model.save_pretrained(out_dir, extra_files=sorted(Path(extra).iterdir()))
+        write_random_checkpoint(out_dir, raw, seed, extra_files=sorted(Path(extra).iterdir()))
     return out_dir
+
+
+def make_released_random_checkpoint(
+    out_dir: str | Path,
+    released: str = "deepseek-vl2-tiny",
+    layers: int | None = None,
+    vision_layers: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_bytes: int = 4 * 2**30,
+    device: str | None = None,
+) -> Path:
+    """A released model at full size with random weights, in the official layout: the shipped config.json (its
+    `layers` / `vision_layers` optionally cut, widths unchanged) and processor_config.json, the tiny tokenizer
+    (its ids are a subset of the real vocabulary), bf16 weights in shards. For runs of the real shapes (GPU
+    end-to-end tests, benchmarks) where the real weights cannot be downloaded. Drawn on the GPU when there is one
+    (`device`)."""
+    from .plan.planner import RELEASED, RELEASED_DIR
+    from .tokenizer_builder import write_tokenizer
+
+    if released not in RELEASED:
+        raise ValueError(f"released={released!r}: the shipped configs are {', '.join(RELEASED)}")
+    raw = json.loads((RELEASED_DIR / released / "config.json").read_text())
+    if layers is not None:
+        raw["language_config"]["num_hidden_layers"] = layers
+    if vision_layers is not None:
+        raw["vision_config"]["layers"] = vision_layers
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.extra-", dir=out_dir.parent) as extra:
+        write_tokenizer(extra)
+        shutil.copy2(RELEASED_DIR / released / "processor_config.json", extra)
+        files = sorted(Path(extra).iterdir())
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return write_random_checkpoint(out_dir, raw, seed, dtype, max_shard_bytes, files, device)
 
 
 def cache_root() -> Path:

@@ -66,12 +66,14 @@ def micro_step(
     grad_accum: int = 1,
     last_micro: bool = True,
     poison: bool = False,
+    full_logits: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward of one collated micro batch; returns (weighted LM loss, aux loss), detached.
 
     The objective is (LM loss × `loss_weight` + MoE aux loss) / `grad_accum`; `loss_weight` is this rank's share
     of the global micro batch's supervised tokens (1.0 in one process). `poison` makes the LM loss NaN (fault
-    injection in tests)."""
+    injection in tests). `full_logits`: the loss from full-vocabulary fp32 logits instead (the benchmark's
+    official-style reference path; training never asks for it)."""
     tile_keys = batch.get("tile_keys")  # strings: stay on the host
     batch = to_device(batch, device)
     with autocast():
@@ -79,7 +81,7 @@ def micro_step(
         inputs = {k: batch[k] for k in MODEL_INPUTS + ("segment_ids",) if k in batch}
         if tile_keys is not None:
             inputs["tile_keys"] = tile_keys
-        out = engine.forward(**inputs, labels=batch["labels"], return_logits=False)
+        out = engine.forward(**inputs, labels=batch["labels"], return_logits=full_logits)
     loss = out.loss * float("nan") if poison else out.loss
     aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=device)
     engine.backward((loss * loss_weight + aux) / grad_accum, last_micro=last_micro)
