@@ -55,7 +55,7 @@ import time
 import torch
 from bench_model import SHAPES, build, image_tokens, make_batch, prepare, route, shapes_at_depth, train_config, unroute
 
-from deepseek_vl2_lora import agreement as fp32_truth
+from deepseek_vl2_lora.training import agreement as fp32_truth
 
 PATHS = {
     "reference": dict(experts="loop", attention="absorbed", lean_ce=False, recompute="auto"),
@@ -273,7 +273,7 @@ def main() -> None:
     ap.add_argument("--router", choices=["uniform", "skewed", "both"], default="both")
     ap.add_argument("--zipf", type=float, default=0.5, help="skewed router: Zipf exponent of expert popularity")
     ap.add_argument("--paths", default="reference,optimized", help=f"comma list, or all: {', '.join(PATHS)}")
-    ap.add_argument("--policy", help="a configs/policy preset instead of the shapes' MLA-path policy")
+    ap.add_argument("--policy", help="a policy preset (configs/policy/NAME.yaml) instead of the shapes' policy")
     ap.add_argument("--expert-lora", type=int, metavar="R", help="also LoRA of rank R on the routed experts")
     ap.add_argument("--out", help="also write the results as JSON here")
     args = ap.parse_args()

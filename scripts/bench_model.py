@@ -12,6 +12,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from deepseek_vl2_lora import CONFIG_DIR  # noqa: E402
 from deepseek_vl2_lora.model.tiny import FAMILIES  # noqa: E402
 
 SHAPES = {
@@ -129,7 +130,7 @@ def train_config(policy: str, expert_lora: int | None, precision: str, device):
 
     from deepseek_vl2_lora.training.config import as_train_config
 
-    preset = yaml.safe_load((ROOT / "configs" / "policy" / f"{policy}.yaml").read_text())
+    preset = yaml.safe_load((CONFIG_DIR / "policy" / f"{policy}.yaml").read_text())
     if expert_lora:
         preset["groups"]["routed_experts"] = {"mode": "lora", "r": expert_lora, "alpha": 2 * expert_lora}
     trainer = {"precision": precision, "device": device.type, "recompute": "none", "compile_blocks": False}
@@ -141,7 +142,7 @@ def prepare(model, cfg, dtype, seed: int = 0) -> None:
     from deepseek_vl2_lora.training.step import prepare_model
 
     torch.manual_seed(seed)  # LoRA A's initialisation
-    prepare_model(model, cfg)
+    prepare_model(model, cfg.policy, cfg.trainer)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():

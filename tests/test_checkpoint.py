@@ -14,7 +14,7 @@ from deepseek_vl2_lora.model import DeepseekVL2ForCausalLM
 @pytest.mark.parametrize("sharded", [False, True])
 def test_save_load_round_trip(tmp_path, family, sharded):
     model = build_model(family).eval()
-    model.save_pretrained(tmp_path / "ck", max_shard_bytes=200_000 if sharded else None)
+    model.save_pretrained(tmp_path / "ck", max_shard_size=200_000 if sharded else "5GB")
     files = sorted(p.name for p in (tmp_path / "ck").iterdir())
     assert ("model.safetensors.index.json" in files) == sharded
     loaded = DeepseekVL2ForCausalLM.from_pretrained(tmp_path / "ck")
@@ -139,7 +139,7 @@ def test_random_checkpoint_written_shard_by_shard_is_the_tiny_models_weights(tmp
     from deepseek_vl2_lora.model.tiny import family_config, write_random_checkpoint
 
     raw = family_config("small-mla", 300)
-    out = write_random_checkpoint(tmp_path / "ck", raw, seed=3, dtype=torch.bfloat16, max_shard_bytes=100_000)
+    out = write_random_checkpoint(tmp_path / "ck", raw, seed=3, dtype=torch.bfloat16, max_shard_size=100_000)
     shards = sorted(p.name for p in out.glob("model-*-of-*.safetensors"))
     assert len(shards) > 2 and (out / "model.safetensors.index.json").is_file()
     assert json.loads((out / "config.json").read_text()) == raw

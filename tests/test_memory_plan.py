@@ -308,7 +308,7 @@ def test_full_size_vl2_tiny_trains_one_step_on_the_cpu_within_its_plan(tmp_path)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * (1.0 if "norm" in name else 0.02))
-    model.save_pretrained(ckpt, max_shard_bytes=2 * 2**30)
+    model.save_pretrained(ckpt, max_shard_size=2 * 2**30)
     del model
     shards = sorted(ckpt.glob("model-*-of-*.safetensors"))
     assert len(shards) >= 3 and (ckpt / "model.safetensors.index.json").is_file()
@@ -358,7 +358,7 @@ def test_full_size_vl2_tiny_trains_one_step_on_the_cpu_within_its_plan(tmp_path)
     from deepseek_vl2_lora.policy.lora import merge_lora
 
     merge_lora(model)
-    model.save_pretrained(tmp_path / "round_trip", max_shard_bytes=2 * 2**30)
+    model.save_pretrained(tmp_path / "round_trip", max_shard_size=2 * 2**30)
     again = DeepseekVL2ForCausalLM.from_pretrained(tmp_path / "round_trip", torch_dtype=torch.bfloat16)
     saved, loaded = model.state_dict(), again.state_dict()
     assert saved.keys() == loaded.keys()

@@ -161,32 +161,26 @@ def test_parse_shard_size_is_the_hub_s():
 _FULL_SIZE = """
 import json, sys, torch
 from pathlib import Path
-from deepseek_vl2_lora import PACKAGE_DIR
 from deepseek_vl2_lora.model import DeepseekVL2ForCausalLM, VL2Config
 from deepseek_vl2_lora.model.checkpoint import official_shapes
-from deepseek_vl2_lora.model.shards import ShardWriter
+from deepseek_vl2_lora.model.tiny import make_released_random_checkpoint
 from deepseek_vl2_lora.policy.adapters import save_trained_state
 from deepseek_vl2_lora.policy.groups import apply_policy
 
 base, trained = Path(sys.argv[1]), Path(sys.argv[2])
-config = (PACKAGE_DIR / "assets/released/deepseek-vl2-tiny/config.json").read_text()
-with torch.device("meta"):
-    model = DeepseekVL2ForCausalLM(VL2Config.from_dict(json.loads(config)))
-g = torch.Generator().manual_seed(0)
-shapes = official_shapes(model)
-base.mkdir(parents=True)
-# random bf16 weights in one 6.7 GB shard with an index, as the release has; written a tensor at a time (a shared
+# random bf16 weights in one 6.7 GB file with an index, as the release has; written a tensor at a time (a shared
 # test machine has no room for the whole model twice)
-writer = ShardWriter(base, {k: (s, torch.bfloat16) for k, s in shapes.items()}, 10**12)
-for k, shape in shapes.items():
-    writer.write(k, (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16))
-writer.close()
+make_released_random_checkpoint(base, "deepseek-vl2-tiny", max_shard_size=10**12, device="cpu")
 name = "model-00001-of-000001.safetensors"
 (base / "model.safetensors").rename(base / name)
+config = VL2Config.from_file(base / "config.json")
+with torch.device("meta"):
+    model = DeepseekVL2ForCausalLM(config)
+shapes = official_shapes(model)
 total = sum(torch.Size(s).numel() * 2 for s in shapes.values())
 index = {"metadata": {"total_size": total}, "weight_map": {k: name for k in sorted(shapes)}}
 (base / "model.safetensors.index.json").write_text(json.dumps(index))
-(base / "config.json").write_text(config)
+g = torch.Generator().manual_seed(0)
 # trained state: mha_lora + LoRA on every routed expert + the router in full, every tensor moved off its start
 groups = {"mha_qkv": {"mode": "lora", "r": 16, "alpha": 32}, "o_proj": {"mode": "lora", "r": 16, "alpha": 32},
           "routed_experts": {"mode": "lora", "r": 8, "alpha": 16}, "router": {"mode": "train"}}

@@ -34,7 +34,7 @@ def sharded(tmp_path_factory):
     tiny = ensure_tiny_checkpoint("full-noaux", seed=0)
     out = tmp_path_factory.mktemp("sharded") / "ckpt"
     extra = [p for p in tiny.iterdir() if p.name.startswith(("tokenizer", "processor", "special"))]
-    DeepseekVL2ForCausalLM.from_pretrained(tiny).save_pretrained(out, max_shard_bytes=2_000_000, extra_files=extra)
+    DeepseekVL2ForCausalLM.from_pretrained(tiny).save_pretrained(out, max_shard_size=2_000_000, extra_files=extra)
     assert len(list(out.glob("model-*.safetensors"))) > 1
     return out
 

@@ -7,10 +7,8 @@ import logging
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,10 +18,9 @@ from test_train_config import compose_cfg
 
 from deepseek_vl2_lora import REPO_ROOT
 from deepseek_vl2_lora import eval as eval_mod
-from deepseek_vl2_lora.model import DeepseekVL2ForCausalLM, VL2Config
-from deepseek_vl2_lora.model.checkpoint import official_shapes, save_safetensors
+from deepseek_vl2_lora.model import DeepseekVL2ForCausalLM
 from deepseek_vl2_lora.model.quant import QuantLinear, quantized_weights
-from deepseek_vl2_lora.plan.planner import RELEASED_DIR
+from deepseek_vl2_lora.model.tiny import make_released_random_checkpoint
 from deepseek_vl2_lora.policy.adapters import load_trained_state
 from deepseek_vl2_lora.policy.lora import merge_lora
 from deepseek_vl2_lora.policy.merge import merge_checkpoint
@@ -161,42 +158,14 @@ print(json.dumps({"before": before, "peak": peak, "model": size, "quantized": qu
 """
 
 
-def write_random_checkpoint(out: Path, released: str, max_shard_bytes: int) -> list[Path]:
-    """The released config with random bf16 weights in the official layout, written shard by shard (the whole
-    model is never in memory here either). Returns the shards."""
-    config = VL2Config.from_file(RELEASED_DIR / released / "config.json")
-    with torch.device("meta"):
-        shapes = official_shapes(DeepseekVL2ForCausalLM(config))
-    out.mkdir(parents=True)
-    shutil.copy(RELEASED_DIR / released / "config.json", out / "config.json")
-    gen = torch.Generator().manual_seed(0)
-    groups, current, size = [], [], 0
-    for key in sorted(shapes):
-        nbytes = 2 * math.prod(shapes[key])
-        if current and size + nbytes > max_shard_bytes:
-            groups.append(current)
-            current, size = [], 0
-        current.append(key)
-        size += nbytes
-    groups.append(current)
-    weight_map, shards = {}, []
-    for i, keys in enumerate(groups, 1):
-        shard = {k: (torch.randn(shapes[k], generator=gen) * 0.02).to(torch.bfloat16) for k in keys}
-        shards.append(out / f"model-{i:05d}-of-{len(groups):05d}.safetensors")
-        save_safetensors(shard, shards[-1], {"format": "pt"})
-        weight_map.update(dict.fromkeys(keys, shards[-1].name))
-        del shard
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return shards
-
-
 @pytest.mark.slow
 def test_full_size_vl2_tiny_loads_quantized_within_a_shard_plus_the_quantized_model_plus_1_gib(tmp_path):
     """The released VL2-Tiny (3.37B parameters, 6.7 GB in bf16) with random weights in 1 GiB shards (the release is
     one 6.7 GB file; smaller shards make the bound tighter than the model itself): loading it with nf4 grows the
     process's resident memory (its peak, ru_maxrss) by at most the largest shard + the loaded model + 1 GiB; a
     loader holding the bf16 weights whole would need 6.7 GB + the model."""
-    shards = write_random_checkpoint(tmp_path / "tiny", "deepseek-vl2-tiny", max_shard_bytes=2**30)
+    ckpt = make_released_random_checkpoint(tmp_path / "tiny", "deepseek-vl2-tiny", max_shard_size=2**30, device="cpu")
+    shards = sorted(ckpt.glob("*.safetensors"))
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.run(
         [sys.executable, "-c", LOAD_AND_MEASURE, str(tmp_path / "tiny")], capture_output=True, text=True, env=env

@@ -182,7 +182,7 @@ def test_from_pretrained_quantizes_tensor_by_tensor_and_never_holds_the_weights_
     once are at most the ones kept unquantized plus the tensor being read; the result equals quantizing the file's
     weights directly; the trained MLA paths stay unquantized."""
     src = DeepseekVL2ForCausalLM.from_pretrained(ensure_tiny_checkpoint("full-noaux"))
-    src.save_pretrained(tmp_path / "ckpt", max_shard_bytes=40_000)
+    src.save_pretrained(tmp_path / "ckpt", max_shard_size=40_000)
     assert len(list((tmp_path / "ckpt").glob("model-*.safetensors"))) >= 10
     live, peak = {}, [0]
     real_open = checkpoint_mod.safe_open

@@ -115,7 +115,9 @@ def _stream_tensors(files: list[Path], dtype: torch.dtype, quantized: dict, n_ex
                 if target in quantized:
                     quantized[target].store_(t, index)
                     continue
-                t = t.to(dtype) if t.is_floating_point() else t
+                # a copy: safetensors hands out views of the mapped file, and one kept view keeps the whole shard
+                # mapped (and every page read from it, quantized weights' included, resident) after it closes
+                t = t.to(dtype, copy=True) if t.is_floating_point() else t.clone()
                 if index is None:
                     state[key] = t
                 else:
@@ -200,12 +202,10 @@ def _materialize_buffers(model: torch.nn.Module) -> None:
         raise RuntimeError(f"tensors left unloaded after from_pretrained: {_list(left)}")
 
 
-def save_pretrained(
-    model, path: Path, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, extra_files=(), max_shard_bytes=None
-) -> None:
+def save_pretrained(model, path: Path, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, extra_files=()) -> None:
     """Write config.json + safetensors in the official layout (plus `extra_files`, e.g. the tokenizer),
     atomically (temp dir, then rename): one `model.safetensors`, or shards of at most `max_shard_size` (HF-style,
-    e.g. "5GB", "500MB", or bytes; `max_shard_bytes` is its older name) with the Hub's index."""
+    e.g. "5GB", "500MB", or bytes) with the Hub's index."""
     if quantized_weights(model):
         raise ValueError(
             f"{path}: this model's frozen weights are quantized (model.quantize); the official layout holds the "
@@ -217,7 +217,7 @@ def save_pretrained(
     tmp = make_temp_dir(path.parent, f".{path.name}.tmp-")
     try:
         (tmp / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
-        write_safetensors(state, tmp, max_shard_bytes or max_shard_size)
+        write_safetensors(state, tmp, max_shard_size)
         for f in extra_files:
             shutil.copy2(f, tmp / Path(f).name)
         replace_dir(tmp, path)

@@ -13,6 +13,13 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from .. import PACKAGE_DIR
+
+# The released models' sparse config.json and processor_config.json, shipped with the package (dry runs plan with
+# them; random full-size checkpoints are built from them).
+RELEASED_DIR = PACKAGE_DIR / "assets" / "released"
+RELEASED = ("deepseek-vl2-tiny", "deepseek-vl2-small", "deepseek-vl2")
+
 
 @dataclass
 class VisionConfig:

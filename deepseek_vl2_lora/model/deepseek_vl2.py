@@ -108,11 +108,11 @@ class DeepseekVL2ForCausalLM(nn.Module):
         quant = (quantize, quantize_lm_head, keep_unquantized)
         return load_pretrained(cls, Path(path), torch_dtype, attn_implementation, experts_kernel, device, *quant)
 
-    def save_pretrained(self, path, max_shard_size: int | str = "5GB", extra_files=(), max_shard_bytes=None) -> None:
+    def save_pretrained(self, path, max_shard_size: int | str = "5GB", extra_files=()) -> None:
         """The official layout: config.json + safetensors, sharded above `max_shard_size` (HF-style sizes)."""
         from .checkpoint import save_pretrained
 
-        save_pretrained(self, Path(path), max_shard_size, extra_files, max_shard_bytes)
+        save_pretrained(self, Path(path), max_shard_size, extra_files)
 
     def _head_weight(self) -> torch.Tensor:
         weight = getattr(self.language.lm_head, "weight", None)  # none when lm_head is quantized

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -24,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from .config import VL2Config
+from .config import RELEASED, RELEASED_DIR, VL2Config
 from .processor_config import candidate_resolutions
+from .shards import DEFAULT_MAX_SHARD_SIZE, ShardWriter
 
 _VISION = {
     "model_type": "vision",
@@ -153,56 +153,37 @@ def write_random_checkpoint(
     raw_config: dict,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
-    max_shard_bytes: int | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     extra_files=(),
     device: str = "cpu",
 ) -> Path:
-    """A checkpoint directory in the official layout (config.json, safetensors with per-expert keys, sharded with
-    an index above `max_shard_bytes`, plus `extra_files` such as the tokenizer) holding `_init_random`'s weights
-    for the architecture `raw_config` describes, in `dtype`. Written tensor by tensor and shard by shard, so at most
-    one shard is ever in memory (a full-size model never is); atomically (a temp dir, then renamed). The values
-    are drawn on `device` (a GPU draws billions in a second; the values then differ from the CPU's)."""
-    from .checkpoint import (
-        CONFIG_NAME,
-        INDEX_FILE,
-        SINGLE_FILE,
-        make_temp_dir,
-        replace_dir,
-        save_safetensors,
-        to_official,
-    )
-    from .model import DeepseekVL2ForCausalLM
+    """A checkpoint directory in the official layout (config.json, safetensors with per-expert keys, in Hub-sized
+    shards with an index above `max_shard_size`, plus `extra_files` such as the tokenizer) holding `random_value`'s
+    weights for the architecture `raw_config` describes, in `dtype`. Written a tensor at a time (shards.ShardWriter),
+    so a full-size model is never in memory; atomically (a temp dir, then renamed). The values are drawn on `device`
+    (a GPU draws billions in a second; the values then differ from the CPU's)."""
+    from .checkpoint import CONFIG_NAME, make_temp_dir, official_shapes, replace_dir, to_official
+    from .deepseek_vl2 import DeepseekVL2ForCausalLM
 
     with torch.device("meta"):  # names and shapes only
         model = DeepseekVL2ForCausalLM(VL2Config.from_dict(raw_config, source="random checkpoint config"))
-    shapes = dict(sorted((n, tuple(p.shape)) for n, p in model.named_parameters()))
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    shards, size = [[]], 0
-    for name, shape in shapes.items():
-        nbytes = math.prod(shape) * itemsize
-        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
-            shards, size = [*shards, []], 0
-        shards[-1].append(name)
-        size += nbytes
+    specs = {key: (shape, dtype) for key, shape in official_shapes(model).items()}
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(out_dir.parent, f".{out_dir.name}.tmp-")
     try:
         (tmp / CONFIG_NAME).write_text(json.dumps(raw_config, indent=2) + "\n")
         gen = torch.Generator(device).manual_seed(seed)
-        weight_map = {}
-        for i, names in enumerate(shards, 1):
-            file = SINGLE_FILE if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            tensors = {}
-            for name in names:
-                tensors.update(to_official({name: random_value(name, shapes[name], gen).to(dtype).cpu()}))
-            save_safetensors(tensors, tmp / file, metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(tensors, file))
-            del tensors
-        if len(shards) > 1:
-            total = sum(math.prod(s) for s in shapes.values()) * itemsize
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        writer = ShardWriter(tmp, specs, max_shard_size)
+        try:
+            for name, p in sorted(model.named_parameters()):  # name order: one generator, as _init_random draws
+                value = random_value(name, tuple(p.shape), gen).to(dtype).cpu()
+                for key, tensor in to_official({name: value}).items():
+                    writer.write(key, tensor)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
         for f in extra_files:
             shutil.copy2(f, tmp / Path(f).name)
         replace_dir(tmp, out_dir)
@@ -234,7 +215,7 @@ def make_released_random_checkpoint(
     vision_layers: int | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.bfloat16,
-    max_shard_bytes: int = 4 * 2**30,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     device: str | None = None,
 ) -> Path:
     """A released model at full size with random weights, in the official layout: the shipped config.json (its
@@ -242,8 +223,7 @@ def make_released_random_checkpoint(
     (its ids are a subset of the real vocabulary), bf16 weights in shards. For runs of the real shapes (GPU
     end-to-end tests, benchmarks) where the real weights cannot be downloaded. Drawn on the GPU when there is one
     (`device`)."""
-    from .plan.planner import RELEASED, RELEASED_DIR
-    from .tokenizer_builder import write_tokenizer
+    from .tokenizer import write_tokenizer
 
     if released not in RELEASED:
         raise ValueError(f"released={released!r}: the shipped configs are {', '.join(RELEASED)}")
@@ -259,7 +239,7 @@ def make_released_random_checkpoint(
         shutil.copy2(RELEASED_DIR / released / "processor_config.json", extra)
         files = sorted(Path(extra).iterdir())
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return write_random_checkpoint(out_dir, raw, seed, dtype, max_shard_bytes, files, device)
+        return write_random_checkpoint(out_dir, raw, seed, dtype, max_shard_size, files, device)
 
 
 def cache_root() -> Path:

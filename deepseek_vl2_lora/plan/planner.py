@@ -20,8 +20,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import PACKAGE_DIR
-from ..model.config import VL2Config
+from ..model.config import RELEASED, RELEASED_DIR, VL2Config
 from ..model.recompute import RECOMPUTE
 from ..policy.quantize import quantize_conflicts
 from ..training.config import as_train_config, check_config, resolve_recompute
@@ -33,8 +32,6 @@ from .zero import zero_model_states, zero_settings
 
 log = logging.getLogger(__name__)
 GIB = 2**30
-RELEASED_DIR = PACKAGE_DIR / "assets" / "released"
-RELEASED = ("deepseek-vl2-tiny", "deepseek-vl2-small", "deepseek-vl2")
 MICRO = "micro batch"  # a candidate change's micro batch: trainer.micro_batch_size, or rows of a token budget
 ROWS = [
     ("weights", "weights (frozen, + buffers)"),
