@@ -237,7 +237,17 @@ ATTENTION_FUNCTIONS = {"eager": eager_attention, "sdpa": sdpa_attention, "flash_
 
 
 # ------------------------------------------------------------------------------------------- modules
-class MLAttention(nn.Module):
+class _Attention(nn.Module):
+    """What MLA and MHA share: `_heads` computes the heads' outputs and the layer's (K, V); o_proj follows."""
+
+    def forward(self, x, position_ids, mask, past_kv=None, project: bool = True):
+        """-> (o_proj(heads' outputs), the layer's (K, V)); `project=False`: the heads' outputs [B, S, H·head_dim
+        of V] before o_proj (selective recompute ends there)."""
+        out, kv = self._heads(x, position_ids, mask, past_kv)
+        return (self.o_proj(out) if project else out), kv
+
+
+class MLAttention(_Attention):
     """Multi-head latent attention (DeepSeek-V2), non-absorbed; parameter names as in the checkpoint."""
 
     def __init__(self, cfg: LanguageConfig, backend: str):
@@ -270,12 +280,6 @@ class MLAttention(nn.Module):
         # "official-style" reference path sets this: it reads kv_b_proj.weight directly, so an adapter on
         # kv_b_proj would be bypassed, and it keeps no cache.
         self.absorbed_reference = False
-
-    def forward(self, x, position_ids, mask, past_kv=None, project: bool = True):
-        """-> (o_proj(heads' outputs), the layer's (K, V)); `project=False`: the heads' outputs [B, S, H·v_head_dim]
-        before o_proj (selective recompute ends there)."""
-        out, kv = self._heads(x, position_ids, mask, past_kv)
-        return (self.o_proj(out) if project else out), kv
 
     def _heads(self, x, position_ids, mask, past_kv):
         b, s, _ = x.shape
@@ -312,7 +316,7 @@ class MLAttention(nn.Module):
         return out.transpose(1, 2).reshape(b, s, h * self.v_dim)
 
 
-class MHAttention(nn.Module):
+class MHAttention(_Attention):
     """Llama-style attention (VL2-Tiny): q/k/v/o, NeoX rotate-half RoPE over the whole head."""
 
     def __init__(self, cfg: LanguageConfig, backend: str):
@@ -327,12 +331,6 @@ class MHAttention(nn.Module):
         self.o_proj = nn.Linear(h * self.head_dim, d, bias=cfg.attention_bias)
         self.rotary = RotaryEmbedding(self.head_dim, cfg.rope_theta, cfg.max_position_embeddings, cfg.rope_scaling)
         self.softmax_scale = self.head_dim**-0.5
-
-    def forward(self, x, position_ids, mask, past_kv=None, project: bool = True):
-        """-> (o_proj(heads' outputs), the layer's (K, V)); `project=False`: the heads' outputs [B, S, H·head_dim]
-        before o_proj (selective recompute ends there)."""
-        out, kv = self._heads(x, position_ids, mask, past_kv)
-        return (self.o_proj(out) if project else out), kv
 
     def _heads(self, x, position_ids, mask, past_kv):
         b, s, _ = x.shape

@@ -80,10 +80,9 @@ def _as_group(chosen: set[str], available: list[str]) -> list[int] | None | bool
     return sorted(layers) if chosen == {n for n in available if layer_of(n) in layers} else False
 
 
-def policy_from_adapter(config, adapter_config: Path) -> PolicyConfig:
-    """The PolicyConfig a stock PEFT LoRA adapter (its adapter_config.json) amounts to on the architecture `config`
-    (a VL2Config) describes; a PolicyError
-    (one line) when it is not LoRA or touches part of a group."""
+def policy_from_adapter(vl2_config, adapter_config: Path) -> PolicyConfig:
+    """The PolicyConfig a stock PEFT LoRA adapter (its adapter_config.json) amounts to on the architecture
+    `vl2_config` (a VL2Config) describes; a PolicyError (one line) when it is not LoRA or touches part of a group."""
     from peft import LoraConfig
 
     raw = json.loads(Path(adapter_config).read_text())
@@ -98,8 +97,8 @@ def policy_from_adapter(config, adapter_config: Path) -> PolicyConfig:
     config.init_lora_weights = False  # shapes only: the weights come from the adapter
     if config.lora_bias or config.fan_in_fan_out:
         raise PolicyError(f"{adapter_config}: lora_bias / fan_in_fan_out adapters map onto no policy")
-    use_mla = config.language.use_mla
-    skeleton = _skeleton(config)
+    use_mla = vl2_config.language.use_mla
+    skeleton = _skeleton(vl2_config)
     groups = resolve_groups(skeleton, PolicyConfig())
     adaptable = {
         g: [n for n in names if n.endswith(".weight") and isinstance(_owner(skeleton, n), nn.Linear)]
