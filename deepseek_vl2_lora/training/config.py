@@ -133,7 +133,7 @@ class TrainerConfig:
     # (the attention's input norm and q/kv projections run again in backward, the attention kernel does not: a few
     # % more FLOPs) | full (every layer runs again). null: as gradient_checkpointing says, none when that is unset.
     recompute: str | None = None
-    # The older switch: true = recompute full, false = not full. Set both only if they agree (resolve_recompute).
+    # The older switch: true = recompute full, false = not full; when set it wins over recompute (resolve_recompute).
     gradient_checkpointing: bool | None = None
     # Pack each micro batch's samples into rows of at most this many tokens (first-fit decreasing), each sample
     # attending only to itself with its own position ids; the loss is the unpacked one. null: one row per sample.
@@ -251,20 +251,18 @@ class ConfigError(ValueError):
 
 
 def resolve_recompute(trainer_cfg) -> str:
-    """trainer.recompute, with trainer.gradient_checkpointing as its older name: true means full and false means
-    not full. Unset recompute takes gradient_checkpointing's meaning (none when both are unset); both set must
-    agree, else ConfigError."""
+    """trainer.recompute, with trainer.gradient_checkpointing as its older name: true means full, false means not
+    full (selective stays selective). No shipped config sets the older name, so when it is set it was typed (or
+    comes from a run made before trainer.recompute existed) and it wins: `experiment=vl2_small` (recompute: full)
+    with `trainer.gradient_checkpointing=false` trains without recompute."""
     recompute, legacy = trainer_cfg.recompute, trainer_cfg.gradient_checkpointing
-    if recompute is None:
-        return "full" if legacy else "none"
-    if recompute not in RECOMPUTE:
+    if recompute is not None and recompute not in RECOMPUTE:
         raise ConfigError(f"trainer.recompute={recompute!r}: expected one of {', '.join(RECOMPUTE)}")
-    if legacy is not None and legacy != (recompute == "full"):
-        raise ConfigError(
-            f"trainer.gradient_checkpointing={str(legacy).lower()} contradicts trainer.recompute={recompute} "
-            "(gradient_checkpointing is the older name for recompute=full): set only trainer.recompute"
-        )
-    return recompute
+    if legacy is True:
+        return "full"
+    if legacy is False:
+        return recompute if recompute in ("none", "selective") else "none"
+    return recompute or "none"
 
 
 _CHOICES = {
