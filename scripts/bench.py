@@ -46,7 +46,6 @@ import argparse
 import copy
 import gc
 import json
-import resource
 import statistics
 import sys
 import tempfile
@@ -56,6 +55,7 @@ import torch
 from bench_model import SHAPES, build, image_tokens, make_batch, prepare, route, shapes_at_depth, train_config, unroute
 
 from deepseek_vl2_lora.training import agreement as fp32_truth
+from deepseek_vl2_lora.training.metrics import peak_rss_bytes
 
 PATHS = {
     "reference": dict(experts="loop", attention="absorbed", lean_ce=False, recompute="auto"),
@@ -411,7 +411,7 @@ def main() -> None:
     failed = [f"{r['router']}/{n}" for r in results for n in names if not r[n].get("agreement", {}).get("pass", True)]
     summary = {**header, "results": results, "agreement_failures": failed}
     if device.type == "cpu":
-        summary["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        summary["max_rss_gib"] = peak_rss_bytes() / 2**30
     print(json.dumps(summary))
     if args.out:
         with open(args.out, "w") as f:

@@ -100,7 +100,9 @@ def test_gpu_session_dry_run_passes_on_the_cpu(tmp_path):
     """`scripts/gpu_session.sh --dry-run all`: every stage of the GPU session on the CPU (5.5 min on 2 idle cores),
     its results in few files (a GPU run returns at most 8)."""
     (tmp_path / "wheels").mkdir()  # --wheels resolves the install against what is installed (pip --dry-run)
-    env = {**os.environ, "OUT": str(tmp_path / "out")}
+    # The script runs `python`, as on the GPU machine: here, this interpreter (its venv may not be activated).
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PATH": path}
     cmd = ["bash", "scripts/gpu_session.sh", "--dry-run", "--wheels", str(tmp_path / "wheels"), "all"]
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
     assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-2000:]

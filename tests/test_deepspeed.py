@@ -236,7 +236,10 @@ def test_zero2_on_a_quantized_base_matches_one_rank(tmp_path, tiny_root):
     reference = single(tmp_path / "single", tiny_root, quantized)
     zero2 = two_ranks(tmp_path / "zero2", tiny_root, "zero2", SAME, quantized)
     assert_same_curve(curve(reference), curve(zero2))
-    assert_same_trained(reference, zero2, atol=1e-5)
+    # The gradients are summed in another order on two ranks; through the 4-bit base's dequantized matmuls that
+    # moved a q_a_proj weight by 1.3e-5 after 4 steps (Adam scales small gradients' noise up). A rank training
+    # on other base weights or another shard is off by about one step, lr = 3e-3.
+    assert_same_trained(reference, zero2, atol=5e-5)
     assert "quantized base (model.quantize=nf4)" in (tmp_path / "zero2" / "logs" / "rank1.log").read_text()
 
 

@@ -50,3 +50,10 @@ def test_a_padding_generation_counts_as_finished_from_the_start():
     ids = torch.randint(3, 300, (1, 4))
     out = generate(model, ids, torch.ones_like(ids), max_new_tokens=5, eos_token_id=2, padding=True)
     assert out.tolist() == [[2]]  # one forward, then done (with other ranks: until theirs are done too)
+
+
+def test_only_zero3_ranks_run_padding_batches_in_lockstep():
+    """Replicated weights: a rank runs its own batches and stops generating when its rows are done; several ZeRO-3
+    ranks run every slot and generate in step."""
+    settings = [(1, False), (2, False), (1, True), (2, True)]  # (world size, ZeRO-3)
+    assert [EvalRanks(0, w, zero3=z).lockstep for w, z in settings] == [False, False, False, True]

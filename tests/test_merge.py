@@ -194,11 +194,12 @@ save_trained_state(model, trained, base_model=base)
 """
 
 _MERGE_AND_MEASURE = """
-import resource, sys, time
+import sys, time
 from deepseek_vl2_lora.policy.merge import merge_checkpoint
+from deepseek_vl2_lora.training.metrics import peak_rss_bytes
 t = time.perf_counter()
 merge_checkpoint(None, sys.argv[1], sys.argv[2])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, time.perf_counter() - t)
+print(peak_rss_bytes(), time.perf_counter() - t)
 """
 
 
@@ -229,7 +230,7 @@ def _compare_full_size(base: Path, trained: Path, out: Path) -> None:
     """Each merged tensor against the whole-model merge, computed a decoder layer at a time (the whole model in fp32
     would need 13.5 GB): the layer's base weights in fp32, the adapter, PEFT's merge (its dense einsum delta for the
     stacked experts), cast to bf16. Tensors outside the layers are the base's or the trained ones."""
-    from deepseek_vl2_lora.model.checkpoint import from_official
+    from deepseek_vl2_lora.model.checkpoint import stacked_key
     from deepseek_vl2_lora.model.config import VL2Config
     from deepseek_vl2_lora.policy.adapters import load_lora_tensors, read_trained_state
     from deepseek_vl2_lora.policy.groups import base_name
@@ -258,7 +259,14 @@ def _compare_full_size(base: Path, trained: Path, out: Path) -> None:
     for i, layer in enumerate(model.language.model.layers):
         prefix = f"language.model.layers.{i}."
         before, after = read([k for k in index if k.startswith(prefix)])
-        state = from_official({k: v.float() for k, v in before.items()}, defaultdict(lambda: n_experts))
+        state, experts = {}, defaultdict(dict)  # per-expert official tensors stacked back into ours
+        for key, value in before.items():
+            name, e = stacked_key(key)
+            if e is None:
+                state[name] = value.float()
+            else:
+                experts[name][e] = value.float()
+        state.update({name: torch.stack([by_e[e] for e in range(n_experts)]) for name, by_e in experts.items()})
         for name, p in list(layer.named_parameters()):
             if p.is_meta:
                 owner, _, leaf = name.rpartition(".")

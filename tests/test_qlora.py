@@ -142,9 +142,10 @@ def test_default_experiment_on_an_nf4_base_ends_within_a_few_points_of_the_full_
 
 # ------------------------------------------------------------------------------------------ full size, on the CPU
 LOAD_AND_MEASURE = """
-import json, resource, sys, torch
+import json, sys, torch
 from deepseek_vl2_lora.model import DeepseekVL2ForCausalLM
 from deepseek_vl2_lora.model.quant import quantized_bytes
+from deepseek_vl2_lora.training.metrics import peak_rss_bytes
 
 def rss():
     with open("/proc/self/status") as f:
@@ -152,7 +153,7 @@ def rss():
 
 before = rss()
 model = DeepseekVL2ForCausalLM.from_pretrained(sys.argv[1], torch_dtype=torch.bfloat16, quantize="nf4")
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = peak_rss_bytes()
 size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 print(json.dumps({"before": before, "peak": peak, "model": size, "quantized": quantized_bytes(model)}))
 """
@@ -162,7 +163,7 @@ print(json.dumps({"before": before, "peak": peak, "model": size, "quantized": qu
 def test_full_size_vl2_tiny_loads_quantized_within_a_shard_plus_the_quantized_model_plus_1_gib(tmp_path):
     """The released VL2-Tiny (3.37B parameters, 6.7 GB in bf16) with random weights in 1 GiB shards (the release is
     one 6.7 GB file; smaller shards make the bound tighter than the model itself): loading it with nf4 grows the
-    process's resident memory (its peak, ru_maxrss) by at most the largest shard + the loaded model + 1 GiB; a
+    process's resident memory (its peak, VmHWM) by at most the largest shard + the loaded model + 1 GiB; a
     loader holding the bf16 weights whole would need 6.7 GB + the model."""
     ckpt = make_released_random_checkpoint(tmp_path / "tiny", "deepseek-vl2-tiny", max_shard_size=2**30, device="cpu")
     shards = sorted(ckpt.glob("*.safetensors"))

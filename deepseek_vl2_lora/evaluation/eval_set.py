@@ -86,7 +86,7 @@ def eval_loss(model, dataset, indices, collator, batch_size, device, autocast=nu
     for b in ranks.slots(-(-len(indices) // batch_size)):
         chunk = [] if b is None else indices[b * batch_size : (b + 1) * batch_size]
         encodings = [e for e in map(load, chunk) if e is not None]
-        if not encodings and ranks.world_size == 1:
+        if not encodings and not ranks.lockstep:
             continue
         batch = _to(collator(encodings), device) if encodings else padding_batch(dataset.processor, device)
         with autocast():
@@ -114,7 +114,7 @@ def generate_replies(
     for b in ranks.slots(-(-n // batch_size)):
         encoded = [] if b is None else [(k, encode(k)) for k in range(b * batch_size, min(n, (b + 1) * batch_size))]
         chunk = [k for k, e in encoded if e is not None]
-        if not chunk and ranks.world_size == 1:
+        if not chunk and not ranks.lockstep:
             continue
         prompts = [e for _, e in encoded if e is not None]
         batch = _to(collator(prompts), device) if prompts else padding_batch(processor, device)
@@ -129,6 +129,7 @@ def generate_replies(
                 max_new_tokens=max_new_tokens,
                 eos_token_id=eos,
                 padding=not chunk,
+                lockstep=ranks.lockstep,
             )
         for k, row in zip(chunk, new.tolist()):
             ids = row[: row.index(eos)] if eos in row else row

@@ -2,10 +2,11 @@
 (rank 0 logs and writes them) ends with what one process computes.
 
 The batches are the ones one process makes (the same items, the same padding), dealt round robin: rank r runs
-batches r, r + W, r + 2W, ... Every rank runs the same number of batch slots; a rank with no batch left in a slot
-runs a padding forward (one token, no image) or a padding generation, which counts as finished from the start. So
-under ZeRO-3, where every forward gathers the sharded weights from all ranks, every rank runs every forward, and
-generation steps stay in lockstep (`model.generation`'s all-ranks-done check ends a step loop on every rank at
+batches r, r + W, r + 2W, ... With replicated weights (one process, DDP, ZeRO-1/2) a rank runs its own batches and
+nothing else. Under ZeRO-3, where every forward gathers the sharded weights from all ranks, every rank runs the same
+number of batch slots: a rank with no batch left in a slot runs a padding forward (one token, no image) or a
+padding generation, which counts as finished from the start. So every rank runs every forward, and generation
+steps stay in lockstep (`model.generation`'s all-ranks-done check ends a step loop on every rank at
 once). There, a batch without images runs the vision side on a blank tile as well (`vision_in_every_forward`),
 since a rank whose batch has images gathers the vision weights. The gathered per-batch results are put back in
 batch order before anything is summed, so sums, predictions and metrics are bitwise those of one process.
@@ -24,6 +25,12 @@ class EvalRanks:
     rank: int = 0
     world_size: int = 1
     zero3: bool = False  # the weights are sharded (DeepSpeed ZeRO-3): every rank must run every forward
+
+    @property
+    def lockstep(self) -> bool:
+        """Every rank must run every forward (padding ones included) and generate in step: several ranks under
+        ZeRO-3. Otherwise each rank runs only its own batches and stops generating when its rows are done."""
+        return self.zero3 and self.world_size > 1
 
     def slots(self, n_batches: int) -> list[int | None]:
         """The batches this rank runs, one per slot (None: a padding one); every rank gets as many slots."""

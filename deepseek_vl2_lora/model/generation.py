@@ -22,12 +22,14 @@ def generate(
     generator: torch.Generator | None = None,
     stream=None,
     padding: bool = False,
+    lockstep: bool = False,
 ) -> torch.Tensor:
     """Returns the new tokens [B, n ≤ max_new_tokens]; finished rows are padded with `eos_token_id`.
 
-    `stream`, if given, is called with each step's tokens [B] as they are produced. `padding`: a rank with no
-    prompts left while other ranks generate (evaluation split across ranks): its rows count as finished from the
-    start, so it only runs the forwards and the all-ranks-done checks in step with the others.
+    `stream`, if given, is called with each step's tokens [B] as they are produced. `lockstep` (ranks whose
+    forwards are collectives, DeepSpeed ZeRO-3): stop only when every rank's rows are done, checked with an
+    all-reduce each step. `padding`: a rank with no prompts left while other ranks generate in lockstep: its rows
+    count as finished from the start, so it only runs the forwards and the checks in step with the others.
     """
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("generate needs left padding (the last column of attention_mask must be all ones)")
@@ -54,7 +56,7 @@ def generate(
         new_tokens.append(token)
         if stream is not None:
             stream(token)
-        if eos_token_id is not None and _all_ranks_done(done):
+        if eos_token_id is not None and (_all_ranks_done(done) if lockstep else bool(done.all())):
             break
         ids = torch.cat([ids, token[:, None]], dim=1)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
@@ -64,7 +66,7 @@ def generate(
 
 def _all_ranks_done(done: torch.Tensor) -> bool:
     """Every row finished, on every rank: under ZeRO-3 each forward gathers weights collectively, so one rank
-    stopping early would leave the others waiting."""
+    stopping early would leave the others waiting. Without a process group, this process's rows."""
     finished = done.all()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         flag = finished.to(torch.int32).reshape(1)

@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import resource
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,6 +165,17 @@ class FlopModel:
         return self.lm_flops(seq_lens) + self.vision_flops(n_tiles)
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. Linux's VmHWM, not ru_maxrss: a child inherits its parent's peak into
+    ru_maxrss across fork + exec (a subprocess of a 10 GB pytest reports 10 GB), VmHWM is its own address space's."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):  # no /proc (macOS: ru_maxrss in bytes there)
+        scale = 1 if sys.platform == "darwin" else 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
 def peak_memory_gb(device: torch.device) -> dict[str, float]:
     """Peak allocated/reserved CUDA memory, or the process's peak resident memory on CPU, in GB."""
     if device.type == "cuda":
@@ -171,7 +183,7 @@ def peak_memory_gb(device: torch.device) -> dict[str, float]:
             "mem/peak_allocated_gb": torch.cuda.max_memory_allocated(device) / 1e9,
             "mem/peak_reserved_gb": torch.cuda.max_memory_reserved(device) / 1e9,
         }
-    return {"mem/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}
+    return {"mem/peak_rss_gb": peak_rss_bytes() / 1e9}
 
 
 def _jsonable(value):
