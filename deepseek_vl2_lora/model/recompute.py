@@ -15,6 +15,8 @@ whose [L, L] probabilities backward needs, and recomputing its inputs would mean
 
 from __future__ import annotations
 
+from contextlib import ExitStack, contextmanager, nullcontext
+
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
@@ -37,15 +39,53 @@ def _keep_attention_kernel(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
+# Entered around every re-run in backward, when set (`observing_recompute`): the memory plan counts recomputed FLOPs
+# apart, and grad mode cannot tell them from backward's own: an autograd.Function's forward (the 4-bit base's
+# dequantized matmuls) runs without grad even when checkpointing re-runs it.
+_observer = None
+
+
+@contextmanager
+def observing_recompute(enter_rerun):
+    """Within the block, every recompute in backward runs inside `enter_rerun()` (a context manager)."""
+    global _observer
+    previous, _observer = _observer, enter_rerun
+    try:
+        yield
+    finally:
+        _observer = previous
+
+
+@contextmanager
+def _all_of(*managers):
+    with ExitStack() as stack:
+        for m in managers:
+            stack.enter_context(m)
+        yield
+
+
+def _observed(contexts):
+    """`context_fn` for checkpoint: `contexts()` (forward, recompute) with the observer added to the recompute."""
+    forward, rerun = contexts()
+    return forward, _all_of(rerun, _observer())
+
+
 def _attention_contexts():
     return create_selective_checkpoint_contexts(_keep_attention_kernel)
 
 
+def _layer_contexts():
+    return nullcontext(), nullcontext()
+
+
 def recompute_attention_inputs(attend, *args):
     """`attend(*args)` with everything but the attention kernel recomputed in backward (see the module doc)."""
-    return checkpoint(attend, *args, use_reentrant=False, context_fn=_attention_contexts, preserve_rng_state=False)
+    contexts = _attention_contexts if _observer is None else lambda: _observed(_attention_contexts)
+    return checkpoint(attend, *args, use_reentrant=False, context_fn=contexts, preserve_rng_state=False)
 
 
 def recompute_layer(layer, *args):
     """The whole layer recomputed in backward (`full`)."""
-    return checkpoint(layer, *args, use_reentrant=False)
+    if _observer is None:  # checkpoint's own no-op contexts: what torch.compile accepts
+        return checkpoint(layer, *args, use_reentrant=False)
+    return checkpoint(layer, *args, use_reentrant=False, context_fn=lambda: _observed(_layer_contexts))

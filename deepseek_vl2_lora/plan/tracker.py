@@ -17,6 +17,7 @@ with gradients enabled are a recompute (activation checkpointing re-running a fo
 from __future__ import annotations
 
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..model.recompute import observing_recompute
 from .kinds import AFTER_LM, BEFORE_LM, is_language_model, module_kinds, op_flops
 
 CATEGORIES = ("weights", "trainable", "gradients", "optimizer", "activations", "temporaries")
@@ -77,6 +79,7 @@ class MemoryTracker(TorchDispatchMode):
         self._after_lm = False  # the language model has returned in this forward pass: top-level ops are the loss
         self.end_of_forward: dict[str, int] = {}  # activation bytes by kind when backward starts (largest micro batch)
         self.flops = {"forward": 0, "backward": 0, "recompute": 0, "optimizer step": 0}
+        self._rerunning = 0  # depth of recompute re-runs (model.recompute's observer)
 
     @property
     def phase(self) -> str:
@@ -192,8 +195,10 @@ class MemoryTracker(TorchDispatchMode):
                 self._backward_module = node.metadata["module"]
         out = func(*args, **(kwargs or {}))
         phase = self.phase
-        if phase == "backward" and torch.is_grad_enabled():
-            phase = "recompute"  # a forward op re-run by activation checkpointing (backward proper runs without grad)
+        if phase == "backward" and (torch.is_grad_enabled() or self._rerunning):
+            # A forward op re-run by activation checkpointing: backward proper runs without grad; a Function's
+            # forward re-run does too, hence the model's recompute observer (`rerunning`).
+            phase = "recompute"
         if phase in self.flops:
             self.flops[phase] += op_flops(func, args, kwargs or {}, out)
         category = self._category()
@@ -202,14 +207,25 @@ class MemoryTracker(TorchDispatchMode):
                 self.register(t, category, retag=False)
         return out
 
+    @contextmanager
+    def rerunning(self):
+        self._rerunning += 1
+        try:
+            yield
+        finally:
+            self._rerunning -= 1
+
     def __enter__(self):
         self._hooks = [
             register_module_forward_pre_hook(self._pre_forward),
             register_module_forward_hook(self._post_forward),
         ]
+        self._observing = observing_recompute(self.rerunning)
+        self._observing.__enter__()
         return super().__enter__()
 
     def __exit__(self, *exc):
         super().__exit__(*exc)
+        self._observing.__exit__(None, None, None)
         for h in self._hooks:
             h.remove()
