@@ -128,7 +128,7 @@ def run(quantize: str, args, model_dir: Path, device: torch.device) -> dict:
 
     precision = "bf16" if args.precision == "auto" and device.type == "cuda" else args.precision
     precision = resolve_precision(precision, device)
-    recompute = not args.no_recompute
+    recompute = "none" if args.no_recompute else "full"  # a trainer.recompute setting
     cfg = default_config(
         [
             "experiment=vl2_small",
@@ -137,7 +137,7 @@ def run(quantize: str, args, model_dir: Path, device: torch.device) -> dict:
             f"trainer.precision={precision}",
             f"trainer.micro_batch_size={args.micro_batch}",
             "trainer.grad_accum=1",
-            f"trainer.gradient_checkpointing={recompute}",
+            f"trainer.recompute={recompute}",
             f"data.max_length={args.length}",
         ]
     )

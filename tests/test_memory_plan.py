@@ -237,6 +237,23 @@ def test_frozen_weights_are_replicated_under_zero2_and_sharded_under_zero3():
 
 
 # ------------------------------------------------------------------------------------------------ entry point
+def test_an_unset_max_length_is_planned_at_4096_tokens():
+    """data.max_length=null (no cap on training samples) plans 4096-token samples, as data.max_length=4096 does;
+    with a token budget, full rows of trainer.pack_length."""
+    common = ("experiment=vl2_tiny", "trainer.micro_batch_size=1", "trainer.gradient_checkpointing=true")
+    peaks = {}
+    for extra in ("data.max_length=null", "data.max_length=4096"):
+        plan = Planner(compose_config(*common, extra), ranks=8).plan()
+        peaks[extra] = [c.peak for c in plan.columns]
+    assert peaks["data.max_length=null"] == peaks["data.max_length=4096"]
+    budget = ("data.tokens_per_micro_batch=4096", "trainer.pack_length=2048")
+    unset, capped = (
+        Planner(compose_config(*common, *budget, x), ranks=8).plan()
+        for x in ("data.max_length=null", "data.max_length=2048")
+    )
+    assert [c.peak for c in unset.columns] == [c.peak for c in capped.columns]
+
+
 def test_a_config_that_does_not_fit_names_the_change_that_fits(tmp_path):
     cfg = compose_config(
         "experiment=vl2_small",

@@ -13,6 +13,7 @@ from ..data.collate import Collator
 from ..model.deepseek_vl2 import IGNORE_INDEX
 from ..model.processor_config import image_token_count
 from ..training.config import ConfigError
+from ..training.preflight import train_max_length
 
 
 class PlanError(ConfigError):
@@ -74,10 +75,15 @@ def synthetic_batch(vl2_config, micro_batch_size: int, length: int, plan_cfg, pa
     )
 
 
-def budget_rows(vl2_config, rows: int, pack_length: int, max_length: int | None, plan_cfg) -> list[list[dict]]:
-    """The rows of a token-budget micro batch as planned: each full, ⌊pack_length / L⌋ samples of L =
-    min(data.max_length, pack_length) tokens plus one of the rest (text only when it cannot hold the images)."""
-    length = min(max_length or pack_length, pack_length)
+def planned_length(data_cfg, trainer_cfg) -> int:
+    """The sample length a dry run plans: the longest training sample (data.max_length; with a token budget at most
+    a row), 4096 when data.max_length is unset."""
+    return train_max_length(data_cfg, trainer_cfg) or 4096
+
+
+def budget_rows(vl2_config, rows: int, pack_length: int, length: int, plan_cfg) -> list[list[dict]]:
+    """The rows of a token-budget micro batch as planned: each full, ⌊pack_length / L⌋ samples of L tokens
+    (`planned_length`) plus one of the rest (text only when it cannot hold the images)."""
     per_row, rest = divmod(pack_length, length)
     row = synthetic_samples(vl2_config, per_row, length, plan_cfg)
     if rest >= 3:  # (bos, a prompt token, an answer token at least)
@@ -99,9 +105,10 @@ def micro_batch_of(data_cfg, trainer_cfg) -> int:
 
 
 def plan_batch(vl2_config, micro_batch: int, data_cfg, trainer_cfg, plan_cfg) -> dict:
-    """The micro batch a dry run plans for: `micro_batch` samples of data.max_length, or with
+    """The micro batch a dry run plans for: `micro_batch` samples of `planned_length`, or with
     data.tokens_per_micro_batch `micro_batch` full rows (`budget_rows`)."""
+    length = planned_length(data_cfg, trainer_cfg)
     if not data_cfg.get("tokens_per_micro_batch"):
-        return synthetic_batch(vl2_config, micro_batch, data_cfg.max_length, plan_cfg, trainer_cfg.pack_length)
-    rows = budget_rows(vl2_config, micro_batch, trainer_cfg.pack_length, data_cfg.max_length, plan_cfg)
+        return synthetic_batch(vl2_config, micro_batch, length, plan_cfg, trainer_cfg.pack_length)
+    rows = budget_rows(vl2_config, micro_batch, trainer_cfg.pack_length, length, plan_cfg)
     return Collator(pad_id=0, padding_side="right", pack_length=trainer_cfg.pack_length).collate_rows(rows)

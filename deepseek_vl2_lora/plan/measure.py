@@ -24,7 +24,7 @@ from ..training.dist_env import DistEnv
 from ..training.engine import SingleProcessEngine
 from ..training.metrics import FlopModel
 from ..training.step import micro_step, prepare_model, resolve_dtype, resolve_precision
-from .batch import plan_batch, sample_layout
+from .batch import plan_batch, planned_length, sample_layout
 from .fake import ATTENTION_KERNELS, CudaAttentionKernels, HostValues, assume_routing, fake_mode
 from .tracker import CUDA_BLOCK, MemoryTracker, Snapshot
 from .zero import ParamCounts, param_counts
@@ -146,10 +146,7 @@ class FakeTrainingModel:
         """One steady-state step of `micro_batch_size` samples (token-budget batching: packed rows, each full) at a
         `trainer.recompute` setting (none | selective | full)."""
         cfg, setting = self.cfg, self.setting
-        length = cfg.data.max_length or 4096
-        if cfg.data.get("tokens_per_micro_batch"):
-            length = min(length, cfg.trainer.pack_length)
-        layout = sample_layout(self.vl2_config, length, cfg.plan)
+        layout = sample_layout(self.vl2_config, planned_length(cfg.data, cfg.trainer), cfg.plan)
         batch = plan_batch(self.vl2_config, micro_batch_size, cfg.data, cfg.trainer, cfg.plan)
         lengths = sample_lengths(batch)
         self.model.language.model.recompute = recompute

@@ -24,7 +24,7 @@ from ..model.config import RELEASED, RELEASED_DIR, VL2Config
 from ..model.recompute import RECOMPUTE
 from ..policy.quantize import quantize_conflicts
 from ..training.config import as_train_config, check_config, resolve_recompute
-from .batch import micro_batch_of
+from .batch import micro_batch_of, planned_length
 from .kinds import KINDS
 from .measure import FakeTrainingModel, StepMeasurement
 from .tracker import MODEL_STATES
@@ -284,7 +284,7 @@ class Planner:
                 "recompute": self.recompute,
                 "micro batch": self.micro_batch,
                 "grad accum": tc.grad_accum,
-                "sequence length": self.cfg.data.max_length or 4096,
+                "sequence length": planned_length(self.cfg.data, tc),
                 "packing": tc.pack_length,
                 "token budget": self.budget,
                 "routing": self.cfg.plan.routing
