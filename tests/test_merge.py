@@ -114,6 +114,24 @@ def test_streaming_merge_equals_the_whole_model_merge_bit_for_bit(tmp_path, fami
     assert all(torch.equal(official[k], merged[k]) for k in merged)
 
 
+def test_every_trained_tensor_must_be_met_in_the_base(tmp_path):
+    """The merge's guard against a name that never matches (that part of the adapter would be dropped silently):
+    before any base tensor, every trained tensor is pending (the routed experts' adapters as their stacked
+    parameter); after all of them, none."""
+    from deepseek_vl2_lora.policy.merge import _Merger
+
+    base, trained, model = _trained(tmp_path, "tiny-mha")
+    with torch.device("meta"):
+        merger = _Merger(DeepseekVL2ForCausalLM(model.config), trained)
+    experts = {f"language.model.layers.1.mlp.experts.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+    assert experts <= merger.pending and any(k.endswith("q_proj.weight") for k in merger.pending)
+    with pytest.raises(ValueError, match="never met in the base checkpoint"):
+        merger.check_done()
+    for key, value in _files(base).items():
+        merger(key, value, torch.bfloat16)
+    merger.check_done()
+
+
 def test_merge_in_float32_and_to_one_file(tmp_path):
     base, trained, _ = _trained(tmp_path, "tiny-mha")
     out = merge_checkpoint(base, trained, tmp_path / "merged", torch_dtype=torch.float32, max_shard_size="1GB")

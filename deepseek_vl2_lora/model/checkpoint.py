@@ -100,17 +100,16 @@ def _read_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _stream_tensors(files: list[Path], dtype: torch.dtype, quantized: dict, n_experts: dict) -> dict[str, torch.Tensor]:
+def _stream_tensors(files: list[Path], dtype: torch.dtype, quantized: dict) -> dict[str, torch.Tensor]:
     """Our state dict, read shard by shard and tensor by tensor: a weight in `quantized` (name -> QuantizedTensor) is
     quantized as it is read (an expert's slice of a stacked one at a time) and not kept; the rest is cast to `dtype`
-    and kept (per-expert weights stacked)."""
+    and kept (per-expert weights stacked; `check_keys` has made sure that every expert is there)."""
     state: dict[str, torch.Tensor] = {}
     experts: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
     for f in files:
         with safe_open(str(f), framework="pt") as fh:
             for key in fh.keys():
-                m = _PER_EXPERT.match(key)
-                target, index = (f"{m.group(1)}.{m.group(3)}", int(m.group(2))) if m else (key, None)
+                target, index = stacked_key(key)
                 t = fh.get_tensor(key)
                 if target in quantized:
                     quantized[target].store_(t, index)
@@ -123,7 +122,7 @@ def _stream_tensors(files: list[Path], dtype: torch.dtype, quantized: dict, n_ex
                 else:
                     experts[target][index] = t
     for target, by_e in experts.items():
-        state[target] = torch.stack([by_e.pop(e) for e in range(n_experts[target])])
+        state[target] = torch.stack([by_e.pop(e) for e in range(len(by_e))])
     return state
 
 
@@ -134,9 +133,8 @@ def _list(keys, limit=20) -> str:
 
 
 def check_keys(path: Path, expected: dict[str, tuple], found: dict[str, tuple]) -> None:
-    """`found`: key -> shape (or anything with a .shape) of the checkpoint's tensors, against the model's
-    official `expected`."""
-    found = {k: tuple(getattr(v, "shape", v)) for k, v in found.items()}
+    """`found`: key -> shape of the checkpoint's tensors, against the model's official `expected`."""
+    found = {k: tuple(v) for k, v in found.items()}
     missing = expected.keys() - found.keys()
     unexpected = found.keys() - expected.keys()
     problems = []
@@ -178,11 +176,9 @@ def load_pretrained(
     with torch.device("meta"):  # no time or memory spent on an init that the weights replace
         model = cls(config, attn_implementation=attn_implementation, experts_kernel=experts_kernel)
     check_keys(path, official_shapes(model), _read_shapes(files))
-    n_experts = {name.rsplit(".", 1)[0]: p.shape[0] for name, p in model.state_dict().items() if _STACKED.match(name)}
-    n_experts = {f"{prefix}.{proj}": n for prefix, n in n_experts.items() for proj in EXPERT_PROJS}
     quantize_modules_(model, quantize, keep_unquantized, quantize_lm_head, device="cpu")  # storage to fill, on host
     quantized = quantized_weights(model)
-    state = _stream_tensors(files, torch_dtype, quantized, n_experts)
+    state = _stream_tensors(files, torch_dtype, quantized)
     incomplete = [name for name, q in quantized.items() if not q.complete]
     if incomplete:
         raise ValueError(f"{path}: quantized weights left incomplete (missing expert slices): {_list(incomplete)}")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from safetensors import safe_open
@@ -40,6 +39,7 @@ from ..model.config import VL2Config
 from ..model.deepseek_vl2 import DeepseekVL2ForCausalLM
 from ..model.shards import DEFAULT_MAX_SHARD_SIZE, ShardWriter, parse_shard_size, read_header
 from .adapters import (
+    RUN_CONFIG_FILE,
     check_full_tensors,
     load_lora_tensors,
     read_trained_state,
@@ -86,7 +86,7 @@ def merge_checkpoint(
         model = DeepseekVL2ForCausalLM(config)
     expected = official_shapes(model)  # in the official order
     found = _headers(files)
-    check_keys(base, expected, {k: SimpleNamespace(shape=v[0]) for k, v in found.items()})
+    check_keys(base, expected, {k: v[0] for k, v in found.items()})
     dtype = torch_dtype or next((d for _, d, _, _ in found.values() if d.is_floating_point), torch.float32)
     merger = _Merger(model, trained)
     specs = {k: (shape, dtype if found[k][1].is_floating_point else found[k][1]) for k, shape in expected.items()}
@@ -118,7 +118,7 @@ def _training_quantize(trained_dir: Path) -> str:
     """model.quantize of the run that wrote `trained_dir` (its run dir's config_resolved.yaml), "none" if unknown."""
     import yaml
 
-    config = trained_dir.parent / "config_resolved.yaml"
+    config = trained_dir.parent / RUN_CONFIG_FILE
     try:
         return str(((yaml.safe_load(config.read_text()) or {}).get("model") or {}).get("quantize", "none"))
     except (OSError, yaml.YAMLError, AttributeError):
@@ -157,14 +157,13 @@ class _Merger:
                 experts, factors = expert_lora_factors(module)  # the outermost wrapper holds the whole chain
                 for param, pairs in factors.items():
                     self.experts[f"{base_name(name)}.{param}"] = pairs
-        # every key the trained state changes: each must be met in the base (a name that never matches would
-        # otherwise drop that part of the adapter silently)
-        self.pending = set(self.full) | set(self.linear)
-        self.pending |= {k for k in official_shapes(model) if stacked_key(k)[0] in self.experts}
+        # every key (or stacked expert parameter) the trained state changes: each must be met in the base (a name
+        # that never matches would otherwise drop that part of the adapter silently)
+        self.pending = set(self.full) | set(self.linear) | set(self.experts)
 
     def __call__(self, key: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         name, expert = stacked_key(key)
-        self.pending.discard(key)
+        self.pending -= {key, name}
         if key in self.full:
             trained = self.full.pop(key)
             if tuple(trained.shape) != tuple(tensor.shape):

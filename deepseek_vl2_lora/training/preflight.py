@@ -23,7 +23,6 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from omegaconf import OmegaConf
@@ -216,7 +215,7 @@ def check_checkpoint_files(model_dir: Path) -> None:
         raise ConfigError(
             f"{config_path}: not a DeepSeek-VL2 config ({one_line(e)}); restore the checkpoint's own config.json"
         ) from None
-    found: dict[str, SimpleNamespace] = {}
+    found: dict[str, tuple[int, ...]] = {}
     try:
         shards = weight_files(model_dir)
     except (OSError, ValueError) as e:
@@ -225,7 +224,7 @@ def check_checkpoint_files(model_dir: Path) -> None:
         for key, shape in read_safetensors_header(shard).items():
             if key in found:
                 raise ConfigError(f"{shard}: key {key} appears in more than one shard; restore the checkpoint's files")
-            found[key] = SimpleNamespace(shape=shape)
+            found[key] = tuple(shape)
     from ..model.deepseek_vl2 import DeepseekVL2ForCausalLM  # the model module is heavy; loaded anyway right after
 
     with torch.device("meta"):  # shapes only: no memory, no init
