@@ -97,7 +97,9 @@ def resolve_target(path: str | None, baseline: bool, overrides: list[str], scrat
                 "its checkpoints (RUN_DIR/checkpoints/step_XXXXXXXX)"
             )
         return "trained", cfg, p / "trained", p / "eval.json"
-    if (p / "state.json").is_file() and (p / "trainable.safetensors").is_file():  # a step checkpoint of a run
+    from .training.train_state import is_step_checkpoint
+
+    if is_step_checkpoint(p):  # a step checkpoint of a run
         run = p.parent.parent
         if not (run / RUN_CONFIG).is_file():
             raise EvalError(f"{p}: a step checkpoint outside its run dir (no {run / RUN_CONFIG})")

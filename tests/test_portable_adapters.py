@@ -168,6 +168,12 @@ def test_export_of_a_step_checkpoint_is_the_trained_dir_in_stock_peft(run_with_c
     assert export_main([str(tmp_path), str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "not a step checkpoint" in err and err.count("\n") == 1
+    empty_run = tmp_path / "empty_run"  # a run dir that saved no checkpoint yet
+    empty_run.mkdir()
+    shutil.copy(run / "config_resolved.yaml", empty_run)
+    assert export_main([str(empty_run), str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "a run directory without an intact checkpoint" in err and err.count("\n") == 1
 
 
 def test_eval_of_a_step_checkpoint_is_the_run_s_final_eval(run_with_checkpoint):

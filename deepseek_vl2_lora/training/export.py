@@ -21,11 +21,15 @@ from ..policy.adapters import RUN_CONFIG_FILE, save_trained_state
 from ..policy.groups import apply_policy, load_trainable_state_dict
 from .config import ConfigError, as_train_config
 from .preflight import resolve_model_dir
-from .train_state import STATE_FILE, TRAINABLE_FILE, ResumeError, find_resume_checkpoint
-
-
-def is_step_checkpoint(path: str | Path) -> bool:
-    return (Path(path) / STATE_FILE).is_file() and (Path(path) / TRAINABLE_FILE).is_file()
+from .train_state import (
+    CHECKPOINTS,
+    STATE_FILE,
+    TRAINABLE_FILE,
+    ResumeError,
+    find_resume_checkpoint,
+    is_step_checkpoint,
+    newest_intact_checkpoint,
+)
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
@@ -34,9 +38,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     path = Path(checkpoint).expanduser()
     if not is_step_checkpoint(path) and not (path / RUN_CONFIG_FILE).is_file():
         raise ResumeError(f"{path}: not a step checkpoint ({STATE_FILE}, {TRAINABLE_FILE}) or a run directory")
-    found = find_resume_checkpoint(str(path), path)  # verifies the manifest (a run dir: newest intact)
-    if found is None:
-        raise ResumeError(f"{path}: a run directory without checkpoints")
+    if is_step_checkpoint(path):
+        found = find_resume_checkpoint(str(path), path)  # verifies its manifest
+    else:
+        found = newest_intact_checkpoint(path)
+        if found is None:
+            raise ResumeError(f"{path}: a run directory without an intact checkpoint under {CHECKPOINTS}/")
     run_dir = found.parent.parent
     if not (run_dir / RUN_CONFIG_FILE).is_file():
         raise ConfigError(f"{found}: its run directory {run_dir} has no {RUN_CONFIG_FILE} (the run's policy and base)")

@@ -25,7 +25,7 @@ from ..policy.adapters import load_trained_tensors, resolve_trained_dir, trained
 from ..policy.groups import to_policy_config
 from .config import ConfigError
 from .preflight import resolve_model_dir
-from .train_state import STATE_FILE, TRAINABLE_FILE, ResumeError
+from .train_state import STATE_FILE, ResumeError, is_step_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def init_from_dir(model_cfg) -> Path | None:
     if not model_cfg.get("init_from"):
         return None
     path = Path(model_cfg.init_from).expanduser()
-    if (path / STATE_FILE).is_file() and (path / TRAINABLE_FILE).is_file():
+    if is_step_checkpoint(path):
         raise ConfigError(
             f"model.init_from={model_cfg.init_from}: a step checkpoint; export it first "
             f"(vl2-export {path} OUT, or python -m deepseek_vl2_lora.export) and pass model.init_from=OUT"
@@ -53,7 +53,8 @@ def apply_init_from(cfg) -> Path | None:
     trained = init_from_dir(cfg.model)
     if trained is None:
         return None
-    config = VL2Config.from_file(resolve_model_dir(cfg.model) / "config.json")  # (a tiny one: generated here)
+    model_dir = resolve_model_dir(cfg.model)  # (a tiny one: generated here)
+    config = VL2Config.from_file(model_dir / "config.json")
     policy = to_policy_config(trained_policy(trained, config))
     configured = OmegaConf.to_container(cfg.policy, resolve=True)
     cfg.policy = OmegaConf.structured(policy)
@@ -61,7 +62,6 @@ def apply_init_from(cfg) -> Path | None:
         log.info("model.init_from=%s: training with its policy %s (in place of policy=%s)", trained, policy.name,
                  configured.get("name"))  # fmt: skip
     base, name = trained_base(trained)
-    model_dir = resolve_model_dir(cfg.model)
     if base is not None and base.resolve() != model_dir.resolve():
         log.warning("model.init_from=%s was trained on %s; this run's base is %s", trained, name, model_dir)
     return trained

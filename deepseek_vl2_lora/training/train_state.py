@@ -69,6 +69,11 @@ STATE_FILE = "state.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
+def is_step_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is a step checkpoint (checkpoints/step_XXXXXXXX of a run): its state and trainable tensors."""
+    return (Path(path) / STATE_FILE).is_file() and (Path(path) / TRAINABLE_FILE).is_file()
+
+
 class ResumeError(RuntimeError):
     """A checkpoint to resume from is missing or does not fit this run."""
 
