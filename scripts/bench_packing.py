@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from deepseek_vl2_lora.data.budget import TokenBudget  # noqa: E402
+from deepseek_vl2_lora.data.budget import TokenBudget, token_spread  # noqa: E402
 from deepseek_vl2_lora.data.packing import first_fit_decreasing  # noqa: E402
 from deepseek_vl2_lora.data.sampling import epoch_order  # noqa: E402
 
@@ -94,14 +93,6 @@ def _record(words: list[str], w: int, h: int) -> dict:
     return {"messages": [user, {"role": "assistant", "content": " ".join(words)}], "images": [f"images/{w}x{h}.png"]}
 
 
-def spread(tokens: list[int]) -> dict:
-    """A micro batch's tokens as `EpochBins.stats` reports them for the token budget."""
-    mean = sum(tokens) / len(tokens)
-    std = math.sqrt(sum((t - mean) ** 2 for t in tokens) / len(tokens))
-    within = sum(abs(t - mean) <= 0.05 * mean for t in tokens) / len(tokens)
-    return {"mean": mean, "min": min(tokens), "max": max(tokens), "cv": std / mean, "within_5pct": within}
-
-
 def budget_epoch(budget: TokenBudget, epoch: int) -> dict:
     s = budget.stats(epoch)
     return {"epoch": epoch, "micro_batches": s["micro_batches"], "efficiency": s["efficiency"],
@@ -118,7 +109,8 @@ def micro_batch_epoch(lengths: list[int], micro: int, row: int, seed: int, epoch
         real += sum(batch)
         computed += len(rows) * max(sum(batch[i] for i in r) for r in rows)
         per_batch.append(sum(batch))
-    return {"epoch": epoch, "micro_batches": len(per_batch), "efficiency": real / computed, "tokens": spread(per_batch)}
+    spread = token_spread(per_batch)
+    return {"epoch": epoch, "micro_batches": len(per_batch), "efficiency": real / computed, "tokens": spread}
 
 
 def main(argv=None) -> int:

@@ -16,10 +16,11 @@ from torch.profiler import ProfilerActivity, profile
 
 from deepseek_vl2_lora.model import DeepseekVL2ForCausalLM, VL2Config
 from deepseek_vl2_lora.model.quant import quantize_modules_, quantized_weights
-from deepseek_vl2_lora.plan.batch import micro_batch_of, plan_batch
+from deepseek_vl2_lora.plan.batch import plan_batch
 from deepseek_vl2_lora.plan.fake import assume_routing
 from deepseek_vl2_lora.policy.groups import optimizer_param_groups
 from deepseek_vl2_lora.policy.quantize import keep_unquantized
+from deepseek_vl2_lora.training.batching import micro_batch_of
 from deepseek_vl2_lora.training.config import as_train_config
 from deepseek_vl2_lora.training.dist_env import DistEnv
 from deepseek_vl2_lora.training.engine import SingleProcessEngine

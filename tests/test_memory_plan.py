@@ -15,11 +15,11 @@ import torch
 from memory_reference import compose_config, measure_real_step, real_model, write_slice
 
 from deepseek_vl2_lora.model import DeepseekVL2ForCausalLM, VL2Config
-from deepseek_vl2_lora.plan.batch import micro_batch_of
 from deepseek_vl2_lora.plan.fake import HostValues, fake_mode, routing_assumption
 from deepseek_vl2_lora.plan.measure import FakeTrainingModel
 from deepseek_vl2_lora.plan.planner import RELEASED_DIR, Planner, dry_run, model_config_for, released_config
 from deepseek_vl2_lora.plan.zero import ParamCounts, zero_model_states
+from deepseek_vl2_lora.training.batching import micro_batch_of
 from deepseek_vl2_lora.training.config import resolve_recompute
 
 REPO = Path(__file__).resolve().parent.parent

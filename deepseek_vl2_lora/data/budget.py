@@ -202,10 +202,6 @@ class EpochBins:
             for b in range(self.micro_batches)
             for r in range(world_size)
         ] or [0]
-        budget = self.capacity * self.group // world_size
-        mean = sum(per_rank) / len(per_rank)
-        std = math.sqrt(sum((t - mean) ** 2 for t in per_rank) / len(per_rank))
-        within = sum(abs(t - mean) <= 0.05 * mean for t in per_rank) / len(per_rank)
         return {
             "epoch": self.epoch,
             "micro_batches": self.micro_batches,
@@ -213,17 +209,20 @@ class EpochBins:
             "samples": sum(len(row) for row in self.rows),
             "tokens": self.tokens,
             "efficiency": self.tokens / max(len(self.rows) * self.capacity, 1),
-            "tokens_per_micro_batch": {
-                "budget": budget,
-                "mean": mean,
-                "min": min(per_rank),
-                "max": max(per_rank),
-                "cv": std / mean if mean else 0.0,
-                "within_5pct": within,  # share of micro batches within 5 % of the mean
-            },
+            "tokens_per_micro_batch": {"budget": self.capacity * self.group // world_size, **token_spread(per_rank)},
             "rows_split": self.split,
             "samples_left_out": len(self.dropped),
         }
+
+
+def token_spread(tokens: list[int]) -> dict:
+    """The spread of tokens per micro batch: mean, min, max, coefficient of variation and the share of micro
+    batches within 5 % of the mean."""
+    mean = sum(tokens) / len(tokens)
+    std = math.sqrt(sum((t - mean) ** 2 for t in tokens) / len(tokens))
+    within = sum(abs(t - mean) <= 0.05 * mean for t in tokens) / len(tokens)
+    return {"mean": mean, "min": min(tokens), "max": max(tokens), "cv": std / mean if mean else 0.0,
+            "within_5pct": within}  # fmt: skip
 
 
 class TokenBudget:

@@ -98,12 +98,6 @@ def budget_rows(vl2_config, rows: int, pack_length: int, length: int, plan_cfg) 
     return [list(row) for _ in range(rows)]
 
 
-def micro_batch_of(data_cfg, trainer_cfg) -> int:
-    """The micro batch a config runs: trainer.micro_batch_size samples, or the rows of data.tokens_per_micro_batch."""
-    tokens = data_cfg.get("tokens_per_micro_batch")
-    return tokens // trainer_cfg.pack_length if tokens else trainer_cfg.micro_batch_size
-
-
 def plan_batch(vl2_config, micro_batch: int, data_cfg, trainer_cfg, plan_cfg) -> dict:
     """The micro batch a dry run plans for: `micro_batch` samples of `planned_length`, or with
     data.tokens_per_micro_batch `micro_batch` full rows (`budget_rows`)."""

@@ -23,8 +23,9 @@ from pathlib import Path
 from ..model.config import RELEASED, RELEASED_DIR, VL2Config
 from ..model.recompute import RECOMPUTE
 from ..policy.quantize import quantize_conflicts
+from ..training.batching import micro_batch_of
 from ..training.config import as_train_config, check_config, resolve_recompute
-from .batch import micro_batch_of, planned_length
+from .batch import planned_length
 from .kinds import KINDS
 from .measure import FakeTrainingModel, StepMeasurement
 from .tracker import MODEL_STATES

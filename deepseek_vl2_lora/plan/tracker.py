@@ -78,7 +78,7 @@ class MemoryTracker(TorchDispatchMode):
         self._kind_stack: list[str] = []
         self._after_lm = False  # the language model has returned in this forward pass: top-level ops are the loss
         self.end_of_forward: dict[str, int] = {}  # activation bytes by kind when backward starts (largest micro batch)
-        self.flops = {"forward": 0, "backward": 0, "recompute": 0, "optimizer step": 0}
+        self.flops = {"forward": 0, "backward": 0, "recompute": 0}  # matmul/attention FLOPs (none in the step)
         self._rerunning = 0  # depth of recompute re-runs (model.recompute's observer)
 
     @property

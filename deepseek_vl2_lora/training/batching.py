@@ -14,6 +14,13 @@ from .train_state import total_steps
 log = logging.getLogger(__name__)
 
 
+def micro_batch_of(data_cfg, trainer_cfg) -> int:
+    """The micro batch a config runs per rank: trainer.micro_batch_size samples, or with data.tokens_per_micro_batch
+    that many tokens in packed rows of trainer.pack_length."""
+    tokens = data_cfg.get("tokens_per_micro_batch")
+    return tokens // trainer_cfg.pack_length if tokens else trainer_cfg.micro_batch_size
+
+
 class Batching:
     """One run's batching (every rank builds the same; see `data.budget` for the token budget's plan)."""
 
@@ -22,9 +29,8 @@ class Batching:
         self.pack_length = trainer_cfg.pack_length
         self.num_samples, self.world_size, self.seed = len(train_set), world_size, seed
         self.budget = None
-        self.micro_batch = trainer_cfg.micro_batch_size  # per rank: samples, or packed rows with a budget
+        self.micro_batch = micro_batch_of(data_cfg, trainer_cfg)  # per rank: samples, or packed rows with a budget
         if self.tokens:
-            self.micro_batch = self.tokens // self.pack_length
             order = getattr(train_set, "epoch_order", None)  # a mixture's
             lengths = dataset_lengths(train_set)
             self.budget = TokenBudget(lengths, self.pack_length, self.micro_batch, world_size, seed, order)
