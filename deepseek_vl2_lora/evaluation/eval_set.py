@@ -19,7 +19,7 @@ from ..data.collate import Collator
 from ..data.datasets import reference_answer
 from ..data.processor import SampleError
 from ..model.generation import generate
-from .ranks import EvalRanks, padding_batch
+from .ranks import ONE_PROCESS, EvalRanks, padding_batch
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +77,13 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def eval_loss(model, dataset, indices, collator, batch_size, device, autocast=nullcontext, load=None, ranks=None):
+def eval_loss(
+    model, dataset, indices, collator, batch_size, device, autocast=nullcontext, load=None, ranks=ONE_PROCESS
+):
     """(token-weighted mean LM loss over `dataset[indices]`, supervised tokens); the aux loss is a training-only
     term. `load(i)` (default `dataset[i]`) may return None for a sample to leave out. `ranks`: split across ranks
     (`EvalRanks`; the same result as one process)."""
-    load, ranks = load or dataset.__getitem__, ranks or EvalRanks()
+    load = load or dataset.__getitem__
     losses = []  # (batch, mean loss, supervised tokens) of this rank's batches
     for b in ranks.slots(-(-len(indices) // batch_size)):
         chunk = [] if b is None else indices[b * batch_size : (b + 1) * batch_size]
@@ -102,12 +104,11 @@ def eval_loss(model, dataset, indices, collator, batch_size, device, autocast=nu
 
 @torch.no_grad()
 def generate_replies(
-    model, processor, encode, n, batch_size, max_new_tokens, device, autocast=nullcontext, ranks=None
+    model, processor, encode, n, batch_size, max_new_tokens, device, autocast=nullcontext, ranks=ONE_PROCESS
 ) -> list[tuple[int, str]]:
     """Greedy replies to prompts 0..n-1 (`encode(k)`: the processor's generation encoding of prompt k, or None to
     leave it out), in batches with left padding: [(k, the text before eos, decoded without special tokens)] in
     prompt order. `ranks`: split across ranks (`EvalRanks`), every rank gets every reply."""
-    ranks = ranks or EvalRanks()
     collator = Collator(processor.pad_id, padding_side="left")
     eos = processor.eos_id
     replies = []
@@ -138,7 +139,16 @@ def generate_replies(
 
 
 def exact_match(
-    model, dataset, indices, processor, batch_size, max_new_tokens, device, autocast=nullcontext, load=None, ranks=None
+    model,
+    dataset,
+    indices,
+    processor,
+    batch_size,
+    max_new_tokens,
+    device,
+    autocast=nullcontext,
+    load=None,
+    ranks=ONE_PROCESS,
 ):
     """(accuracy, accuracy per qtype, predictions) for EvalDataset `dataset[indices]`; `load(i)` and `ranks` as in
     eval_loss."""
@@ -183,13 +193,12 @@ def evaluate(
     limit: int | None = None,
     autocast=nullcontext,
     on_bad_sample: str = "error",
-    ranks: EvalRanks | None = None,
+    ranks: EvalRanks = ONE_PROCESS,
 ) -> EvalResult:
     """Loss on `loss_set` (an SFTDataset of the eval file) and exact match on `gen_set` (its EvalDataset). A sample
     gone bad since validation is left out and listed in `result.skipped` under on_bad_sample=skip (each split
     counts its own), else one SampleError line naming it. `ranks`: split across ranks (`evaluation.ranks`; every
     rank gets the result one process computes)."""
-    ranks = ranks or EvalRanks()
     result = EvalResult()
     with ranks.evaluating(model):
         if loss_set is not None and len(loss_set):

@@ -60,6 +60,9 @@ class EvalRanks:
             model.vision_in_every_forward = vision
 
 
+ONE_PROCESS = EvalRanks()  # the default: no split
+
+
 def padding_batch(processor, device: torch.device) -> dict:
     """A one-token text-only batch (the pad token, no label): a padding rank's forward or generation prompt."""
     s = processor.image_size

@@ -23,7 +23,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..ranks import EvalRanks
+from ..ranks import ONE_PROCESS, EvalRanks
 from .formats import Benchmark, Question, load_benchmark
 from .prompts import mcq_prompt, rotate_options, user_message, vqa_prompt
 from .scoring import extract_choice, score_open
@@ -111,7 +111,7 @@ def run_benchmark(
     batch_size: int,
     max_new_tokens: int,
     autocast=nullcontext,
-    ranks: EvalRanks | None = None,
+    ranks: EvalRanks = ONE_PROCESS,
 ) -> BenchmarkResult:
     """Generate greedily for every question (every rotation) of `bench` and score the replies. `ranks`: the
     generation split across ranks (`evaluation.ranks`), every rank scoring all the replies."""
@@ -123,7 +123,6 @@ def run_benchmark(
         images = asks[k].question.load_images()
         return processor.encode(user_message(asks[k].prompt, len(images)), images, generation=True)
 
-    ranks = ranks or EvalRanks()
     predictions = []
     with ranks.evaluating(model):
         max_new = bench.max_new_tokens or max_new_tokens
@@ -237,9 +236,9 @@ class BenchmarkSuite:
         baseline_key: tuple | None = None,
         out_dir: str | Path | None = None,
         cache: BaselineCache | None = None,
-        ranks: EvalRanks | None = None,
+        ranks: EvalRanks = ONE_PROCESS,
     ):
-        self.ranks = ranks or EvalRanks()
+        self.ranks = ranks
         self.benchmarks = [s if isinstance(s, Benchmark) else load_benchmark(s) for s in specs]
         self.processor = processor
         self.device = device
