@@ -58,9 +58,7 @@ class Batching:
         )
 
     def total_steps(self, max_steps: int | None, epochs: int | None, grad_accum: int) -> int:
-        per_epoch = self.budget.micro_batches if self.budget is not None else None
-        global_batch = self.micro_batch * self.world_size
-        return total_steps(max_steps, epochs, self.num_samples, global_batch, grad_accum, per_epoch)
+        return total_steps(max_steps, epochs, self.per_epoch, grad_accum)
 
     def epochs_read(self, micro_batches: int) -> float:
         """How many epochs `micro_batches` global micro batches from the start cover (whole ones plus a fraction)."""

@@ -79,17 +79,13 @@ class ResumeError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------- step count
-def total_steps(
-    max_steps: int | None, epochs: int | None, num_samples: int, global_batch: int, grad_accum: int, per_epoch=None
-) -> int:
-    """The run's optimizer steps: `max_steps`, or with `epochs` set (it wins) ceil(epochs × batches per epoch /
-    grad_accum), batches of `global_batch` = micro batch × ranks, or `per_epoch(e)` batches in epoch e (token-budget
-    batching: its bin plan). A function of the config and the data only, so a resumed run computes the same number."""
+def total_steps(max_steps: int | None, epochs: int | None, per_epoch, grad_accum: int) -> int:
+    """The run's optimizer steps: `max_steps`, or with `epochs` set (it wins) ceil(global micro batches in those
+    epochs / grad_accum), `per_epoch(e)` being epoch e's (the data's batches, or the token budget's bin plan). A
+    function of the config and the data only, so a resumed run computes the same number."""
     if epochs is None:
         return int(max_steps)
-    if per_epoch is not None:
-        return max(1, math.ceil(sum(per_epoch(e) for e in range(epochs)) / grad_accum))
-    return max(1, math.ceil(epochs * batches_per_epoch(num_samples, global_batch) / grad_accum))
+    return max(1, math.ceil(sum(per_epoch(e) for e in range(epochs)) / grad_accum))
 
 
 # --------------------------------------------------------------------------------------------- loop state
