@@ -75,14 +75,12 @@ def run_config(run_dir: Path, overrides: list[str] = ()):
     return cfg
 
 
-def _is_trained_dir(p: Path) -> bool:
-    return (p / "policy.json").is_file() or (p / "adapter_config.json").is_file()
-
-
 def resolve_target(path: str | None, baseline: bool, overrides: list[str], scratch: str | Path | None = None):
     """(kind, config, trained dir or None, default output path) for what `path` is. A step checkpoint is exported
     (a trained dir) into `scratch` first."""
     from omegaconf import OmegaConf
+
+    from .policy.adapters import is_trained_dir
 
     if path is None:
         return "baseline", default_config(overrides), None, None
@@ -91,7 +89,7 @@ def resolve_target(path: str | None, baseline: bool, overrides: list[str], scrat
         cfg = run_config(p, overrides)
         if baseline:
             return "baseline", cfg, None, p / "eval_baseline.json"
-        if not _is_trained_dir(p / "trained"):
+        if not is_trained_dir(p / "trained"):
             raise EvalError(
                 f"{p}: run dir without a trained state (trained/); use --baseline for its base, or evaluate one of "
                 "its checkpoints (RUN_DIR/checkpoints/step_XXXXXXXX)"
@@ -111,7 +109,7 @@ def resolve_target(path: str | None, baseline: bool, overrides: list[str], scrat
         from .training.export import export_checkpoint
 
         return "trained", cfg, export_checkpoint(p, Path(scratch) / p.name), run / f"eval_{p.name}.json"
-    if _is_trained_dir(p):  # a trained-state dir or a stock PEFT adapter
+    if is_trained_dir(p):  # a trained-state dir or a stock PEFT adapter
         run = p.parent if (p.parent / RUN_CONFIG).is_file() else None
         cfg = run_config(run, overrides) if run else default_config(overrides)
         if run is None and not any(o.startswith("model.path=") for o in overrides):  # the base it records

@@ -146,13 +146,18 @@ def save_trained_state(
     return out_dir
 
 
+def is_trained_dir(path: str | Path) -> bool:
+    """A trained-state directory (policy.json) or a stock PEFT adapter (adapter_config.json)."""
+    return (Path(path) / POLICY_FILE).is_file() or (Path(path) / ADAPTER_CONFIG).is_file()
+
+
 def resolve_trained_dir(path: str | Path) -> Path:
     """A trained-state directory (or a stock PEFT adapter) given itself or its run directory (`RUN/trained`); else a
     one-line error."""
     p = Path(path).expanduser()
     if (p / RUN_CONFIG_FILE).is_file() and (p / "trained").is_dir():
         p = p / "trained"
-    if (p / POLICY_FILE).is_file() or (p / ADAPTER_CONFIG).is_file():
+    if is_trained_dir(p):
         return p
     raise FileNotFoundError(
         f"{p}: not a trained-state directory ({POLICY_FILE}), a PEFT adapter ({ADAPTER_CONFIG}) or a run directory "
