@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -25,13 +24,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from deepseek_vl2_lora.training.dist_env import free_port  # noqa: E402
+
 BENCHMARKS = ["data/demo/bench_vqa.tsv", "data/demo/bench_mcq.tsv"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker(rank: int, world: int, port: int, overrides: list[str], repeats: int, out: str) -> None:
@@ -99,7 +95,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for world in args.ranks:
             out = str(Path(tmp) / f"ranks{world}.json")
-            torch.multiprocessing.spawn(worker, (world, _free_port(), overrides, args.repeats, out), nprocs=world)
+            torch.multiprocessing.spawn(worker, (world, free_port(), overrides, args.repeats, out), nprocs=world)
             runs[world] = json.loads(Path(out).read_text())
     base = runs[args.ranks[0]]
     print(f"evaluation: demo eval split + {', '.join(BENCHMARKS)}; overrides {' '.join(overrides)}; torch "

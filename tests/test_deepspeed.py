@@ -24,7 +24,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -41,7 +40,7 @@ from deepseek_vl2_lora.model.tiny import ensure_tiny_checkpoint
 from deepseek_vl2_lora.training import train
 from deepseek_vl2_lora.training.config import OptimConfig
 from deepseek_vl2_lora.training.deepspeed_engine import deepspeed_config
-from deepseek_vl2_lora.training.dist_env import DistEnv, EngineError
+from deepseek_vl2_lora.training.dist_env import DistEnv, EngineError, free_port
 from deepseek_vl2_lora.training.engine import SingleProcessEngine
 from deepseek_vl2_lora.training.loop import FAULT_ENV
 from deepseek_vl2_lora.training.manifest import verify_manifest
@@ -95,12 +94,6 @@ def tiny_root(tmp_path_factory) -> Path:
     return root
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(tiny_root: Path, **extra) -> dict:
     env = {
         **os.environ,
@@ -111,7 +104,7 @@ def _env(tiny_root: Path, **extra) -> dict:
         "CUDA_VISIBLE_DEVICES": "",
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "PYTHONPATH": str(ROOT),
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port()),
         **extra,
     }
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", FAULT_ENV):
@@ -406,7 +399,7 @@ def test_a_failing_rank_ends_the_job_fast(tmp_path, tiny_root, reference):
     """Rank 1 raises at step 2 (the FAULT_ENV test hook): the launcher must stop rank 0 too and exit non-zero
     with rank 1's error, not hang in a collective. (Its step 1 also shows what per-rank padding changes.)"""
     run_dir = tmp_path / "run"
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "--no_local_rank", "train.py"]
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--no_local_rank", "train.py"]
     cmd += [f"hydra.run.dir={run_dir}", "dist=zero2", *ARGS, f"trainer.micro_batch_size={MICRO}"]
     rc, out, seconds = _run(cmd, _env(tiny_root, **{FAULT_ENV: "1:2:raise"}), tmp_path / "run.out", timeout=240)
     assert rc != 0

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from deepseek_vl2_lora.training.dist_env import free_port
 from deepseek_vl2_lora.training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,7 +134,7 @@ def test_deepspeed_zero2_one_rank_under_the_launcher(device, tmp_path_factory):
     steps = SIZE[device]["ds_steps"]
     cmd = ["scripts/launch_single_node.sh", "1", str(run_dir), "dist=zero2", *_overrides(device, ckpt, steps)]
     cmd.append("trainer.gradient_checkpointing=true")
-    env = {**_env(device, run_dir), "MASTER_PORT": str(_free_port())}
+    env = {**_env(device, run_dir), "MASTER_PORT": str(free_port())}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this Python's `deepspeed`
     _run(cmd, env, run_dir / "console.log", timeout=1200)
     _check_steps(run_dir, steps, device)
@@ -150,11 +151,3 @@ def test_chat_answers_one_turn_from_the_trained_run(device, tmp_path_factory):
     text = _run(cmd, _env(device, run_dir), run_dir / "chat.log", timeout=600)
     print(text[-2000:])
     assert "Traceback" not in text
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

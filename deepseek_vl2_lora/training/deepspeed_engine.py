@@ -11,14 +11,13 @@ import json
 import logging
 import math
 import os
-import socket
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
 
 from .. import CONFIG_DIR, REPO_ROOT
-from .dist_env import DistEnv, EngineError
+from .dist_env import DistEnv, EngineError, free_port
 from .optim import build_optimizer, build_scheduler, group_names
 
 log = logging.getLogger(__name__)
@@ -101,12 +100,6 @@ def _output_as_dict(module, args, output):
     return output
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _has_bf16_overflow_check() -> bool:
     """Whether this DeepSpeed's bf16 config knows `check_grad_overflow` (it rejects unknown keys)."""
     try:
@@ -159,7 +152,7 @@ class DeepSpeedEngine:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         if "MASTER_ADDR" not in os.environ and env.world_size == 1:  # `python train.py dist=zero2`: a group of one
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0")
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0")
             os.environ["WORLD_SIZE"] = "1"
         if device.type == "cpu":
             # DeepSpeed's shared-memory all-reduce op serves inference only (training reduces through gloo here)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -41,3 +42,10 @@ def resolve_device(name: str, env: DistEnv) -> torch.device:
             raise EngineError("trainer.device=cuda but CUDA is not available; use trainer.device=auto or cpu")
         return torch.device("cuda", env.local_rank)
     return torch.device(name)
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (for MASTER_PORT of a one-machine process group)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
